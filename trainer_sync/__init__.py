@@ -1,0 +1,10 @@
+"""trainer_sync: move fresh policy weights from an RL trainer into running inference engines, fast and whole."""
+from .config import SyncConfig
+from .errors import HandshakeMismatch, RendezvousRefused, SyncError
+from .plan import BucketPlan, Expected
+from .receiver import Receiver
+from .report import SyncReport
+from .sender import JoinInfo, Sender
+
+__all__ = ["SyncConfig", "Sender", "Receiver", "JoinInfo", "SyncReport", "SyncError", "HandshakeMismatch",
+           "RendezvousRefused", "BucketPlan", "Expected"]

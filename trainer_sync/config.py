@@ -1,0 +1,76 @@
+"""SyncConfig: every knob of a weight sync in one dataclass.
+
+Defaults work with no arguments: a user should be able to write ``SyncConfig()`` and get a correct, reasonably fast
+sync. Each field says why its default is what it is.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+TOKEN_ENV = "TRAINER_SYNC_TOKEN"
+
+WIRE_DTYPES = ("auto", "model", "float32", "bfloat16", "float16", "fp8")
+MODES = ("auto", "broadcast", "ipc", "p2p")
+
+
+@dataclass
+class SyncConfig:
+    # Bytes per bucket. 256 MB saturates NVLink/IB with few collectives and stays small next to a GPU's memory;
+    # on CPU gloo the rate is flat above a few MB, so any value above that is fine.
+    bucket_mb: float = 256.0
+    # "auto": the dtype each receiver expects (so an fp32 master copy is cast to the engine's bf16 while packing);
+    # "model": the trainer's own dtype; or an explicit dtype; "fp8": block-quantized e4m3 (see codec.py).
+    wire_dtype: str = "auto"
+    # "broadcast" for a static cluster; "ipc" when trainer and engine share a GPU; "auto" picks.
+    mode: str = "auto"
+    # torch.distributed backend of the bridging group: None picks nccl for CUDA tensors and gloo otherwise.
+    backend: str | None = None
+    # Rendezvous: the TCPStore lives on trainer rank 0. Port 0 picks a free port (shared with the other trainer ranks
+    # through the trainer's default process group).
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Shared secret checked at rendezvous. None reads TRAINER_SYNC_TOKEN, and if that is unset too a random token is
+    # made on trainer rank 0 (fine when trainer_sync also starts the receivers, as WeightSync does).
+    token: str | None = None
+    # Seconds any single wait may take (rendezvous, handshake, one bucket, the receivers' acknowledgement).
+    timeout_s: float = 120.0
+    # Buffers per side: 2 overlaps pack/transfer/apply; 1 halves buffer memory and serializes the stages.
+    num_buffers: int = 2
+    # Cap on the bytes of transfer buffers per process (None: no cap). When short, buckets shrink or the pipeline
+    # falls back to one buffer; the report says so.
+    memory_budget_mb: float | None = None
+    # Refuse to push weights holding NaN/Inf (checked on the trainer before any byte moves).
+    check_finite: bool = False
+    # Generation pause mode while an engine updates: "keep" (freeze requests, resume after), "wait", "abort".
+    pause_mode: str = "keep"
+    # Directory for TensorBoard event files; None disables logging.
+    tb_dir: str | None = None
+    # Receiver-side names: a mapping from trainer names (after unwrapping DDP/FSDP/compile prefixes) to the names
+    # the engine expects. Unmapped names pass through.
+    rename: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.bucket_mb <= 0:
+            raise ValueError(f"SyncConfig.bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"SyncConfig.wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"SyncConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.num_buffers not in (1, 2):
+            raise ValueError(f"SyncConfig.num_buffers must be 1 or 2, got {self.num_buffers}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"SyncConfig.timeout_s must be > 0, got {self.timeout_s}")
+        if self.pause_mode not in ("keep", "wait", "abort"):
+            raise ValueError(f"SyncConfig.pause_mode must be keep, wait or abort, got {self.pause_mode!r}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * 2**20)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
+
+    def resolved_token(self) -> str | None:
+        return self.token if self.token is not None else os.environ.get(TOKEN_ENV)

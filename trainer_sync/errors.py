@@ -1,0 +1,25 @@
+"""Errors a sync can end in. Each names who (rank, receiver, engine) and at which stage it failed."""
+from __future__ import annotations
+
+
+class SyncError(RuntimeError):
+    """A push or receive failed. ``stage`` is one of rendezvous, handshake, transfer, apply, finish; ``who`` names the
+    peer at fault (``"receiver 1"``, ``"trainer rank 0"``, ``"engine http://host:8000"``) where it is known."""
+
+    def __init__(self, message: str, stage: str = "", who: str = ""):
+        super().__init__(message)
+        self.stage = stage
+        self.who = who
+
+
+class RendezvousRefused(SyncError, PermissionError):
+    """A peer presented the wrong token (or none) and was not let into the group."""
+
+
+class HandshakeMismatch(SyncError, ValueError):
+    """The trainer's tensors do not match what a receiver expects; nothing was sent."""
+
+    def __init__(self, mismatches: list[str]):
+        super().__init__("trainer_sync handshake failed, nothing was sent:\n  " + "\n  ".join(mismatches),
+                         stage="handshake")
+        self.mismatches = list(mismatches)

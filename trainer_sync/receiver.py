@@ -1,0 +1,88 @@
+"""Receiver: the receiving side of the core data path (one per receiver rank, e.g. one per vLLM worker).
+
+``connect()`` joins the bridging group; each ``receive(on_batch)`` takes one push and hands whole tensors to
+``on_batch`` as lists of ``(name, tensor)``, then acknowledges to the trainer. Tensors handed out may be views of
+the receive buffers: copy what must outlive the callback.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import HandshakeMismatch, SyncError
+from .pipeline import Batch, BufferPool, receive
+from .plan import BucketPlan, Expected
+from .sender import JoinInfo
+from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
+
+
+@dataclass
+class ReceiveResult:
+    version: int
+    bytes: int
+    transfer_s: float
+    apply_s: float
+
+
+class Receiver:
+    def __init__(self, info: JoinInfo | dict, expected: Expected | dict | None = None,
+                 device: torch.device | str | None = None):
+        self.info = info if isinstance(info, JoinInfo) else JoinInfo(**info)
+        if isinstance(expected, dict):
+            expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
+        self.expected = expected
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda", torch.cuda.current_device()) if self.info.backend == "nccl" else torch.device("cpu")
+        if self.info.backend == "nccl" and self.device.type != "cuda":
+            raise SyncError(f"receiver {self.info.receiver_rank}: the trainer uses NCCL but this receiver's device "
+                            f"is {self.device}", stage="rendezvous")
+        self.me = Member("receiver", self.info.receiver_rank)
+        self.pool = BufferPool(self.device)
+        self.bridge: BridgeGroup | None = None
+        self.rdzv: Rendezvous | None = None
+        self.seq = 0
+        self.version = 0
+
+    def connect(self) -> None:
+        i = self.info
+        self.rdzv = Rendezvous(i.host, i.port, i.token, is_server=False, timeout_s=i.timeout_s)
+        self.bridge = BridgeGroup(self.rdzv, self.me, i.epoch, i.num_trainers, i.num_receivers, i.backend,
+                                  i.timeout_s)
+        self.bridge.set_json(f"expected/{i.receiver_rank}", self.expected.to_json() if self.expected else None)
+
+    def receive(self, on_batch: Callable[[Batch], None]) -> ReceiveResult:
+        """Take one push. Raises HandshakeMismatch when the trainer's plan was refused (nothing was received)."""
+        if self.bridge is None:
+            raise SyncError(f"{self.me}: receive() before connect()", stage="handshake")
+        p = f"p{self.seq}/"
+        self.seq += 1
+        if wait_keys(self.bridge.store, [f"{p}plan"], self.info.timeout_s):
+            raise SyncError(f"{self.me}: no push from the trainer within {self.info.timeout_s:g}s",
+                            stage="handshake", who="trainer rank 0")
+        msg = self.bridge.get_json(f"{p}plan")
+        if "error" in msg:
+            raise HandshakeMismatch(msg["error"])
+        plan = BucketPlan.from_json(msg["plan"])
+        wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
+        try:
+            times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], self.info.timeout_s, on_batch,
+                            wanted, str(self.me))
+        except Exception as e:
+            self.bridge.set_json(f"{p}done/{self.me.rank}", {"error": f"{type(e).__name__}: {e}",
+                                                             "trace": traceback.format_exc(limit=3)})
+            raise
+        self.bridge.set_json(f"{p}done/{self.me.rank}", {"apply_s": times.apply, "transfer_s": times.transfer})
+        self.version = msg["version"]
+        return ReceiveResult(msg["version"], plan.total_bytes, times.transfer, times.apply)
+
+    def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
+            self.bridge = None
+        if self.rdzv is not None:
+            self.rdzv.close()
+            self.rdzv = None

@@ -1,0 +1,192 @@
+"""Sender: the trainer side of the core data path (every trainer rank holds one).
+
+One push: publish this rank's pieces -> rank 0 plans and checks the plan against every receiver's expectations ->
+all ranks send their buckets through the pipeline -> wait for every receiver's acknowledgement. Nothing is sent when
+the handshake fails, and the push only returns once every receiver has applied everything.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import SyncConfig
+from .errors import HandshakeMismatch, SyncError
+from .pipeline import BufferPool, send
+from .plan import Expected, LocalPiece, PlanError, check_plan, fit_budget, itemsize, merge_pieces, plan_buckets, \
+    resolve_wire_dtypes
+from .report import SyncReport
+from .sources import Source, make_source
+from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    """Everything a receiver needs to join: passed to engines as their init info (JSON-able)."""
+
+    host: str
+    port: int
+    token: str
+    epoch: int
+    num_trainers: int
+    num_receivers: int
+    receiver_rank: int
+    backend: str
+    timeout_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _share_from_rank0(values: list, world: int) -> list:
+    """Rank 0's values on every trainer rank (through the trainer's own default group, if there is one)."""
+    if world > 1:
+        if not dist.is_initialized():
+            raise SyncError("trainer_sync: several trainer ranks but no default process group to agree on the "
+                            "rendezvous port and token", stage="rendezvous")
+        dist.broadcast_object_list(values, src=0)
+    return values
+
+
+class Sender:
+    def __init__(self, model: torch.nn.Module | Source, config: SyncConfig | None = None, *,
+                 rank: int | None = None, world: int | None = None):
+        self.config = config or SyncConfig()
+        self.source = model if isinstance(model, Source) else make_source(model, self.config.rename, rank=rank,
+                                                                           world=world)
+        self.rank, self.world = self.source.rank, self.source.world
+        cfg = self.config
+        token = cfg.resolved_token()
+        port = cfg.port
+        if self.rank == 0:
+            token = token or secrets.token_hex(16)
+            self.rdzv = Rendezvous(cfg.host, port, token, is_server=True, timeout_s=cfg.timeout_s)
+            port = self.rdzv.port
+        port, token = _share_from_rank0([port, token], self.world)
+        if self.rank != 0:
+            self.rdzv = Rendezvous(cfg.host, port, token, is_server=False, timeout_s=cfg.timeout_s)
+        self.backend = cfg.backend or ("nccl" if self.source.device.type == "cuda" else "gloo")
+        self.pool = BufferPool(self.source.device)
+        self.bridge: BridgeGroup | None = None
+        self.epoch = -1
+        self.num_receivers = 0
+        self.seq = 0
+        self.version = 0
+        self._expected: list[Expected] | None = None
+
+    def join_info(self, receiver_rank: int, num_receivers: int | None = None) -> JoinInfo:
+        """Join info for receiver ``receiver_rank`` of the next ``connect(num_receivers)``."""
+        n = num_receivers or self.num_receivers
+        return JoinInfo(self.rdzv.host, self.rdzv.port, self.rdzv.token, self.epoch + 1, self.world, n,
+                        receiver_rank, self.backend, self.config.timeout_s)
+
+    def connect(self, num_receivers: int) -> None:
+        """Form the bridging group of a new epoch with ``num_receivers`` receivers (blocks until they join)."""
+        self.close_group()
+        self.epoch += 1
+        self.num_receivers = num_receivers
+        self.seq = 0
+        self._expected = None
+        self.bridge = BridgeGroup(self.rdzv, Member("trainer", self.rank), self.epoch, self.world, num_receivers,
+                                  self.backend, self.config.timeout_s)
+
+    def _wait(self, keys: list[str], what: str, who) -> None:
+        missing = wait_keys(self.bridge.store, keys, self.config.timeout_s)
+        if missing:
+            names = ", ".join(who(k) for k in missing)
+            raise SyncError(f"trainer rank {self.rank}: no {what} from {names} within {self.config.timeout_s:g}s",
+                            stage="handshake" if what != "acknowledgement" else "apply", who=names)
+
+    def _plan(self, p: str, version: int) -> dict:
+        """Rank 0: merge every rank's pieces, plan, check against the receivers; publish the verdict."""
+        cfg, bridge = self.config, self.bridge
+        self._wait([f"{p}pieces/{r}" for r in range(self.world)], "metadata",
+                   lambda k: f"trainer rank {k.rsplit('/', 1)[1]}")
+        if self._expected is None:
+            self._wait([f"expected/{j}" for j in range(self.num_receivers)], "expectations",
+                       lambda k: f"receiver {k.rsplit('/', 1)[1]}")
+            self._expected = [Expected.from_json(bridge.get_json(f"expected/{j}") or "{}")
+                              for j in range(self.num_receivers)]
+        pieces, errors = [], []
+        for r in range(self.world):
+            msg = bridge.get_json(f"{p}pieces/{r}")
+            pieces += [LocalPiece(n, tuple(s), d, a, b, r) for n, s, d, a, b in msg["pieces"]]
+            errors += [f"trainer rank {r}: {n} holds NaN or Inf" for n in msg["nonfinite"]]
+        try:
+            meta, _ = merge_pieces(pieces)
+            wire = resolve_wire_dtypes(meta, cfg.wire_dtype, [e for e in self._expected if e.tensors])
+            largest = max((x.numel * itemsize(wire[x.name]) for x in pieces), default=0)
+            fit = fit_budget(cfg.bucket_bytes, cfg.num_buffers, largest, cfg.memory_budget_bytes, self.world)
+            plan = plan_buckets(pieces, self.world, fit.bucket_bytes, wire, self.source.aliases)
+        except PlanError as e:
+            return {"error": [str(e)]}
+        for j, exp in enumerate(self._expected):
+            if exp.tensors:
+                errors += check_plan(plan, exp, f"receiver {j}")
+        if errors:
+            return {"error": errors}
+        return {"plan": plan.to_json(), "num_buffers": fit.num_buffers, "fallback": fit.fallback, "version": version}
+
+    def push(self, version: int | None = None) -> SyncReport:
+        """Send the current weights to every receiver as ``version`` (default: last version + 1).
+
+        Called on every trainer rank together. Returns once every receiver acknowledged; raises HandshakeMismatch
+        (nothing sent) or SyncError naming the peer and stage.
+        """
+        if self.bridge is None:
+            raise SyncError("trainer_sync: push() before connect()", stage="handshake")
+        version = self.version + 1 if version is None else int(version)
+        if version <= self.version:
+            raise ValueError(f"trainer_sync: version {version} is not newer than the last pushed ({self.version})")
+        cfg, bridge = self.config, self.bridge
+        t0 = time.perf_counter()
+        p = f"p{self.seq}/"
+        self.seq += 1
+        bad = self.source.nonfinite() if cfg.check_finite else []
+        bridge.set_json(f"{p}pieces/{self.rank}", {
+            "pieces": [[x.name, list(x.shape), x.dtype, x.start, x.numel] for x in self.source.pieces()],
+            "nonfinite": bad})
+        if self.rank == 0:
+            bridge.set_json(f"{p}plan", self._plan(p, version))
+        self._wait([f"{p}plan"], "plan", lambda k: "trainer rank 0")
+        msg = bridge.get_json(f"{p}plan")
+        if "error" in msg:
+            raise HandshakeMismatch(msg["error"])
+        from .plan import BucketPlan
+
+        plan = BucketPlan.from_json(msg["plan"])
+        t_plan = time.perf_counter() - t0
+        times = send(plan, self.source, bridge.groups[self.rank], self.pool, msg["num_buffers"], cfg.timeout_s)
+        self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
+                   lambda k: f"receiver {k.rsplit('/', 1)[1]}")
+        acks = [bridge.get_json(f"{p}done/{j}") for j in range(self.num_receivers)]
+        failed = [f"receiver {j}: {a['error']}" for j, a in enumerate(acks) if "error" in a]
+        if failed:
+            raise SyncError("trainer_sync push failed on the receiving side:\n  " + "\n  ".join(failed),
+                            stage="apply", who=failed[0].split(":")[0])
+        if self.rank == 0 and self.seq >= 2:
+            self._forget(self.seq - 2)
+        self.version = version
+        wire = sorted({t.dtype for t in plan.tensors.values()})
+        return SyncReport(version, self.seq - 1, plan.total_bytes, len(plan.buckets), self.num_receivers, t_plan,
+                          times.pack, times.transfer, max(a["apply_s"] for a in acks), time.perf_counter() - t0,
+                          msg["fallback"], ",".join(wire))
+
+    def _forget(self, seq: int) -> None:
+        """Drop a finished push's keys so that the store stays small over thousands of pushes."""
+        p = f"p{seq}/"
+        for key in [f"{p}plan"] + [f"{p}pieces/{r}" for r in range(self.world)] + \
+                   [f"{p}done/{j}" for j in range(self.num_receivers)]:
+            self.bridge.store.delete_key(key)
+
+    def close_group(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
+            self.bridge = None
+
+    def close(self) -> None:
+        self.close_group()
+        self.rdzv.close()

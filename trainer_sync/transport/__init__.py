@@ -1,0 +1,1 @@
+"""Transport: the rendezvous and the bridging process groups that carry buckets between trainer and receivers."""
