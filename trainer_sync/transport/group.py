@@ -114,7 +114,7 @@ class Rendezvous:
             nonce = self.store.get(nonce_key).decode()
             self.store.set(base + "auth/" + me.key, _mac(self.token, nonce, me.role, str(me.rank)))
             verdict_key = base + "verdict/" + me.key
-            if wait_keys(self.store, [verdict_key], self.timeout_s, abort_key=None):
+            if wait_keys(self.store, [verdict_key], self.timeout_s, abort_key=abort_key):
                 raise SyncError(f"{me}: no verdict from trainer rank 0 within {self.timeout_s:g}s",
                                 stage="rendezvous", who="trainer rank 0")
             if self.store.get(verdict_key).decode() != "ok":
