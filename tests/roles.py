@@ -116,3 +116,114 @@ def zero3_trainer(rank, world, n, port, pushes):
             states.append({k: p.detach().clone() for k, p in engine.module.named_parameters()})
     sender.close()
     return states, reports
+
+
+# ---- edge cases and failures ------------------------------------------------------------------------------------
+
+class Odd(torch.nn.Module):
+    """Every awkward tensor at once: empty, odd sizes, fp16/bf16, integer, non-contiguous, a tied pair."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.empty = torch.nn.Parameter(torch.empty(0, 4))
+        self.odd = torch.nn.Parameter(torch.randn(3, 7).half())
+        self.bf = torch.nn.Parameter(torch.randn(13).bfloat16())
+        self.ints = torch.nn.Parameter(torch.arange(5, dtype=torch.int32), requires_grad=False)
+        self.strided = torch.nn.Parameter(torch.randn(9, 5).t())  # non-contiguous
+        self.big = torch.nn.Parameter(torch.randn(3000))  # larger than a bucket
+        self.embed = torch.nn.Embedding(11, 6)
+        self.head = torch.nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+
+def odd_trainer(rank, world, n, port, cfg_kwargs=None):
+    model = Odd()
+    assert not model.strided.is_contiguous()
+    sender = Sender(model, SyncConfig(**{"port": port, "token": "tok", "bucket_mb": 0.005, "timeout_s": 20,
+                                         **(cfg_kwargs or {})}))
+    sender.connect(n)
+    report = sender.push()
+    sender.close()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}, report.to_dict()
+
+
+def refusing_receiver(j, n, m, port, expected, token="tok"):
+    """A receiver whose expectations do not match; returns (error text, whether anything was applied)."""
+    from trainer_sync import HandshakeMismatch
+
+    r = Receiver(info(port, j, n, m, token), expected=expected)
+    r.connect()
+    applied = []
+    try:
+        r.receive(lambda batch: applied.extend(batch))
+    except HandshakeMismatch as e:
+        return str(e), len(applied)
+    finally:
+        r.close()
+    return None, len(applied)
+
+
+def mismatched_trainer(rank, world, n, port):
+    from trainer_sync import HandshakeMismatch
+
+    sender = Sender(mlp(), SyncConfig(port=port if rank == 0 else 0, token="tok", timeout_s=20))
+    sender.connect(n)
+    try:
+        sender.push()
+    except HandshakeMismatch as e:
+        return e.mismatches
+    finally:
+        sender.close()
+    return None
+
+
+def connect_only_trainer(rank, world, n, port, token="tok", timeout=20.0):
+    """Connect and report how it ended: ("ok", "") or (exception type, message)."""
+    sender = Sender(mlp(), SyncConfig(port=port, token=token, timeout_s=timeout))
+    try:
+        sender.connect(n)
+        sender.push()
+        return "ok", ""
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    finally:
+        sender.close()
+
+
+def connect_only_receiver(j, n, m, port, token="tok", timeout=20.0):
+    r = Receiver(info(port, j, n, m, token, timeout=timeout))
+    try:
+        r.connect()
+        r.receive(lambda batch: None)
+        return "ok", ""
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    finally:
+        r.close()
+
+
+def epochs_trainer(rank, world, n, port, epochs):
+    model = mlp()
+    sender = Sender(model, SyncConfig(port=port, token="tok", timeout_s=20))
+    versions = []
+    for e in range(epochs):
+        sender.connect(n)  # a new bridging group each time (new membership)
+        with torch.no_grad():
+            model[0].bias.fill_(float(e))
+        versions.append(sender.push().version)
+        sender.close_group()
+    sender.close()
+    return versions
+
+
+def epochs_receiver(j, n, m, port, epochs):
+    biases = []
+    for e in range(epochs):
+        r = Receiver(info(port, j, n, m, epoch=e))
+        r.connect()
+        got = {}
+        r.receive(lambda batch: got.update({k: v.clone() for k, v in batch}))
+        biases.append(float(got["0.bias"][0]))
+        r.close()
+    return biases

@@ -52,7 +52,11 @@ def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: s
     deadline = time.monotonic() + timeout_s
     pending = list(keys)
     while True:
-        pending = [k for k in pending if not store.check([k])]
+        try:
+            pending = [k for k in pending if not store.check([k])]
+        except dist.DistError as e:
+            raise SyncError(f"trainer_sync rendezvous store went away (trainer rank 0 stopped?): {e}",
+                            stage="rendezvous", who="trainer rank 0") from e
         if not pending:
             return []
         if abort_key is not None and store.check([abort_key]):
@@ -104,6 +108,8 @@ class Rendezvous:
                 if not ok:
                     refused.append(str(m))
             if refused:
+                # Let the refused peers read their verdict before this rank raises (and may close the store).
+                wait_keys(self.store, [base + "seen/" + m.key for m in others if str(m) in refused], min(5.0, self.timeout_s))
                 msg = f"trainer_sync rendezvous (epoch {epoch}) refused {', '.join(refused)}: wrong token"
                 self.store.set(abort_key, msg)
                 raise RendezvousRefused(msg, stage="rendezvous", who=", ".join(refused))
@@ -117,7 +123,9 @@ class Rendezvous:
             if wait_keys(self.store, [verdict_key], self.timeout_s, abort_key=abort_key):
                 raise SyncError(f"{me}: no verdict from trainer rank 0 within {self.timeout_s:g}s",
                                 stage="rendezvous", who="trainer rank 0")
-            if self.store.get(verdict_key).decode() != "ok":
+            verdict = self.store.get(verdict_key).decode()
+            self.store.set(base + "seen/" + me.key, "1")
+            if verdict != "ok":
                 raise RendezvousRefused(f"{me} was refused by the trainer_sync rendezvous: wrong token",
                                         stage="rendezvous", who=str(me))
         namespace = _mac(self.token, nonce, "namespace")[:32]
