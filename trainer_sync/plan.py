@@ -287,12 +287,15 @@ def resolve_wire_dtypes(
         floating = dtype_of(dtype).is_floating_point
         if wire_dtype == "model" or not floating:
             out[name] = dtype
-        elif wire_dtype == "auto":
+        elif wire_dtype in ("auto", "fp8"):
+            # "fp8": the source (sources/fp8.py) already presents eligible weights as float8 + float32 scales; the
+            # rest goes as in "auto". A cast to or from float8 is never implicit (it needs scales): keep the dtype
+            # and let the handshake name the mismatch.
             wanted = {e.tensors[name][1] for e in expected if name in e.tensors and e.tensors[name][1]}
             want = next(iter(wanted)) if len(wanted) == 1 else None
-            out[name] = want if want and dtype_of(want).is_floating_point else dtype
-        elif wire_dtype == "fp8":
-            out[name] = dtype  # the codec decides per tensor; see codec.py
+            ok = want and dtype_of(want).is_floating_point and dtype_of(want).itemsize > 1 and \
+                dtype_of(dtype).itemsize > 1
+            out[name] = want if ok else dtype
         else:
             out[name] = wire_dtype
     return out

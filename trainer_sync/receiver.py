@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .codec import Fp8Arrival
 from .errors import HandshakeMismatch, SyncError
 from .pipeline import Batch, BufferPool, receive
 from .plan import BucketPlan, Expected
@@ -30,11 +31,14 @@ class ReceiveResult:
 
 class Receiver:
     def __init__(self, info: JoinInfo | dict, expected: Expected | dict | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None):
         self.info = info if isinstance(info, JoinInfo) else JoinInfo(**info)
         if isinstance(expected, dict):
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
-        self.expected = expected
+        # dequantize_fp8: a bf16/fp32 engine opted in to fp8 on the wire; weights are dequantized on arrival into
+        # the dtype ``expected`` names (else this one). Without it, fp8 weights and scales pass through as sent.
+        self.fp8 = Fp8Arrival(expected, dequantize_fp8) if dequantize_fp8 is not None else None
+        self.expected = self.fp8.wire_expected if self.fp8 and self.fp8.wire_expected else expected
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda", torch.cuda.current_device()) if self.info.backend == "nccl" else torch.device("cpu")
         if self.info.backend == "nccl" and self.device.type != "cuda":
@@ -69,8 +73,11 @@ class Receiver:
         plan = BucketPlan.from_json(msg["plan"])
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
         try:
-            times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], self.info.timeout_s, on_batch,
+            cb = self.fp8.wrap(on_batch, plan) if self.fp8 else on_batch
+            times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], self.info.timeout_s, cb,
                             wanted, str(self.me))
+            if self.fp8:
+                cb.finish()
         except Exception as e:
             self.bridge.set_json(f"{p}done/{self.me.rank}", {"error": f"{type(e).__name__}: {e}",
                                                              "trace": traceback.format_exc(limit=3)})
