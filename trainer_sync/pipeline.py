@@ -9,6 +9,8 @@ sender can never run more than ``num_buffers`` buckets ahead of the slowest rece
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +33,19 @@ class StageTimes:
     transfer: float = 0.0  # time spent waiting for the wire (not hidden behind packing / applying)
     apply: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No cyclic garbage collection inside a push: a full collection in a process that imported torch and vLLM
+    takes ~100 ms, more than a whole push of a small model. Garbage is collected after the push instead."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _broadcast(group, tensor: torch.Tensor):

@@ -142,6 +142,19 @@ class BucketPlan:
         return cls(tensors, buckets, d["num_senders"], d["bucket_bytes"])
 
 
+class PlanCache:
+    """Consecutive pushes almost always carry the same plan; parsing it again costs milliseconds for a big model."""
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+        self.plan: BucketPlan | None = None
+
+    def parse(self, text: str) -> BucketPlan:
+        if text != self.text:
+            self.plan, self.text = BucketPlan.from_json(text), text
+        return self.plan
+
+
 def merge_pieces(pieces: list[LocalPiece]) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, list[LocalPiece]]]:
     """Group every rank's pieces by tensor, checking that ranks agree on each tensor's shape and dtype.
 

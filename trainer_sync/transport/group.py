@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from ..errors import RendezvousRefused, SyncError
 
-POLL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -47,23 +46,31 @@ def _mac(token: str, *parts: str) -> str:
 def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: str | None = None) -> list[str]:
     """Wait until every key exists; return the missing ones on timeout (empty list: all there).
 
-    Polls instead of ``store.wait`` so that it can also stop early when ``abort_key`` appears (another rank gave up).
+    Without ``abort_key`` this is one blocking wait on the store server (no polling latency on the hot path). With
+    it, it polls (backing off from 0.1 to 5 ms) so that it can stop early when another rank gives up.
     """
-    deadline = time.monotonic() + timeout_s
-    pending = list(keys)
-    while True:
-        try:
+    try:
+        if abort_key is None:
+            try:
+                store.wait(keys, timedelta(seconds=timeout_s))
+                return []
+            except dist.DistStoreError:
+                return [k for k in keys if not store.check([k])]
+        deadline, pause = time.monotonic() + timeout_s, 1e-4
+        pending = list(keys)
+        while True:
             pending = [k for k in pending if not store.check([k])]
-        except dist.DistError as e:
-            raise SyncError(f"trainer_sync rendezvous store went away (trainer rank 0 stopped?): {e}",
-                            stage="rendezvous", who="trainer rank 0") from e
-        if not pending:
-            return []
-        if abort_key is not None and store.check([abort_key]):
-            raise SyncError(store.get(abort_key).decode(), stage="rendezvous")
-        if time.monotonic() > deadline:
-            return pending
-        time.sleep(POLL_S)
+            if not pending:
+                return []
+            if store.check([abort_key]):
+                raise SyncError(store.get(abort_key).decode(), stage="rendezvous")
+            if time.monotonic() >= deadline:
+                return pending
+            time.sleep(pause)
+            pause = min(pause * 2, 5e-3)
+    except dist.DistError as e:
+        raise SyncError(f"trainer_sync rendezvous store went away (trainer rank 0 stopped?): {e}",
+                        stage="rendezvous", who="trainer rank 0") from e
 
 
 class Rendezvous:
