@@ -65,3 +65,13 @@ def test_fsdp2_shards_straddling_blocks_quantize_like_the_full_tensor():
     _, s_full = quantize_fp8_blocks(w)
     _, s_rank1 = quantize_fp8_blocks(w[150:256])
     assert not torch.equal(s_full[1], s_rank1[0])
+
+
+def test_zero3_fp8_push_passthrough_is_the_codec_output():
+    port = free_port()
+    res = run_roles([("trainer", r, 2, fp8_roles.zero3_trainer, (1, port)) for r in range(2)]
+                    + [("receiver", 0, 1, fp8_roles.zero3_receiver, (2, port))], timeout=240)
+    want, report = res[("trainer", 0)]
+    nbytes, got = res[("receiver", 0)]
+    check_delivery(want, got, "passthrough", None)
+    assert nbytes == report["bytes"] and report["num_buckets"] > 2
