@@ -47,3 +47,40 @@ def quantize_fp8_blocks_triton(w: torch.Tensor, block: int = 128, raw: bool = Fa
     _fp8_block_quant_kernel[(nr, nc)](w, q, s, m, n, w.stride(0), q.stride(0), nc, FMAX=FP8_MAX, SMIN=MIN_SCALE,
                                       BLOCK=block, RAW=raw, num_warps=num_warps)
     return q, s
+
+
+@triton.jit
+def _fp8_quant_with_scales_kernel(w_ptr, q_ptr, s_ptr, ROWS, N, R0, B0, stride_wm, stride_qm, NC,
+                                  FMAX: tl.constexpr, BLOCK: tl.constexpr, RAW: tl.constexpr):
+    """Rows [R0, R0 + ROWS) of a matrix (an FSDP dim-0 shard) with given block scales: program (i, j) covers global
+    block (B0 + i, j), masked to the rows this shard holds."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lrow = (B0 + pid_m).to(tl.int64) * BLOCK + tl.arange(0, BLOCK) - R0
+    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mask = (lrow[:, None] >= 0) & (lrow[:, None] < ROWS) & (cols[None, :] < N)
+    x = tl.load(w_ptr + lrow[:, None] * stride_wm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + (B0 + pid_m) * NC + pid_n)
+    y = tl.div_rn(x, s)
+    y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+    if RAW:
+        tl.store(q_ptr + lrow[:, None] * stride_qm + cols[None, :], y, mask=mask)
+    else:
+        tl.store(q_ptr + lrow[:, None] * stride_qm + cols[None, :], y.to(tl.float8e4nv, fp_downcast_rounding="rtne"),
+                 mask=mask)
+
+
+def quantize_with_scales_triton(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, row_offset: int = 0,
+                                raw: bool = False, num_warps: int = 8) -> torch.Tensor:
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    rows, n = w.shape
+    q = torch.empty(rows, n, dtype=torch.float32 if raw else FP8_DTYPE, device=w.device)
+    if rows == 0 or n == 0:
+        return q
+    s = scale_inv.float().contiguous()
+    b0, b1 = row_offset // block, triton.cdiv(row_offset + rows, block)
+    _fp8_quant_with_scales_kernel[(b1 - b0, s.shape[1])](w, q, s, rows, n, row_offset, b0, w.stride(0), q.stride(0),
+                                                        s.shape[1], FMAX=FP8_MAX, BLOCK=block, RAW=raw,
+                                                        num_warps=num_warps)
+    return q

@@ -208,12 +208,16 @@ def _row_scales(scale_inv: torch.Tensor, rows: int, block: int, row_offset: int)
 
 
 def quantize_with_scales(w: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK, row_offset: int = 0,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """q = e4m3fn(w / scale_inv) for rows ``[row_offset, row_offset + rows)`` of a matrix with block scales
-    ``scale_inv``. One dividing cast per strip of full column blocks (the division runs in float32 and the cast to
-    fp8 is fused into it on CUDA), one for the ragged last strip."""
+    ``scale_inv``. Torch ops: one dividing cast per strip of full column blocks (the division runs in float32 and the
+    cast to fp8 is fused into it on CUDA), one for the ragged last strip; on CUDA a Triton kernel when available."""
     _check2d(w, "quantize_with_scales")
     rows, cols = w.shape
+    if out is None and w.numel() and _backend(w, backend) == "triton":
+        from ._fp8_triton import quantize_with_scales_triton
+
+        return quantize_with_scales_triton(w, scale_inv, block, row_offset)
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=w.device) if out is None else out
     if w.numel() == 0:
         return q

@@ -145,7 +145,7 @@ class Fp8Source(Source):
         w, r0 = self._local_rows(name)
         s = self._scales.get(name)
         if s is not None or name in self.collective:
-            return quantize_with_scales(w, self._scale(name), self.block, r0)
+            return quantize_with_scales(w, self._scale(name), self.block, r0, backend=self.backend)
         q, self._scales[name] = quantize_fp8_blocks(w, self.block, self.backend)
         return q
 
