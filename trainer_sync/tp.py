@@ -455,7 +455,23 @@ class ShardSource:
         return self.inner.gathering(names)
 
 
-def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffers: int, timeout_s: float):
+def wait_limit(timeout):
+    """What ``pipeline``'s waits take as their limit: seconds, or an ``errors.Deadline`` where the pipeline wants one.
+
+    Lets ``send_tp`` and a TP-aware receiver's ``pipeline.receive(...)`` call pass a plain number of seconds either way.
+    """
+    import inspect
+
+    from . import pipeline
+
+    if "deadline" not in inspect.signature(pipeline._wait).parameters:
+        return timeout
+    from .errors import Deadline
+
+    return timeout if isinstance(timeout, Deadline) else Deadline(float(timeout))
+
+
+def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffers: int, timeout_s):
     """One trainer rank's send loop over every tp group: ``groups[t]`` is this rank's group with tp rank t's
     receivers (this rank as group rank 0). Buckets go in ``tp_plan.steps()`` order with ``num_buffers`` in flight.
 
@@ -464,6 +480,7 @@ def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffer
     """
     from .pipeline import StageTimes, _broadcast, _wait, pack_bucket
 
+    limit = wait_limit(timeout_s)
     times = StageTimes()
     shard_sources = {t: ShardSource(source, tp_plan, t) for t in tp_plan.groups}
     starts = {t: {p.name: p.start for p in s.pieces()} for t, s in shard_sources.items()}
@@ -476,7 +493,7 @@ def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffer
     def retire() -> None:
         t, bucket, work = inflight.popleft()
         t0 = time.perf_counter()
-        _wait(work, timeout_s, f"tp {t} bucket {bucket.index} (round {bucket.round})",
+        _wait(work, limit, f"tp {t} bucket {bucket.index} (round {bucket.round})",
               f"trainer rank {source.rank} -> tp rank {t} receivers")
         times.transfer += time.perf_counter() - t0
 
