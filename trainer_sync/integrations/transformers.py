@@ -1,0 +1,44 @@
+"""transformers.Trainer and the TRL trainers built on it (GRPOTrainer, PPO-style trainers): a TrainerCallback.
+
+    sync = WeightSync(model, engines=["http://rollout-host:8000"])
+    trainer = GRPOTrainer(model=model, ..., callbacks=[sync.callback(every=1)])
+    trainer.train()
+
+``on_step_end`` runs on every process after each optimizer update (after gradient accumulation, after DeepSpeed's
+engine step), with ``state.global_step`` already advanced: the callback pushes when ``global_step % every == 0``,
+as version ``global_step``, so the engines' weight version is the Trainer's step. Build the WeightSync on the model
+the Trainer trains, after it was wrapped if the wrapping replaces parameters (FSDP2 shards in place, so before or
+after ``trainer.train()`` begins both work for ``fully_shard``; for DeepSpeed ZeRO-3 build it from
+``trainer.model_wrapped`` in ``on_train_begin``, see ``WeightSyncCallback.model_from_trainer``).
+"""
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from .base import PushHook
+
+
+class WeightSyncCallback(TrainerCallback):
+    def __init__(self, sync, every: int = 1, on_error: str = "raise"):
+        self.hook = PushHook(sync, every, on_error)
+
+    @property
+    def sync(self):
+        return self.hook.sync
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.hook.updated(int(state.global_step))
+        return control
+
+    # Counters for checks and logs (see PushHook).
+    @property
+    def pushes(self) -> int:
+        return self.hook.pushes
+
+    @property
+    def versions(self) -> list[int]:
+        return self.hook.versions
+
+    @property
+    def errors(self):
+        return self.hook.errors
