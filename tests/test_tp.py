@@ -227,6 +227,11 @@ def test_shard_expected_and_check_plan():
                                                                                                      "float32")})
     for t in range(4):
         assert check_plan(plan.groups[t].plan, shard_expected(exp, LAYOUT, 4, t), f"tp {t}") == []
+    # a tied alias (lm_head.weight) is no tensor of its own: loader_tensor finds its layout through the primary
+    got = move(plan, sources, 3)
+    assert torch.equal(got["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"][768:])
+    full = loader_tensor("lm_head.weight", got["model.embed_tokens.weight"], plan, 3)
+    assert full.shape == (VOCAB, H) and torch.equal(full[768:], tensors["model.embed_tokens.weight"][768:])
     # a receiver that expects full shapes against a shard plan is told exactly what differs
     errors = check_plan(plan.groups[1].plan, exp, "receiver 1")
     assert any("q_proj" in e and "wrong shape" in e for e in errors)

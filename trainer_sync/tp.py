@@ -29,6 +29,10 @@ dim-1 split while packing); ``send_tp`` is the sender loop over several groups; 
 with their group's plan as is. ``loader_tensor`` turns a received shard back into a checkpoint-shaped tensor that
 vLLM's own ``weight_loader`` narrows to the same shard.
 
+Not wired into ``Sender``/``Receiver`` yet: their handshake would need each receiver to report its tp rank (and the
+engine's layout) with its expectations, and the vLLM backend to feed shards to ``load_weights`` (``loader_tensor``).
+``benchmarks/bench_multi_gpu.py`` runs this data path end to end on its own rendezvous store.
+
 Limits (named so nobody assumes otherwise): one tensor's split is one slab along one dim (true for every vLLM
 Llama/Qwen layer); pipeline parallelism (a rank holding a subset of layers) and expert parallelism are not modelled;
 fp8 ``weight_scale_inv`` tensors need their own block-wise rules (none are given by ``llama_layout``).
