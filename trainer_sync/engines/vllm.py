@@ -1,0 +1,182 @@
+"""The vLLM side: a weight-transfer backend named ``trainer_sync``, registered through a plugin entry point.
+
+``pip install trainer_sync`` is all an engine needs: setup.cfg declares ``vllm.general_plugins: trainer_sync =
+trainer_sync.engines.vllm:register``, vLLM calls ``register()`` in every process it starts (API server, engine core,
+workers), and then ``vllm serve M --weight-transfer-config '{"backend": "trainer_sync"}'`` or
+``LLM(model=M, weight_transfer_config={"backend": "trainer_sync"})`` uses the class below on every worker.
+
+Lifecycle (driven by the trainer, see trainer_sync/sync.py), per worker:
+  init   ``init_weight_transfer_engine(join_info)``: join the bridging group as receiver
+         ``receiver_rank + worker rank`` (each engine gets its own first rank; every TP/PP worker and every engine
+         of a data-parallel fleet joins the same group), announcing what the served checkpoint holds.
+  start  ``start_weight_update``: nothing touches the model yet.
+  update ``update_weights({})``: take one push. The handshake runs first; only once the trainer's plan is accepted
+         does the first batch switch the model into vLLM's layerwise reload. So a refused push (names, shapes or
+         dtypes that do not match) raises HandshakeMismatch with the model untouched and still serving.
+  finish ``finish_weight_update``: finalize the layerwise reload (each layer was already processed, i.e. repacked
+         for oneDNN on CPU or re-quantized, as soon as its last tensor arrived).
+Why layerwise reload rather than ``load_weights`` into the live model: vLLM repacks or quantizes weights after
+loading (on CPU for oneDNN), so checkpoint-format tensors can only be applied through the reload path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferUpdateInfo
+
+from ..errors import HandshakeMismatch
+from ..receiver import Receiver
+from ..sender import JoinInfo
+from .checkpoint import expected_tensors, find_checkpoint_dir
+
+BACKEND = "trainer_sync"
+
+logger = logging.getLogger(__name__)
+
+
+def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that hold a parameter object another module holds too (a tied embedding / LM head)."""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    return [m for mods in owners.values() if len(mods) > 1 for m in mods]
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group. vLLM may call it several times per process: idempotent."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "TrainerSyncWeightTransferEngine")
+
+
+@dataclass
+class TrainerSyncUpdateInfo(WeightTransferUpdateInfo):
+    """Per-push update info: empty. The plan (names, shapes, dtypes, buckets) arrives over the bridging group's
+    store, never through RPC arguments, so the same ``{}`` works for in-process engines and HTTP alike."""
+
+
+class TrainerSyncWeightTransferEngine(WeightTransferEngine):
+    init_info_cls = JoinInfo
+    update_info_cls = TrainerSyncUpdateInfo
+    # Expectations come from the main model's checkpoint; a speculative draft model would need its own.
+    supports_draft_weight_update = False
+
+    def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.receiver: Receiver | None = None
+        self.reloading = False  # layerwise reload initialized on this worker and not yet finalized
+        self.last = None  # ReceiveResult of the last push
+        self.tied = tied_modules(model)
+
+    # --- init -------------------------------------------------------------------------------------------------
+    def parse_init_info(self, init_dict: dict[str, Any]) -> JoinInfo:
+        """The trainer's JoinInfo; its ``receiver_rank`` is this engine's first receiver rank."""
+        try:
+            return JoinInfo(**init_dict)
+        except TypeError as e:
+            fields = [f.name for f in dataclasses.fields(JoinInfo)]
+            raise ValueError(f"trainer_sync: init_info must be a JoinInfo dict with {fields}: {e}") from e
+
+    def worker_index(self) -> int:
+        """This worker's index among all workers of its engine, data-parallel replicas included (like vLLM's own
+        NCCL backend: dp index * (TP*PP) + rank)."""
+        pc = self.parallel_config
+        return pc.data_parallel_index * pc.world_size + pc.rank
+
+    def expected(self) -> dict | None:
+        mc = self.model_config
+        model_dir = find_checkpoint_dir(mc.model, getattr(mc, "revision", None),
+                                        getattr(self.vllm_config.load_config, "download_dir", None))
+        exp = expected_tensors(model_dir, mc.dtype)
+        if exp is None:
+            logger.warning("trainer_sync: no safetensors checkpoint found for %s; the handshake cannot check names "
+                           "and shapes on this engine", mc.model)
+        return exp
+
+    def init_transfer_engine(self, init_info: JoinInfo) -> None:
+        rank = init_info.receiver_rank + self.worker_index()
+        if rank >= init_info.num_receivers:
+            raise ValueError(f"trainer_sync: worker {self.worker_index()} of an engine starting at receiver rank "
+                             f"{init_info.receiver_rank} is rank {rank}, outside the {init_info.num_receivers} "
+                             f"receivers the trainer expects (count every engine's TP*PP*DP workers)")
+        self.shutdown()  # a re-init (new epoch after a failure, or more engines) replaces the old group
+        info = dataclasses.replace(init_info, receiver_rank=rank)
+        # gloo carries bytes through host memory: receive there and let load_weights copy to the device.
+        device = self.device if info.backend == "nccl" else torch.device("cpu")
+        receiver = Receiver(info, self.expected(), device=device)
+        receiver.connect()
+        self.receiver = receiver
+
+    # --- one update -------------------------------------------------------------------------------------------
+    def start_weight_update(self) -> None:
+        if self.reloading:  # a previous session was abandoned half-way: start from a clean slate
+            self._finalize()
+
+    def receive_weights(self, update_info: TrainerSyncUpdateInfo) -> None:
+        if self.receiver is None:
+            raise RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine")
+        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+
+        try:
+            with disable_mtp_completeness_check():
+                self.last = self.receiver.receive(self._apply)
+        except HandshakeMismatch:
+            # Raised before the first batch: the model was never touched and keeps serving its weights.
+            raise
+        except BaseException:
+            # Half-applied: reset the layerwise state so that the next push starts clean; the trainer keeps this
+            # engine paused until a push succeeds.
+            self._finalize()
+            raise
+
+    def _apply(self, batch: list[tuple[str, torch.Tensor]]) -> None:
+        """Hand one round of whole tensors to vLLM's loader.
+
+        Layerwise reload buffers a layer's tensors until its last one arrives, and the receiver reuses its buffers
+        two rounds later, so each tensor is copied out first (once, even when tied names share it).
+        """
+        if not self.reloading:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(self.model)
+            self.reloading = True
+        copies: dict[int, torch.Tensor] = {}
+        owned = []
+        for name, t in batch:
+            if id(t) not in copies:
+                copies[id(t)] = t.clone()
+            owned.append((name, copies[id(t)]))
+        self.model.load_weights(owned)
+
+    def finish_weight_update(self) -> None:
+        self._finalize()
+
+    def _finalize(self) -> None:
+        if not self.reloading:
+            return
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+        self.reloading = False
+        # A tied LM head receives nothing itself (its weight is the embedding's), so layerwise reload puts its
+        # kernel tensors back unprocessed. On CPU its processing built a packed GEMM copy of the weight, which then
+        # still holds the OLD embedding: the model would compute logits with stale weights. Re-run the processing
+        # of such modules once the shared tensor is fresh (on GPU it is a no-op for unquantized heads).
+        stale = [m for m in self.tied if (i := LAYERWISE_INFO.get(m)) is not None and i.can_load()
+                 and i.load_numel == 0]
+        finalize_layerwise_reload(self.model, self.model_config)
+        for module in stale:
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+    def shutdown(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
