@@ -5,6 +5,7 @@ from .plan import BucketPlan, Expected
 from .receiver import Receiver
 from .report import SyncReport
 from .sender import JoinInfo, Sender
+from .sync import WeightSync
 
-__all__ = ["SyncConfig", "Sender", "Receiver", "JoinInfo", "SyncReport", "SyncError", "HandshakeMismatch",
-           "RendezvousRefused", "BucketPlan", "Expected"]
+__all__ = ["SyncConfig", "WeightSync", "Sender", "Receiver", "JoinInfo", "SyncReport", "SyncError",
+           "HandshakeMismatch", "RendezvousRefused", "BucketPlan", "Expected"]

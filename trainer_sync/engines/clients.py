@@ -1,0 +1,191 @@
+"""How the trainer drives one vLLM engine: the same nine calls for an in-process ``vllm.LLM`` and a ``vllm serve``.
+
+WeightSync only ever talks to an ``EngineClient``; each kind of engine gets a small adapter:
+  * ``LlmClient``: an in-process ``vllm.LLM`` (colocated, or the trainer's own process in tests and recipes);
+  * ``HttpClient``: the base URL of ``vllm serve ... --weight-transfer-config '{"backend": "trainer_sync"}'``
+    started with ``VLLM_SERVER_DEV_MODE=1`` (which mounts the weight-transfer, pause and cache routes).
+Each call raises ``EngineCallError`` naming the engine and the call, so that a failed push says which engine failed
+at which stage. Tensors never travel through these calls (bytes go over the bridging group), only small JSON.
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from abc import ABC, abstractmethod
+
+
+class EngineCallError(RuntimeError):
+    """One control call to one engine failed."""
+
+    def __init__(self, engine: str, call: str, detail: str):
+        super().__init__(f"{engine}: {call} failed: {detail}")
+        self.engine, self.call, self.detail = engine, call, detail
+
+
+class EngineClient(ABC):
+    """The control plane of one engine. ``name`` appears in every error."""
+
+    name: str
+
+    @abstractmethod
+    def world_size(self) -> int:
+        """Worker ranks of this engine (TP x PP x DP): each one joins the bridging group as a receiver."""
+
+    @abstractmethod
+    def init(self, join_info: dict) -> None:
+        """Join the bridging group (blocks until the trainer's connect() admits every receiver)."""
+
+    @abstractmethod
+    def pause(self, mode: str) -> None:
+        """Stop scheduling: ``keep`` freezes requests in place, ``wait`` drains them, ``abort`` drops them."""
+
+    @abstractmethod
+    def resume(self) -> None: ...
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def update(self) -> None:
+        """Receive one push; blocks until the engine's receivers applied it (or failed)."""
+
+    @abstractmethod
+    def finish(self, version: str | None) -> None:
+        """Finalize the update; set the weight version the engine reports (None: leave it)."""
+
+    @abstractmethod
+    def reset_prefix_cache(self) -> None:
+        """Drop KV blocks cached under the old weights (finish does not)."""
+
+    @abstractmethod
+    def weight_version(self) -> str: ...
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Leave the bridging group; the engine keeps serving."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class LlmClient(EngineClient):
+    """An in-process ``vllm.LLM``. Pause/resume map to ``sleep(level=0)`` / ``wake_up(["scheduling"])``, which only
+    stop and restart the scheduler (weights and KV cache stay put)."""
+
+    def __init__(self, llm, index: int = 0):
+        self.llm = llm
+        self.name = f"engine {index} (in-process LLM)"
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with the engine's name; the original is chained
+            raise EngineCallError(self.name, what, f"{type(e).__name__}: {e}") from e
+
+    def world_size(self) -> int:
+        return int(self._call("get_world_size", self.llm.get_world_size, include_dp=True))
+
+    def init(self, join_info: dict) -> None:
+        self._call("init_weight_transfer_engine", self.llm.init_weight_transfer_engine, {"init_info": join_info})
+
+    def pause(self, mode: str) -> None:
+        self._call("pause", self.llm.sleep, level=0, mode=mode)
+
+    def resume(self) -> None:
+        self._call("resume", self.llm.wake_up, tags=["scheduling"])
+
+    def start(self) -> None:
+        self._call("start_weight_update", self.llm.start_weight_update)
+
+    def update(self) -> None:
+        self._call("update_weights", self.llm.update_weights, {"update_info": {}})
+
+    def finish(self, version: str | None) -> None:
+        self._call("finish_weight_update", self.llm.finish_weight_update, version)
+
+    def reset_prefix_cache(self) -> None:
+        # Preempting running (kept) requests is what makes the reset succeed under pause mode "keep"; they are
+        # recomputed with the new weights when generation resumes.
+        if not self._call("reset_prefix_cache", self.llm.reset_prefix_cache, reset_running_requests=True):
+            raise EngineCallError(self.name, "reset_prefix_cache", "the engine reported failure")
+
+    def weight_version(self) -> str:
+        return str(self._call("get_weight_version", self.llm.get_weight_version))
+
+    def shutdown(self) -> None:
+        self._call("shutdown_weight_transfer_engine", self.llm.shutdown_weight_transfer_engine)
+
+
+class HttpClient(EngineClient):
+    """A ``vllm serve`` process reached over HTTP (stdlib urllib: no extra dependency on the trainer)."""
+
+    def __init__(self, base_url: str, timeout_s: float = 120.0, index: int = 0):
+        self.url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.name = f"engine {index} ({self.url})"
+
+    def _request(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
+                 timeout_s: float | None = None):
+        url = self.url + route + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as e:
+            raise EngineCallError(self.name, route.lstrip("/"), f"HTTP {e.code}: {e.read().decode()[:2000]}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise EngineCallError(self.name, route.lstrip("/"), f"{type(e).__name__}: {e}") from e
+        return json.loads(text) if text else {}
+
+    def world_size(self) -> int:
+        return int(self._request("GET", "/get_world_size", query={"include_dp": "true"})["world_size"])
+
+    def init(self, join_info: dict) -> None:
+        # Blocks until the whole group formed: allow the rendezvous timeout plus slack.
+        self._request("POST", "/init_weight_transfer_engine", {"init_info": join_info},
+                      timeout_s=join_info.get("timeout_s", self.timeout_s) + 30)
+
+    def pause(self, mode: str) -> None:
+        self._request("POST", "/pause", query={"mode": mode})
+
+    def resume(self) -> None:
+        self._request("POST", "/resume")
+
+    def start(self) -> None:
+        self._request("POST", "/start_weight_update")
+
+    def update(self) -> None:
+        # The receiver bounds each of its waits by timeout_s, but a push of many buckets takes several of them;
+        # this is only a backstop against a server that stopped answering.
+        self._request("POST", "/update_weights", {"update_info": {}}, timeout_s=10 * self.timeout_s)
+
+    def finish(self, version: str | None) -> None:
+        self._request("POST", "/finish_weight_update", {"weight_version": version})
+
+    def reset_prefix_cache(self) -> None:
+        # See LlmClient.reset_prefix_cache for why running requests are preempted.
+        if not self._request("POST", "/reset_prefix_cache", query={"reset_running_requests": "true"}).get("success"):
+            raise EngineCallError(self.name, "reset_prefix_cache", "the engine reported failure")
+
+    def weight_version(self) -> str:
+        return str(self._request("GET", "/weight_info")["weight_version"])
+
+    def shutdown(self) -> None:
+        self._request("POST", "/shutdown_weight_transfer_engine")
+
+
+def make_client(engine, index: int = 0, timeout_s: float = 120.0) -> EngineClient:
+    """An ``EngineClient`` for a URL string, a ``vllm.LLM``, or an ``EngineClient`` (passed through)."""
+    if isinstance(engine, EngineClient):
+        return engine
+    if isinstance(engine, str):
+        if not engine.startswith(("http://", "https://")):
+            raise ValueError(f"trainer_sync: engine {index}: {engine!r} is not an http(s) URL")
+        return HttpClient(engine, timeout_s, index)
+    if hasattr(engine, "init_weight_transfer_engine") and hasattr(engine, "llm_engine"):
+        return LlmClient(engine, index)
+    raise TypeError(f"trainer_sync: engine {index} is a {type(engine).__name__}; expected a vllm.LLM or the base URL "
+                    f"of a `vllm serve` process")

@@ -1,0 +1,285 @@
+"""WeightSync: the one object a trainer uses to put its current weights into any number of vLLM engines.
+
+    sync = WeightSync(model, engines=[llm, "http://host:8000"], config=SyncConfig())
+    report = sync.push()   # every trainer rank, after the optimizer step
+    sync.close()
+
+Who does what: every trainer rank sends its own share of the weights (a Sender each); only trainer rank 0 talks to
+the engines. One push, as rank 0 drives it:
+
+    pause every engine (config.pause_mode) -> start_weight_update
+    -> update_weights on every engine, each from a thread (it blocks until that engine received everything),
+       while every trainer rank sends its buckets
+    -> per engine: finish_weight_update(version) -> reset the prefix cache -> resume
+
+The other ranks learn what rank 0 saw through two tiny broadcasts per push on the trainer's default group (one
+after the engines were started, one at the end), so all ranks return the same result or raise the same error, and
+no rank is left waiting in a collective for a rank that already gave up.
+
+Failure rules: a refused handshake (names / shapes / dtypes) raises HandshakeMismatch before any byte moves; the
+engines never touched their models, so they are resumed on their old weights. Any other failure raises SyncError
+naming the engine and the stage; an engine whose update did not complete stays paused (its model may be half
+updated) until a later push succeeds, and that push first rebuilds the bridging group (a new epoch) with every
+engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .config import SyncConfig
+from .errors import HandshakeMismatch, SyncError
+from .report import SyncReport
+from .sender import Sender
+from .engines.clients import EngineCallError, EngineClient, make_client
+
+# vLLM call -> the stage a failure of it is reported under.
+_STAGE = {"get_world_size": "rendezvous", "init_weight_transfer_engine": "rendezvous", "pause": "pause",
+          "start_weight_update": "start", "update_weights": "transfer", "finish_weight_update": "finish",
+          "reset_prefix_cache": "finish", "resume": "resume"}
+
+
+def _stage(e: EngineCallError) -> str:
+    return _STAGE.get(e.call, e.call)
+
+
+class _Background:
+    """Run one engine call in a daemon thread (a thread stuck in a dead engine must not block interpreter exit)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            self.error = e
+
+    def wait(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+class WeightSync:
+    """Push a trainer's weights into vLLM engines that run the ``trainer_sync`` weight-transfer backend.
+
+    ``engines``: ``vllm.LLM`` objects and base URLs of ``vllm serve`` processes, mixed (only rank 0's list is used;
+    other ranks may pass None). Builds the bridging group right away, so a wrong URL or an engine without the
+    backend fails here rather than at the first push.
+    """
+
+    def __init__(self, model: torch.nn.Module, engines: list | None = None, config: SyncConfig | None = None, *,
+                 rank: int | None = None, world: int | None = None):
+        self.config = config or SyncConfig()
+        self.sender = Sender(model, self.config, rank=rank, world=world)
+        self.rank, self.world = self.sender.rank, self.sender.world
+        engines = list(engines or [])
+        if self.rank == 0 and not engines:
+            self.sender.close()
+            raise ValueError("trainer_sync: WeightSync needs at least one engine on trainer rank 0")
+        self.clients: list[EngineClient] = [make_client(e, i, self.config.timeout_s) for i, e in enumerate(engines)] \
+            if self.rank == 0 else []
+        self.num_receivers = 0
+        self.stale = True  # the bridging group must be (re)built before the next push; same value on every rank
+        try:
+            self._connect()
+        except BaseException:
+            self.sender.close()
+            raise
+
+    # --- agreement between trainer ranks ------------------------------------------------------------------------
+    def _agree(self, fn: Callable[[], dict | None]) -> dict:
+        """Run ``fn`` on rank 0 and give its verdict (a small dict) to every rank.
+
+        Any exception in ``fn`` becomes an error verdict, so rank 0 always reaches the broadcast.
+        """
+        out: dict | None = None
+        if self.rank == 0:
+            try:
+                out = fn() or {}
+            except SyncError as e:
+                out = {"error": str(e), "stage": e.stage, "who": e.who}
+            except Exception as e:  # noqa: BLE001 - becomes the error every rank raises
+                out = {"error": f"{type(e).__name__}: {e}", "stage": "", "who": ""}
+        if self.world > 1:
+            box = [out]
+            dist.broadcast_object_list(box, src=0)
+            out = box[0]
+        return out
+
+    @staticmethod
+    def _raise(verdict: dict, cause: BaseException | None = None) -> None:
+        if "error" in verdict:
+            raise SyncError(verdict["error"], verdict.get("stage", ""), verdict.get("who", "")) from cause
+
+    # --- bridging group ---------------------------------------------------------------------------------------
+    def _count_receivers(self) -> dict:
+        """Rank 0: every engine's worker count, and the first receiver rank of each engine."""
+        offsets, total = [], 0
+        for c in self.clients:
+            try:
+                n = c.world_size()
+            except EngineCallError as e:
+                raise SyncError(str(e), "rendezvous", c.name) from e
+            offsets.append(total)
+            total += n
+        return {"num_receivers": total, "offsets": offsets}
+
+    def _connect(self) -> None:
+        """Form a new bridging group with every worker of every engine (all ranks; rank 0 calls the engines)."""
+        plan = self._agree(self._count_receivers)
+        self._raise(plan)
+        n = plan["num_receivers"]
+        calls: list[tuple[EngineClient, _Background]] = []
+        if self.rank == 0:
+            # Join infos are made before connect() opens the new epoch they name.
+            infos = [self.sender.join_info(off, n).to_dict() for off in plan["offsets"]]
+            calls = [(c, _Background(lambda c=c, i=i: c.init(i))) for c, i in zip(self.clients, infos)]
+        error: BaseException | None = None
+        try:
+            self.sender.connect(n)
+        except Exception as e:  # noqa: BLE001 - reported together with the engines' side below
+            error = e
+
+        def joined() -> dict:
+            problems = []
+            for c, call in calls:
+                if not call.wait(self.config.timeout_s + 30):
+                    problems.append((c.name, f"{c.name}: init_weight_transfer_engine did not return"))
+                elif call.error is not None:
+                    problems.append((c.name, str(call.error)))
+            if error is not None and not problems:
+                problems.append(("", f"trainer rank 0: {error}"))
+            if problems:
+                return {"error": "trainer_sync could not connect the engines:\n  " +
+                        "\n  ".join(p for _, p in problems), "stage": "rendezvous", "who": problems[0][0]}
+            return {}
+
+        verdict = self._agree(joined)
+        self._raise(verdict, error)
+        if error is not None:  # this rank failed though rank 0 saw none: nothing consistent to go on
+            raise error
+        self.num_receivers = n
+        self.stale = False
+
+    # --- one push ---------------------------------------------------------------------------------------------
+    def _begin(self) -> dict:
+        """Rank 0: pause and start every engine; on any failure undo what was done and report it."""
+        paused: list[EngineClient] = []
+        started: list[EngineClient] = []
+        try:
+            for c in self.clients:
+                c.pause(self.config.pause_mode)
+                paused.append(c)
+            for c in self.clients:
+                c.start()
+                started.append(c)
+        except EngineCallError as e:
+            # start_weight_update does not touch the model (the backend begins its reload only once the plan is
+            # accepted), so finishing with no version and resuming restores exactly the state before.
+            for c in started:
+                try:
+                    c.finish(None)
+                except EngineCallError:
+                    pass
+            for c in paused:
+                try:
+                    c.resume()
+                except EngineCallError:
+                    pass
+            return {"error": str(e), "stage": _stage(e), "who": e.engine, "stale": True}
+        return {}
+
+    def _end(self, version: int, updates: list[tuple[EngineClient, _Background]], error: BaseException | None
+             ) -> dict:
+        """Rank 0: finish, reset and resume every engine that received the whole push; leave the others paused."""
+        refused = isinstance(error, HandshakeMismatch)
+        failed_stage = getattr(error, "stage", "") or "transfer"
+        problems: list[tuple[str, str, str]] = []  # (stage, who, message); engines first: they say who failed
+        for c, call in updates:
+            if not call.wait(self.config.timeout_s + 30):
+                problems.append(("transfer", c.name, f"{c.name}: update_weights did not return within "
+                                 f"{self.config.timeout_s + 30:g}s; the engine stays paused"))
+                continue
+            try:
+                if call.error is not None:
+                    if refused:  # expected: the engine refused the plan before touching its model
+                        c.resume()
+                        continue
+                    problems.append((failed_stage, c.name, f"{call.error}; the engine stays paused (its model may "
+                                     "be half updated) until a push succeeds"))
+                    continue
+                c.finish(None if refused else str(version))
+                if not refused:
+                    c.reset_prefix_cache()
+                c.resume()
+            except EngineCallError as e:
+                problems.append((_stage(e), c.name, f"{e}; the engine stays paused"))
+        if error is not None and not refused:
+            problems.append((failed_stage, getattr(error, "who", "") or "trainer rank 0", f"trainer rank 0: {error}"))
+        if problems:
+            return {"error": "trainer_sync push failed:\n  " + "\n  ".join(m for _, _, m in problems),
+                    "stage": problems[0][0], "who": problems[0][1], "stale": True}
+        return {"refused": list(error.mismatches)} if refused else {}
+
+    def push(self, version: int | None = None) -> SyncReport:
+        """Put the current weights into every engine as ``version`` (default: the last version + 1).
+
+        Call on every trainer rank together. Returns the report (``total_s`` covers the whole push, engine calls
+        included) once every engine serves the new weights; raises HandshakeMismatch (nothing sent, engines still
+        serving their old weights) or SyncError (naming the engine and the stage).
+        """
+        t0 = time.perf_counter()
+        version = self.sender.version + 1 if version is None else int(version)
+        if version <= self.sender.version:
+            raise ValueError(f"trainer_sync: version {version} is not newer than the last pushed "
+                             f"({self.sender.version})")
+        if self.stale:
+            self._connect()
+        begun = self._agree(self._begin)
+        if "error" in begun:
+            self.stale = True
+            self._raise(begun)
+        updates = [(c, _Background(c.update)) for c in self.clients]
+        report, error = None, None
+        try:
+            report = self.sender.push(version)
+        except Exception as e:  # noqa: BLE001 - rank 0's verdict below decides what every rank raises
+            error = e
+        verdict = self._agree(lambda: self._end(version, updates, error))
+        if "error" in verdict:
+            self.stale = True
+            self._raise(verdict, error)
+        if "refused" in verdict:
+            raise error if isinstance(error, HandshakeMismatch) else HandshakeMismatch(verdict["refused"])
+        if error is not None:
+            self.stale = True
+            raise error
+        return dataclasses.replace(report, total_s=time.perf_counter() - t0)
+
+    def weight_versions(self) -> dict[str, str]:
+        """Rank 0: the weight version each engine reports (for checks and logs)."""
+        return {c.name: c.weight_version() for c in self.clients}
+
+    def close(self) -> None:
+        """Release the bridging group on every engine (they keep serving) and on the trainer."""
+        for c in self.clients:
+            try:
+                c.shutdown()
+            except EngineCallError:
+                pass
+        self.clients = []
+        self.sender.close()
+
+    def __enter__(self) -> "WeightSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
