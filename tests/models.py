@@ -1,0 +1,91 @@
+"""Tiny causal LMs built from a transformers config, for tests that need a real model (nothing is downloaded).
+
+Why these sizes: head_dim 32 is the smallest head size vLLM's CPU attention supports; hidden 64, 2 layers and a
+256-token vocabulary keep an engine start and a forward pass at a few milliseconds. The embedding is tied to the
+LM head (like Qwen3-0.6B) so every sync test also covers tied weights. A larger init scale than transformers'
+default spreads the logits, so greedy tokens do not hinge on float32 rounding differences between HF's and vLLM's
+kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+VOCAB = 256
+
+
+def tiny_config(kind: str = "qwen3", *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB, tied: bool = True,
+                dtype: str = "float32"):
+    """A transformers config for a tiny Qwen3 or Llama (``kind``)."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=hidden // 32, num_key_value_heads=1, head_dim=32,
+                  max_position_embeddings=1024, tie_word_embeddings=tied, dtype=dtype, initializer_range=0.1,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    if kind == "qwen3":
+        return Qwen3Config(**common)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def build_model(seed: int = 0, **config_kwargs) -> torch.nn.Module:
+    """A tiny causal LM with deterministic random weights (same seed, same weights, on any process)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = config_kwargs.get("dtype", "float32")
+    config = tiny_config(**config_kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return model.eval()
+
+
+def save_model(path: str, seed: int = 0, **config_kwargs) -> str:
+    """Save a tiny model (safetensors + config.json) where vLLM can serve it; returns ``path``."""
+    os.makedirs(path, exist_ok=True)
+    build_model(seed, **config_kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """A stand-in for an optimizer step: add seeded noise to every parameter (changes greedy tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def train_step(model: torch.nn.Module, seed: int, lr: float = 0.5) -> float:
+    """One real SGD step on a random next-token batch (what an RL step does to the weights, in miniature)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(2, vocab, (2, 16), generator=gen)
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)
+                p.grad = None
+    model.eval()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation of ``prompt`` by ``n`` tokens with plain transformers (the reference vLLM must match)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones_like(ids))
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(seed: int = 0) -> dict[str, list[int]]:
+    """A short prompt and a long one (several KV blocks of 32 tokens, so the prefix cache holds it)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"short": torch.randint(2, VOCAB, (5,), generator=gen).tolist(),
+            "long": torch.randint(2, VOCAB, (200,), generator=gen).tolist()}
