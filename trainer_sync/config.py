@@ -24,6 +24,9 @@ class SyncConfig:
     wire_dtype: str = "auto"
     # "broadcast" for a static cluster; "ipc" when trainer and engine share a GPU; "auto" picks.
     mode: str = "auto"
+    # mode "ipc": let receivers read the trainer's parameters in place when every tensor travels whole in its own
+    # dtype (one copy of each byte, by the engine); False always packs into exported bucket buffers first.
+    ipc_direct: bool = True
     # torch.distributed backend of the bridging group: None picks nccl for CUDA tensors and gloo otherwise.
     backend: str | None = None
     # Rendezvous: the TCPStore lives on trainer rank 0. Port 0 picks a free port (shared with the other trainer ranks

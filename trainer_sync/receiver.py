@@ -18,6 +18,7 @@ from .errors import HandshakeMismatch, SyncError
 from .pipeline import Batch, BufferPool, receive
 from .plan import BucketPlan, Expected
 from .sender import JoinInfo
+from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
 
 
@@ -44,6 +45,8 @@ class Receiver:
         if self.info.backend == "nccl" and self.device.type != "cuda":
             raise SyncError(f"receiver {self.info.receiver_rank}: the trainer uses NCCL but this receiver's device "
                             f"is {self.device}", stage="rendezvous")
+        self._device_given = device is not None
+        self.ipc: ipc.IpcReceiver | None = None
         self.me = Member("receiver", self.info.receiver_rank)
         self.pool = BufferPool(self.device)
         self.bridge: BridgeGroup | None = None
@@ -56,6 +59,13 @@ class Receiver:
         self.rdzv = Rendezvous(i.host, i.port, i.token, is_server=False, timeout_s=i.timeout_s)
         self.bridge = BridgeGroup(self.rdzv, self.me, i.epoch, i.num_trainers, i.num_receivers, i.backend,
                                   i.timeout_s)
+        # Report this receiver's GPU (its own device, else the current CUDA device); trainer rank 0 picks the mode.
+        dev = self.device if self._device_given or self.device.type == "cuda" else ipc.backend.default_device()
+        if ipc.agree_mode(self.bridge.store, self.me, "", ipc.device_uuid(dev), i.num_trainers, i.num_receivers,
+                          i.timeout_s) == "ipc":
+            ipc.require(dev, str(self.me))
+            self.device = dev
+            self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, i.num_trainers, i.num_receivers, dev, i.timeout_s)
         self.bridge.set_json(f"expected/{i.receiver_rank}", self.expected.to_json() if self.expected else None)
 
     def receive(self, on_batch: Callable[[Batch], None]) -> ReceiveResult:
@@ -74,8 +84,11 @@ class Receiver:
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
         try:
             cb = self.fp8.wrap(on_batch, plan) if self.fp8 else on_batch
-            times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], self.info.timeout_s, cb,
-                            wanted, str(self.me))
+            if self.ipc is not None:
+                times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me))
+            else:
+                times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], self.info.timeout_s, cb,
+                                wanted, str(self.me))
             if self.fp8:
                 cb.finish()
         except Exception as e:
@@ -87,6 +100,9 @@ class Receiver:
         return ReceiveResult(msg["version"], plan.total_bytes, times.transfer, times.apply)
 
     def close(self) -> None:
+        if self.ipc is not None:
+            self.ipc.close()
+            self.ipc = None
         if self.bridge is not None:
             self.bridge.close()
             self.bridge = None

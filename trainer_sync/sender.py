@@ -21,6 +21,7 @@ from .plan import Expected, LocalPiece, PlanError, check_plan, fit_budget, items
 from .report import SyncReport
 from .sources import Source, make_source
 from .sources.fp8 import Fp8Source
+from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
 
 
@@ -62,6 +63,8 @@ class Sender:
             self.source = Fp8Source(self.source)  # eligible weights go block-quantized (codec.py, sources/fp8.py)
         self.rank, self.world = self.source.rank, self.source.world
         cfg = self.config
+        if cfg.mode == "ipc":
+            ipc.require(self.source.device, f"trainer rank {self.rank}")
         token = cfg.resolved_token()
         port = cfg.port
         if self.rank == 0:
@@ -71,7 +74,9 @@ class Sender:
         port, token = _share_from_rank0([port, token], self.world)
         if self.rank != 0:
             self.rdzv = Rendezvous(cfg.host, port, token, is_server=False, timeout_s=cfg.timeout_s)
-        self.backend = cfg.backend or ("nccl" if self.source.device.type == "cuda" else "gloo")
+        # ipc moves no data over the bridging group (and NCCL refuses two ranks on one GPU): gloo carries its signals.
+        self.backend = cfg.backend or ("nccl" if self.source.device.type == "cuda" and cfg.mode != "ipc" else "gloo")
+        self.ipc: ipc.IpcSender | None = None
         self.pool = BufferPool(self.source.device)
         self.bridge: BridgeGroup | None = None
         self.epoch = -1
@@ -95,6 +100,12 @@ class Sender:
         self._expected = None
         self.bridge = BridgeGroup(self.rdzv, Member("trainer", self.rank), self.epoch, self.world, num_receivers,
                                   self.backend, self.config.timeout_s)
+        # Everyone reports its GPU; "ipc" (or "auto" with one GPU for all) makes the push go by CUDA IPC.
+        if ipc.agree_mode(self.bridge.store, Member("trainer", self.rank), self.config.mode,
+                          ipc.device_uuid(self.source.device), self.world, num_receivers,
+                          self.config.timeout_s) == "ipc":
+            self.ipc = ipc.IpcSender(self.bridge.store, self.rank, num_receivers, self.source.device,
+                                     self.config.timeout_s, self.config.ipc_direct)
 
     def _wait(self, keys: list[str], what: str, who) -> None:
         missing = wait_keys(self.bridge.store, keys, self.config.timeout_s)
@@ -162,7 +173,10 @@ class Sender:
 
         plan = BucketPlan.from_json(msg["plan"])
         t_plan = time.perf_counter() - t0
-        times = send(plan, self.source, bridge.groups[self.rank], self.pool, msg["num_buffers"], cfg.timeout_s)
+        if self.ipc is not None:
+            times = self.ipc.send(plan, self.source, p, msg["num_buffers"])
+        else:
+            times = send(plan, self.source, bridge.groups[self.rank], self.pool, msg["num_buffers"], cfg.timeout_s)
         self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
                    lambda k: f"receiver {k.rsplit('/', 1)[1]}")
         acks = [bridge.get_json(f"{p}done/{j}") for j in range(self.num_receivers)]
@@ -170,6 +184,8 @@ class Sender:
         if failed:
             raise SyncError("trainer_sync push failed on the receiving side:\n  " + "\n  ".join(failed),
                             stage="apply", who=failed[0].split(":")[0])
+        if self.ipc is not None:
+            self.ipc.after_push()
         if self.rank == 0 and self.seq >= 2:
             self._forget(self.seq - 2)
         self.version = version
@@ -182,10 +198,14 @@ class Sender:
         """Drop a finished push's keys so that the store stays small over thousands of pushes."""
         p = f"p{seq}/"
         for key in [f"{p}plan"] + [f"{p}pieces/{r}" for r in range(self.world)] + \
-                   [f"{p}done/{j}" for j in range(self.num_receivers)]:
+                   [f"{p}done/{j}" for j in range(self.num_receivers)] + \
+                   ([f"{p}ipc/{r}" for r in range(self.world)] if self.ipc is not None else []):
             self.bridge.store.delete_key(key)
 
     def close_group(self) -> None:
+        if self.ipc is not None:
+            self.ipc.close()
+            self.ipc = None
         if self.bridge is not None:
             self.bridge.close()
             self.bridge = None
