@@ -98,7 +98,8 @@ def test_mismatched_trainer_fails_at_handshake_and_engine_keeps_serving(llm):
                 sync.push(version=6)
         for line in expected_lines:
             assert line in err.value.mismatches, (what, err.value.mismatches)
-        assert err.value.stage == "handshake"
+        assert err.value.stage == "handshake" and err.value.who == "engine 0 (in-process LLM)"
+        assert "refused by receiver 0 = engine 0 (in-process LLM) worker 0" in str(err.value)
         assert llm.get_weight_version() == "5", what
         assert llm_greedy(llm, ps, N) == served, what  # old weights, resumed, not half-loaded
 

@@ -66,6 +66,7 @@ def test_http_mismatch_is_refused_and_server_keeps_serving(server):
             sync.push(version=4)
         for j in range(2):  # every TP worker checks the plan
             assert f"receiver {j}: wrong shape for model.norm.weight: sent [96], expected [64]" in err.value.mismatches
+        assert err.value.who == f"engine 0 ({server.url})"
         assert sync.weight_versions() == {f"engine 0 ({server.url})": "3"}
     assert server.greedy(ps, N) == served
 

@@ -37,7 +37,6 @@ from .errors import HandshakeMismatch, SyncError
 from .report import SyncReport
 from .sender import Sender
 from .engines.clients import EngineCallError, EngineClient, make_client
-from .metrics import SyncMetrics
 
 # vLLM call -> the stage a failure of it is reported under.
 _STAGE = {"get_world_size": "rendezvous", "init_weight_transfer_engine": "rendezvous", "pause": "pause",
@@ -88,14 +87,13 @@ class WeightSync:
         self.clients: list[EngineClient] = [make_client(e, i, self.config.timeout_s) for i, e in enumerate(engines)] \
             if self.rank == 0 else []
         self.num_receivers = 0
+        self.receiver_names: list[str] = []  # rank 0: receiver rank -> "engine i (...) worker w", for errors
         self.stale = True  # the bridging group must be (re)built before the next push; same value on every rank
         try:
             self._connect()
         except BaseException:
             self.sender.close()
             raise
-        # TensorBoard charts of every push (SyncConfig.tb_dir; trainer rank 0 only): trainer_sync/metrics.py.
-        self.metrics: SyncMetrics | None = SyncMetrics.for_rank(self.rank, self.config.tb_dir)
 
     # --- agreement between trainer ranks ------------------------------------------------------------------------
     def _agree(self, fn: Callable[[], dict | None]) -> dict:
@@ -126,6 +124,7 @@ class WeightSync:
     def _count_receivers(self) -> dict:
         """Rank 0: every engine's worker count, and the first receiver rank of each engine."""
         offsets, total = [], 0
+        self.receiver_names = []
         for c in self.clients:
             try:
                 n = c.world_size()
@@ -133,6 +132,7 @@ class WeightSync:
                 raise SyncError(str(e), "rendezvous", c.name) from e
             offsets.append(total)
             total += n
+            self.receiver_names += [f"{c.name} worker {w}" for w in range(n)]
         return {"num_receivers": total, "offsets": offsets}
 
     def _connect(self) -> None:
@@ -261,14 +261,22 @@ class WeightSync:
             self.stale = True
             self._raise(verdict, error)
         if "refused" in verdict:
-            raise error if isinstance(error, HandshakeMismatch) else HandshakeMismatch(verdict["refused"])
+            refused = error if isinstance(error, HandshakeMismatch) else HandshakeMismatch(verdict["refused"])
+            raise self._name_engines(refused)
         if error is not None:
             self.stale = True
             raise error
-        report = dataclasses.replace(report, total_s=time.perf_counter() - t0)
-        if self.metrics is not None:
-            self.metrics.log(report)
-        return report
+        return dataclasses.replace(report, total_s=time.perf_counter() - t0)
+
+    def _name_engines(self, err: HandshakeMismatch) -> HandshakeMismatch:
+        """Say which engines refused: the mismatch lines name receiver ranks, and rank 0 knows whose they are."""
+        ranks = sorted({int(head.split()[1]) for head in (m.split(":", 1)[0] for m in err.mismatches)
+                        if head.startswith("receiver ") and head.split()[1].isdigit()})
+        owners = [f"receiver {j} = {self.receiver_names[j]}" for j in ranks if j < len(self.receiver_names)]
+        if owners:
+            err.who = ", ".join(dict.fromkeys(o.split(" = ", 1)[1].rsplit(" worker ", 1)[0] for o in owners))
+            err.args = (f"{err.args[0]}\n  (refused by {'; '.join(owners)})",)
+        return err
 
     def weight_versions(self) -> dict[str, str]:
         """Rank 0: the weight version each engine reports (for checks and logs)."""
@@ -283,28 +291,6 @@ class WeightSync:
                 pass
         self.clients = []
         self.sender.close()
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-
-    # --- training-loop integrations (trainer_sync/integrations/) ------------------------------------------------
-    def attach(self, target, every: int = 1, *, on_error: str = "raise", start_step: int = 0, accelerator=None):
-        """Push after every ``every``-th update of ``target``, on every trainer rank together; returns the hook.
-
-        ``target``: a torch optimizer or Accelerate's wrapped one (its step post-hook), or a DeepSpeed engine (after
-        ``engine.step()`` at accumulation boundaries). ``on_error``: "raise" (the push's error leaves ``step()``
-        naming the engine and stage) or "warn" (warn and keep training). ``accelerator``: log the TensorBoard
-        charts into its TensorBoard tracker when ``config.tb_dir`` is unset. See trainer_sync/integrations/.
-        """
-        from .integrations import attach
-
-        return attach(self, target, every, on_error=on_error, start_step=start_step, accelerator=accelerator)
-
-    def callback(self, every: int = 1, *, on_error: str = "raise"):
-        """A ``transformers.TrainerCallback`` pushing at every ``every``-th global step (HF Trainer, TRL trainers)."""
-        from .integrations.transformers import WeightSyncCallback
-
-        return WeightSyncCallback(self, every, on_error=on_error)
 
     def __enter__(self) -> "WeightSync":
         return self
