@@ -37,6 +37,7 @@ from .errors import HandshakeMismatch, SyncError
 from .report import SyncReport
 from .sender import Sender
 from .engines.clients import EngineCallError, EngineClient, make_client
+from .metrics import SyncMetrics
 
 # vLLM call -> the stage a failure of it is reported under.
 _STAGE = {"get_world_size": "rendezvous", "init_weight_transfer_engine": "rendezvous", "pause": "pause",
@@ -94,6 +95,8 @@ class WeightSync:
         except BaseException:
             self.sender.close()
             raise
+        # TensorBoard charts of every push (SyncConfig.tb_dir; trainer rank 0 only): trainer_sync/metrics.py.
+        self.metrics: SyncMetrics | None = SyncMetrics.for_rank(self.rank, self.config.tb_dir)
 
     # --- agreement between trainer ranks ------------------------------------------------------------------------
     def _agree(self, fn: Callable[[], dict | None]) -> dict:
@@ -266,7 +269,10 @@ class WeightSync:
         if error is not None:
             self.stale = True
             raise error
-        return dataclasses.replace(report, total_s=time.perf_counter() - t0)
+        report = dataclasses.replace(report, total_s=time.perf_counter() - t0)
+        if self.metrics is not None:
+            self.metrics.log(report)
+        return report
 
     def _name_engines(self, err: HandshakeMismatch) -> HandshakeMismatch:
         """Say which engines refused: the mismatch lines name receiver ranks, and rank 0 knows whose they are."""
@@ -291,6 +297,28 @@ class WeightSync:
                 pass
         self.clients = []
         self.sender.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    # --- training-loop integrations (trainer_sync/integrations/) ------------------------------------------------
+    def attach(self, target, every: int = 1, *, on_error: str = "raise", start_step: int = 0, accelerator=None):
+        """Push after every ``every``-th update of ``target``, on every trainer rank together; returns the hook.
+
+        ``target``: a torch optimizer or Accelerate's wrapped one (its step post-hook), or a DeepSpeed engine (after
+        ``engine.step()`` at accumulation boundaries). ``on_error``: "raise" (the push's error leaves ``step()``
+        naming the engine and stage) or "warn" (warn and keep training). ``accelerator``: log the TensorBoard
+        charts into its TensorBoard tracker when ``config.tb_dir`` is unset. See trainer_sync/integrations/.
+        """
+        from .integrations import attach
+
+        return attach(self, target, every, on_error=on_error, start_step=start_step, accelerator=accelerator)
+
+    def callback(self, every: int = 1, *, on_error: str = "raise"):
+        """A ``transformers.TrainerCallback`` pushing at every ``every``-th global step (HF Trainer, TRL trainers)."""
+        from .integrations.transformers import WeightSyncCallback
+
+        return WeightSyncCallback(self, every, on_error=on_error)
 
     def __enter__(self) -> "WeightSync":
         return self
