@@ -60,7 +60,8 @@ def test_push_serves_the_new_weights(llm):
 
 def test_three_pushes_with_training_in_between(llm):
     model = build_model(seed=0)
-    with WeightSync(model, [llm], SyncConfig(bucket_mb=0.1)) as sync:  # several buckets per push
+    # Several buckets per push; pause mode "wait" (an in-process engine core freezes instead: nothing is in flight).
+    with WeightSync(model, [llm], SyncConfig(bucket_mb=0.1, pause_mode="wait")) as sync:
         seen = []
         for step in range(3):
             train_step(model, seed=step)
@@ -75,7 +76,7 @@ def test_three_pushes_with_training_in_between(llm):
 def test_mismatched_trainer_fails_at_handshake_and_engine_keeps_serving(llm):
     good = build_model(seed=0)
     perturb(good, seed=7)
-    with WeightSync(good, [llm]) as sync:
+    with WeightSync(good, [llm], SyncConfig(pause_mode="abort")) as sync:
         sync.push(version=5)
     ps = list(prompts().values())
     served = llm_greedy(llm, ps, N)

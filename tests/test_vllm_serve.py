@@ -8,6 +8,8 @@ decoding on the trainer's weights.
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -57,7 +59,7 @@ def test_http_push_serves_the_new_weights(server):
 def test_http_mismatch_is_refused_and_server_keeps_serving(server):
     good = build_model(seed=0)
     perturb(good, seed=21)
-    with WeightSync(good, [server.url]) as sync:
+    with WeightSync(good, [server.url], SyncConfig(pause_mode="abort")) as sync:
         sync.push(version=3)
     ps = list(prompts().values())
     served = server.greedy(ps, N)
@@ -69,6 +71,28 @@ def test_http_mismatch_is_refused_and_server_keeps_serving(server):
         assert err.value.who == f"engine 0 ({server.url})"
         assert sync.weight_versions() == {f"engine 0 ({server.url})": "3"}
     assert server.greedy(ps, N) == served
+
+
+def test_push_during_generation_keeps_the_request(server):
+    """pause_mode "keep" (the default) freezes an in-flight request; the caches are reset (which preempts it) and
+    after resume it finishes, its later tokens computed under the new weights."""
+    prompt, n = [7, 8, 9], 500
+    model = build_model(seed=0)
+    with WeightSync(model, [server.url]) as sync:
+        sync.push()  # the server now serves `model`
+        old = server.greedy([prompt], n)[0]
+        perturb(model, seed=51)
+        out, started = {}, threading.Event()
+        t = threading.Thread(target=lambda: out.update(tokens=server.stream_greedy(prompt, n, started)))
+        t.start()
+        assert started.wait(60)  # the request is generating
+        report = sync.push()
+        t.join(120)
+    assert report.version == 2
+    assert len(out["tokens"]) == n
+    assert out["tokens"] != old  # the update landed while the request was running ...
+    assert out["tokens"][:1] == old[:1]  # ... which had started under the old weights
+    assert server.greedy(list(prompts().values()), N) == reference(model)
 
 
 def test_fsdp2_two_ranks_to_one_server(server):
@@ -88,9 +112,9 @@ def test_one_trainer_two_engines_in_process_and_http(server, model_dir):
     ps = list(prompts().values())
     model = build_model(seed=0)
     with in_process_llm(model_dir) as llm:
-        with WeightSync(model, [llm, server.url], SyncConfig(bucket_mb=0.1)) as sync:
+        with WeightSync(model, [llm, server.url], SyncConfig(bucket_mb=0.1, pause_mode="wait")) as sync:
             for step in range(2):
-                train_step(model, seed=200 + step)
+                train_step(model, seed=200 + step)  # pause mode "wait" on both (the server drains, nothing runs)
                 report = sync.push()
                 assert report.num_receivers == 3  # the in-process engine's worker, then the server's two
                 assert llm.get_weight_version() == str(report.version)

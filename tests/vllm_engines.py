@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -116,6 +117,25 @@ class Server:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 out.append(json.load(resp)["choices"][0]["token_ids"])
         return out
+
+    def stream_greedy(self, prompt: list[int], n: int, started: threading.Event) -> list[int]:
+        """Greedy tokens of one streamed request; sets ``started`` once the first tokens arrived (so a test knows
+        the request is in flight, without guessing from timing)."""
+        body = {"model": self.model_dir, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True, "stream": True}
+        req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        tokens: list[int] = []
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[len("data: "):]).get("choices", []):
+                    tokens += choice.get("token_ids") or []
+                if tokens:
+                    started.set()
+        return tokens
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -72,7 +72,11 @@ class EngineClient(ABC):
 
 class LlmClient(EngineClient):
     """An in-process ``vllm.LLM``. Pause/resume map to ``sleep(level=0)`` / ``wake_up(["scheduling"])``, which only
-    stop and restart the scheduler (weights and KV cache stay put)."""
+    stop and restart the scheduler (weights and KV cache stay put).
+
+    Requests kept by pause mode "keep" do not keep their KV cache across the update: resetting the prefix cache
+    preempts them, and vLLM recomputes them under the new weights when generation resumes (``vllm serve``'s /pause
+    already does the same)."""
 
     def __init__(self, llm, index: int = 0):
         self.llm = llm
@@ -91,7 +95,16 @@ class LlmClient(EngineClient):
         self._call("init_weight_transfer_engine", self.llm.init_weight_transfer_engine, {"init_info": join_info})
 
     def pause(self, mode: str) -> None:
-        self._call("pause", self.llm.sleep, level=0, mode=mode)
+        try:
+            self.llm.sleep(level=0, mode=mode)
+        except ValueError as e:
+            # An engine core inside this process refuses "wait" (it cannot step while we block). Nothing is in
+            # flight there between generate() calls anyway, so freezing ("keep") is the same thing.
+            if mode != "wait":
+                raise EngineCallError(self.name, "pause", f"{type(e).__name__}: {e}") from e
+            self._call("pause", self.llm.sleep, level=0, mode="keep")
+        except Exception as e:  # noqa: BLE001 - see _call
+            raise EngineCallError(self.name, "pause", f"{type(e).__name__}: {e}") from e
 
     def resume(self) -> None:
         self._call("resume", self.llm.wake_up, tags=["scheduling"])
