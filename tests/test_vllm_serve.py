@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 
 from models import build_model, hf_greedy, perturb, prompts, save_model, train_step  # noqa: E402
 from procs import free_port, run_roles  # noqa: E402
-from vllm_engines import Server, fsdp_trainer, in_process_llm, llm_greedy  # noqa: E402
+from vllm_engines import Server, fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer  # noqa: E402
 
 from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync  # noqa: E402
 
@@ -106,6 +106,17 @@ def test_fsdp2_two_ranks_to_one_server(server):
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
     assert reference(model) != reference(build_model(seed=0))  # the shards really changed
     assert server.greedy(list(prompts().values()), N) == reference(model)
+
+
+def test_two_rank_trainer_is_refused_on_every_rank(server):
+    ps = list(prompts().values())
+    served = server.greedy(ps, N)
+    out = run_roles([("trainer", r, 2, mismatched_trainer, (server.url,)) for r in range(2)], timeout=240)
+    assert out[("trainer", 0)]["error"] == out[("trainer", 1)]["error"] == "HandshakeMismatch"
+    assert out[("trainer", 0)]["mismatches"] == out[("trainer", 1)]["mismatches"]
+    line = "receiver 1: wrong shape for model.norm.weight: sent [96], expected [64]"
+    assert line in out[("trainer", 1)]["mismatches"]
+    assert server.greedy(ps, N) == served
 
 
 def test_one_trainer_two_engines_in_process_and_http(server, model_dir):

@@ -180,3 +180,16 @@ def fsdp_trainer(rank: int, world: int, url: str, seed: int) -> dict:
         sync.close()
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
     return {"report": report.to_dict(), "versions": versions, "state": full if rank == 0 else None}
+
+
+def mismatched_trainer(rank: int, world: int, url: str) -> dict:
+    """One rank of a 2-rank trainer whose model does not match the server's: every rank must raise the refusal."""
+    from models import build_model
+    from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync
+
+    with WeightSync(build_model(seed=0, hidden=96), [url] if rank == 0 else None, SyncConfig(timeout_s=60)) as sync:
+        try:
+            sync.push()
+        except HandshakeMismatch as e:
+            return {"error": type(e).__name__, "mismatches": e.mismatches, "stage": e.stage}
+    return {"error": None}
