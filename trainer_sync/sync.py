@@ -216,6 +216,7 @@ class WeightSync:
                 continue
             try:
                 if call.error is not None:
+                    self._close_session(c)
                     if refused:  # expected: the engine refused the plan before touching its model
                         c.resume()
                         continue
@@ -234,6 +235,19 @@ class WeightSync:
             return {"error": "trainer_sync push failed:\n  " + "\n  ".join(m for _, _, m in problems),
                     "stage": problems[0][0], "who": problems[0][1], "stale": True}
         return {"refused": list(error.mismatches)} if refused else {}
+
+    @staticmethod
+    def _close_session(c: EngineClient) -> None:
+        """End the update session on every worker of an engine whose update failed.
+
+        The backend raises a failure from one worker only (see engines/vllm.py ``_report``), so the other workers
+        of a TP/PP engine still hold an open session, which would refuse the next start. finish() closes theirs;
+        the worker that raised has none left and refuses, which is expected.
+        """
+        try:
+            c.finish(None)
+        except EngineCallError:
+            pass
 
     def push(self, version: int | None = None) -> SyncReport:
         """Put the current weights into every engine as ``version`` (default: the last version + 1).

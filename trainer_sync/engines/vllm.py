@@ -100,6 +100,14 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         return exp
 
     def init_transfer_engine(self, init_info: JoinInfo) -> None:
+        error = None
+        try:
+            self._join(init_info)
+        except Exception as e:  # noqa: BLE001 - reported once per engine, see _report
+            error = e
+        self._report(error)
+
+    def _join(self, init_info: JoinInfo) -> None:
         rank = init_info.receiver_rank + self.worker_index()
         if rank >= init_info.num_receivers:
             raise ValueError(f"trainer_sync: worker {self.worker_index()} of an engine starting at receiver rank "
@@ -113,6 +121,40 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         receiver.connect()
         self.receiver = receiver
 
+    def _report(self, error: BaseException | None) -> None:
+        """Raise ``error`` (or a sibling worker's) from exactly one worker of this engine: the last one.
+
+        vLLM 0.32's multiprocess executor reads the workers' replies in rank order and stops at the first failure,
+        leaving the other workers' replies queued: every later RPC to that engine then gets the previous call's
+        reply. So the workers first agree (over vLLM's own CPU groups) on what failed, and only the last worker,
+        whose reply is read last, raises, naming every failed worker.
+        """
+        pc = self.parallel_config
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        failures = {pc.rank: mine} if mine else {}
+        if pc.world_size > 1:
+            import torch.distributed as dist
+            from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+            items = [(pc.rank, mine)]
+            for group in (get_tp_group(), get_pp_group()):  # TP x PP = every worker of this engine
+                if group.world_size > 1:
+                    gathered: list = [None] * group.world_size
+                    dist.all_gather_object(gathered, items, group=group.cpu_group)
+                    items = [item for part in gathered for item in part]
+            failures = {r: m for r, m in items if m}
+        if not failures:
+            return
+        if pc.rank != pc.world_size - 1:
+            logger.error("trainer_sync: worker %d failed (reported by the engine's last worker): %s", pc.rank, mine)
+            return
+        if error is not None and len(failures) == 1:
+            raise error
+        lines = "\n  ".join(f"worker {r}: {m}" for r, m in sorted(failures.items()))
+        if error is not None and all(m == mine for m in failures.values()):
+            raise error  # the same failure everywhere (a refused handshake: every worker checks the same plan)
+        raise RuntimeError(f"trainer_sync: {len(failures)} of {pc.world_size} workers failed:\n  {lines}")
+
     # --- one update -------------------------------------------------------------------------------------------
     def start_weight_update(self) -> None:
         if self.reloading:  # a previous session was abandoned half-way: start from a clean slate
@@ -123,17 +165,22 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
             raise RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine")
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
+        error = None
         try:
             with disable_mtp_completeness_check():
                 self.last = self.receiver.receive(self._apply)
-        except HandshakeMismatch:
+        except HandshakeMismatch as e:
             # Raised before the first batch: the model was never touched and keeps serving its weights.
-            raise
-        except BaseException:
+            error = e
+        except Exception as e:  # noqa: BLE001 - reported once per engine, see _report
             # Half-applied: reset the layerwise state so that the next push starts clean; the trainer keeps this
             # engine paused until a push succeeds.
-            self._finalize()
-            raise
+            error = e
+            try:
+                self._finalize()
+            except Exception:  # noqa: BLE001 - the original error is the one worth reporting
+                logger.exception("trainer_sync: resetting the layerwise reload after a failed push failed too")
+        self._report(error)
 
     def _apply(self, batch: list[tuple[str, torch.Tensor]]) -> None:
         """Hand one round of whole tensors to vLLM's loader.
