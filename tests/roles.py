@@ -227,3 +227,187 @@ def epochs_receiver(j, n, m, port, epochs):
         biases.append(float(got["0.bias"][0]))
         r.close()
     return biases
+
+
+# ---- faults (caused for real: processes are killed, peers stall) -------------------------------------------------
+
+def proc_usage() -> dict:
+    import psutil
+
+    me = psutil.Process()
+    return {"rss": me.memory_info().rss, "fds": me.num_fds(), "threads": me.num_threads()}
+
+
+def fault_trainer(rank, world, n, port, cfg_kwargs):
+    """Push once; return how it ended and how long it took."""
+    import time
+
+    model = mlp()
+    sender = Sender(model, SyncConfig(**{"port": port, "token": "tok", "bucket_mb": 0.002, "timeout_s": 20,
+                                         **cfg_kwargs}))
+    sender.connect(n)
+    t = time.monotonic()
+    try:
+        sender.push()
+        return "ok", "", time.monotonic() - t
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e), time.monotonic() - t
+    finally:
+        sender.close()
+
+
+def fault_receiver(j, n, m, port, fault, timeout=20.0):
+    """A receiver that dies (SIGKILL) or stalls on its first batch when ``fault`` says so; else a normal one."""
+    import signal
+    import time
+
+    r = Receiver(info(port, j, n, m, timeout=timeout))
+    r.connect()
+    applied = []
+
+    def on_batch(batch):
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "stall":
+            time.sleep(12)
+        applied.extend(name for name, _ in batch)
+
+    t = time.monotonic()
+    try:
+        r.receive(on_batch)
+        return "ok", "", time.monotonic() - t
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e), time.monotonic() - t
+    finally:
+        r.close()
+
+
+class DyingSource:
+    """Wraps a real source; the trainer process SIGKILLs itself while packing its third slot (mid-push)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def flat(self, name):
+        import signal
+
+        self.calls += 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.flat(name)
+
+
+def dying_trainer(rank, world, n, port):
+    from trainer_sync.sources import ModuleSource
+
+    sender = Sender(ModuleSource(mlp()), SyncConfig(port=port, token="tok", bucket_mb=0.002, timeout_s=20))
+    sender.source = DyingSource(sender.source)
+    sender.connect(n)
+    sender.push()
+    return "unreachable"
+
+
+def nan_trainer(rank, world, n, port):
+    from trainer_sync import HandshakeMismatch
+
+    model = mlp()
+    if rank == 1:
+        with torch.no_grad():
+            model[2].weight[3, 4] = float("nan")
+    sender = Sender(model, SyncConfig(port=port if rank == 0 else 0, token="tok", timeout_s=20, check_finite=True))
+    sender.connect(n)
+    try:
+        sender.push()
+        return None
+    except HandshakeMismatch as e:
+        return e.mismatches
+    finally:
+        sender.close()
+
+
+def version_trainer(rank, world, n, port):
+    sender = Sender(mlp(), SyncConfig(port=port, token="tok", timeout_s=20))
+    sender.connect(n)
+    first = sender.push(version=5).version
+    try:
+        sender.push(version=5)
+        stale = None
+    except ValueError as e:
+        stale = str(e)
+    second = sender.push().version
+    sender.close()
+    return first, stale, second
+
+
+def load_trainer(rank, world, n, port, pushes, warmup):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sender = Sender(model, SyncConfig(port=port if rank == 0 else 0, token="tok", bucket_mb=0.002, timeout_s=30))
+    sender.connect(n)
+    usage = {}
+    for i in range(pushes):
+        train_step(model, opt, i)
+        sender.push()
+        if i + 1 in (warmup, pushes):
+            usage[i + 1] = proc_usage()
+    state = full_state(model)
+    sender.close()
+    return usage, state
+
+
+def load_receiver(j, n, m, port, pushes, warmup):
+    r = Receiver(info(port, j, n, m, timeout=30))
+    r.connect()
+    usage, got = {}, {}
+    for i in range(pushes):
+        r.receive(lambda batch: got.update({k: v.clone() for k, v in batch}))
+        if i + 1 in (warmup, pushes):
+            usage[i + 1] = proc_usage()
+    r.close()
+    return usage, got
+
+
+# ---- dynamic clusters: catch-up ---------------------------------------------------------------------------------
+
+def catchup_trainer(rank, world, n, port, pushes, extra_pushes_during_join=0):
+    """Push ``pushes`` times (training between) keeping the latest version; then serve a joiner while training."""
+    import time
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sender = Sender(model, SyncConfig(port=port if rank == 0 else 0, token="tok", bucket_mb=0.002, timeout_s=30,
+                                      keep_latest=True))
+    sender.connect(n)
+    for i in range(pushes):
+        train_step(model, opt, i)
+        sender.push()
+    state = full_state(model)
+    store = sender.rdzv.store
+    store.set(f"test/pushed/{rank}", "1")
+    # keep training (no push) until the joiner is done: the join must not need this loop
+    steps = 0
+    while not store.check(["test/joined"]):
+        steps += 1
+        time.sleep(0.01)
+    served = list(sender.catchup.served)
+    sender.close()
+    return state, served, steps
+
+
+def joiner(j, n, m, port, expected=None):
+    from trainer_sync.catchup import pull_latest
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    store.wait([f"test/pushed/{r}" for r in range(m)])
+    got = {}
+    try:
+        version = pull_latest("127.0.0.1", port, "tok", m, lambda b: got.update({k: v.clone() for k, v in b}),
+                              expected=expected, timeout_s=30)
+    finally:
+        store.set("test/joined", "1")
+    return version, got

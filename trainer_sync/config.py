@@ -38,11 +38,20 @@ class SyncConfig:
     token: str | None = None
     # Seconds any single wait may take (rendezvous, handshake, one bucket, the receivers' acknowledgement).
     timeout_s: float = 120.0
+    # Tighter caps where wanted: one bucket on the wire (a stalled peer is named after this long), and a whole push
+    # (handshake + transfer + acknowledgements). None: timeout_s per wait, no cap on the whole.
+    bucket_timeout_s: float | None = None
+    push_timeout_s: float | None = None
     # Buffers per side: 2 overlaps pack/transfer/apply; 1 halves buffer memory and serializes the stages.
     num_buffers: int = 2
     # Cap on the bytes of transfer buffers per process (None: no cap). When short, buckets shrink or the pipeline
     # falls back to one buffer; the report says so.
     memory_budget_mb: float | None = None
+    # Keep this rank's share of the latest complete version in (pinned) host memory so that engines joining later
+    # can pull it point to point without the trainer's GPUs or its training step (catchup.py). Off by default: it
+    # costs one extra copy of the model across the trainer ranks. keep_latest_mb caps it per rank.
+    keep_latest: bool = False
+    keep_latest_mb: float | None = None
     # Refuse to push weights holding NaN/Inf (checked on the trainer before any byte moves).
     check_finite: bool = False
     # Generation pause mode while an engine updates: "keep" (freeze requests, resume after), "wait", "abort".
@@ -62,8 +71,10 @@ class SyncConfig:
             raise ValueError(f"SyncConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.num_buffers not in (1, 2):
             raise ValueError(f"SyncConfig.num_buffers must be 1 or 2, got {self.num_buffers}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"SyncConfig.timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("timeout_s", "bucket_timeout_s", "push_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"SyncConfig.{name} must be > 0, got {value}")
         if self.pause_mode not in ("keep", "wait", "abort"):
             raise ValueError(f"SyncConfig.pause_mode must be keep, wait or abort, got {self.pause_mode!r}")
 

@@ -23,3 +23,23 @@ class HandshakeMismatch(SyncError, ValueError):
         super().__init__("trainer_sync handshake failed, nothing was sent:\n  " + "\n  ".join(mismatches),
                          stage="handshake")
         self.mismatches = list(mismatches)
+
+
+class Deadline:
+    """Time left for one wait: the smaller of the per-wait cap and what remains of the whole operation."""
+
+    def __init__(self, step_s: float, total_s: float | None = None):
+        import time
+
+        self._now = time.monotonic
+        self.step_s = step_s
+        self.end = None if total_s is None else self._now() + total_s
+
+    def left(self, what: str, stage: str = "transfer", who: str = "") -> float:
+        if self.end is None:
+            return self.step_s
+        remaining = self.end - self._now()
+        if remaining <= 0:
+            raise SyncError(f"{what}: the push ran out of its time budget ({who})" if who else
+                            f"{what}: the push ran out of its time budget", stage=stage, who=who)
+        return min(self.step_s, remaining)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_mod
+import time
 import socket
 import traceback
 from datetime import timedelta
@@ -62,10 +64,22 @@ def outcomes(roles: list[tuple[str, int, int, object, tuple]], timeout: float = 
     for p in procs:
         p.start()
     out = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in procs:
-            role, rank, status, value = queue.get(timeout=timeout)
-            out[(role, rank)] = (status, _load(value) if status == "ok" else value)
+        while len(out) < len(procs):
+            try:
+                role, rank, status, value = queue.get(timeout=0.5)
+                out[(role, rank)] = (status, _load(value) if status == "ok" else value)
+                continue
+            except queue_mod.Empty:
+                pass
+            if all(not p.is_alive() for p in procs) and queue.empty():
+                break  # the rest died without a word (killed): reported below
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"local cluster: roles still running after {timeout}s: "
+                                   f"{[r[:2] for r in roles if r[:2] not in out]}")
+        for (role, rank, *_), p in zip(roles, procs):
+            out.setdefault((role, rank), ("error", f"process died with exit code {p.exitcode}"))
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .errors import SyncError
+from .errors import Deadline, SyncError
 from .plan import Bucket, BucketPlan, dtype_of
 from .sources.base import Source
 
@@ -55,7 +55,8 @@ def _broadcast(group, tensor: torch.Tensor):
     return group.broadcast([tensor], opts)
 
 
-def _wait(work, timeout_s: float, what: str, who: str) -> None:
+def _wait(work, deadline: Deadline, what: str, who: str) -> None:
+    timeout_s = deadline.left(what, "transfer", who)
     try:
         ok = work.wait(timedelta(seconds=timeout_s))
     except Exception as e:  # noqa: BLE001 - gloo/nccl raise plain RuntimeErrors without context
@@ -87,8 +88,12 @@ def pack_bucket(bucket: Bucket, plan: BucketPlan, source: Source, starts: dict[s
         buf[s.offset:s.offset + s.numel * wire.itemsize].view(wire).copy_(src)
 
 
-def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers: int, timeout_s: float) -> StageTimes:
-    """Send this trainer rank's buckets. Every trainer rank walks every round (ZeRO-3 gathers are collective)."""
+def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers: int, deadline: Deadline,
+         on_packed: Callable[[Bucket, torch.Tensor], None] | None = None) -> StageTimes:
+    """Send this trainer rank's buckets. Every trainer rank walks every round (ZeRO-3 gathers are collective).
+
+    ``on_packed(bucket, bytes)`` sees every packed bucket while it is on the wire (the catch-up snapshot keeps a
+    copy of it; see catchup.py)."""
     times = StageTimes()
     mine = plan.buckets_of(source.rank)
     starts = {p.name: p.start for p in source.pieces()}
@@ -98,7 +103,7 @@ def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers:
     def retire() -> None:
         bucket, work = inflight.popleft()
         t = time.perf_counter()
-        _wait(work, timeout_s, f"bucket {bucket.index} (round {bucket.round})",
+        _wait(work, deadline, f"bucket {bucket.index} (round {bucket.round})",
               f"trainer rank {source.rank} -> receivers")
         times.transfer += time.perf_counter() - t
 
@@ -114,6 +119,8 @@ def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers:
             pack_bucket(bucket, plan, source, starts, buf)
             times.pack += time.perf_counter() - t
             inflight.append((bucket, _broadcast(group, buf[:bucket.nbytes])))
+            if on_packed is not None:
+                on_packed(bucket, buf[:bucket.nbytes])
     while inflight:
         retire()
     return times
@@ -160,9 +167,14 @@ class Assembler:
         return out
 
 
-def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, timeout_s: float,
-            on_batch: Callable[[Batch], None], wanted: set[str] | None, me: str) -> StageTimes:
-    """Receive every bucket of ``plan`` and hand whole tensors to ``on_batch``, one call per round."""
+def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, deadline: Deadline,
+            on_batch: Callable[[Batch], None], wanted: set[str] | None, me: str,
+            post: Callable[[Bucket, torch.Tensor], object] | None = None) -> StageTimes:
+    """Receive every bucket of ``plan`` and hand whole tensors to ``on_batch``, one call per round.
+
+    By default each bucket arrives by broadcast on its sender's group; ``post(bucket, buf)`` replaces that (the
+    point-to-point catch-up posts a recv instead)."""
+    post = post or (lambda b, buf: _broadcast(groups[b.src], buf))
     times = StageTimes()
     rounds = plan.rounds()
     per_round = max((len(r) for r in rounds), default=0)
@@ -187,12 +199,12 @@ def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, 
         posted = []
         for i, b in enumerate(buckets):
             buf = buffers[base + i]
-            posted.append((b, buf, _broadcast(groups[b.src], buf[:b.nbytes])))
+            posted.append((b, buf, post(b, buf[:b.nbytes])))
         if prev is not None:
             apply(prev)  # overlaps with this round's receives
         t = time.perf_counter()
         for b, _, work in posted:
-            _wait(work, timeout_s, f"bucket {b.index} (round {b.round})", f"trainer rank {b.src} -> {me}")
+            _wait(work, deadline, f"bucket {b.index} (round {b.round})", f"trainer rank {b.src} -> {me}")
         times.transfer += time.perf_counter() - t
         prev = posted
     if prev is not None:

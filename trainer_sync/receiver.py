@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from .codec import Fp8Arrival
-from .errors import HandshakeMismatch, SyncError
-from .pipeline import Batch, BufferPool, receive
-from .plan import BucketPlan, Expected
+from .errors import Deadline, HandshakeMismatch, SyncError
+from .pipeline import Batch, BufferPool, gc_paused, receive
+from .plan import Expected, PlanCache
 from .sender import JoinInfo
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
@@ -53,6 +53,7 @@ class Receiver:
         self.rdzv: Rendezvous | None = None
         self.seq = 0
         self.version = 0
+        self._plans = PlanCache()
 
     def connect(self) -> None:
         i = self.info
@@ -70,6 +71,10 @@ class Receiver:
 
     def receive(self, on_batch: Callable[[Batch], None]) -> ReceiveResult:
         """Take one push. Raises HandshakeMismatch when the trainer's plan was refused (nothing was received)."""
+        with gc_paused():
+            return self._receive(on_batch)
+
+    def _receive(self, on_batch: Callable[[Batch], None]) -> ReceiveResult:
         if self.bridge is None:
             raise SyncError(f"{self.me}: receive() before connect()", stage="handshake")
         p = f"p{self.seq}/"
@@ -80,14 +85,16 @@ class Receiver:
         msg = self.bridge.get_json(f"{p}plan")
         if "error" in msg:
             raise HandshakeMismatch(msg["error"])
-        plan = BucketPlan.from_json(msg["plan"])
+        plan = self._plans.parse(msg["plan"])
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
         try:
             cb = self.fp8.wrap(on_batch, plan) if self.fp8 else on_batch
             if self.ipc is not None:
                 times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me))
             else:
-                times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], self.info.timeout_s, cb,
+                i = self.info
+                times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"],
+                                Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s), cb,
                                 wanted, str(self.me))
             if self.fp8:
                 cb.finish()

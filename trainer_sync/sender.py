@@ -6,18 +6,20 @@ the handshake fails, and the push only returns once every receiver has applied e
 """
 from __future__ import annotations
 
+import json
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from .catchup import CatchUpServer, Snapshot
 from .config import SyncConfig
-from .errors import HandshakeMismatch, SyncError
-from .pipeline import BufferPool, send
-from .plan import Expected, LocalPiece, PlanError, check_plan, fit_budget, itemsize, merge_pieces, plan_buckets, \
-    resolve_wire_dtypes
+from .errors import Deadline, HandshakeMismatch, SyncError
+from .pipeline import BufferPool, gc_paused, send
+from .plan import Expected, LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
+    plan_buckets, resolve_wire_dtypes
 from .report import SyncReport
 from .sources import Source, make_source
 from .sources.fp8 import Fp8Source
@@ -31,13 +33,15 @@ class JoinInfo:
 
     host: str
     port: int
-    token: str
+    token: str = field(repr=False)  # never printed or logged
     epoch: int
     num_trainers: int
     num_receivers: int
     receiver_rank: int
     backend: str
     timeout_s: float
+    bucket_timeout_s: float | None = None
+    push_timeout_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,12 +88,22 @@ class Sender:
         self.seq = 0
         self.version = 0
         self._expected: list[Expected] | None = None
+        self._plans = PlanCache()
+        self._last_plan: tuple[list[bytes], dict] | None = None  # rank 0: (every rank's pieces, plan message)
+        # Dynamic clusters: keep the latest version for joiners and serve them from a thread (catchup.py).
+        self.snapshot: Snapshot | None = None
+        self.catchup: CatchUpServer | None = None
+        if cfg.keep_latest:
+            budget = None if cfg.keep_latest_mb is None else int(cfg.keep_latest_mb * 2**20)
+            self.snapshot = Snapshot(budget)
+            self.catchup = CatchUpServer(self.rdzv, self.rank, self.world, self.snapshot, cfg.timeout_s)
 
     def join_info(self, receiver_rank: int, num_receivers: int | None = None) -> JoinInfo:
         """Join info for receiver ``receiver_rank`` of the next ``connect(num_receivers)``."""
         n = num_receivers or self.num_receivers
+        cfg = self.config
         return JoinInfo(self.rdzv.host, self.rdzv.port, self.rdzv.token, self.epoch + 1, self.world, n,
-                        receiver_rank, self.backend, self.config.timeout_s)
+                        receiver_rank, self.backend, cfg.timeout_s, cfg.bucket_timeout_s, cfg.push_timeout_s)
 
     def connect(self, num_receivers: int) -> None:
         """Form the bridging group of a new epoch with ``num_receivers`` receivers (blocks until they join)."""
@@ -98,6 +112,7 @@ class Sender:
         self.num_receivers = num_receivers
         self.seq = 0
         self._expected = None
+        self._last_plan = None
         self.bridge = BridgeGroup(self.rdzv, Member("trainer", self.rank), self.epoch, self.world, num_receivers,
                                   self.backend, self.config.timeout_s)
         # Everyone reports its GPU; "ipc" (or "auto" with one GPU for all) makes the push go by CUDA IPC.
@@ -107,11 +122,14 @@ class Sender:
             self.ipc = ipc.IpcSender(self.bridge.store, self.rank, num_receivers, self.source.device,
                                      self.config.timeout_s, self.config.ipc_direct)
 
-    def _wait(self, keys: list[str], what: str, who) -> None:
-        missing = wait_keys(self.bridge.store, keys, self.config.timeout_s)
+    def _wait(self, keys: list[str], what: str, who, deadline: Deadline | None = None) -> None:
+        stage = "handshake" if what != "acknowledgement" else "apply"
+        timeout_s = (deadline or Deadline(self.config.timeout_s)).left(f"trainer rank {self.rank}: waiting for {what}",
+                                                                      stage)
+        missing = wait_keys(self.bridge.store, keys, timeout_s)
         if missing:
             names = ", ".join(who(k) for k in missing)
-            raise SyncError(f"trainer rank {self.rank}: no {what} from {names} within {self.config.timeout_s:g}s",
+            raise SyncError(f"trainer rank {self.rank}: no {what} from {names} within {timeout_s:g}s",
                             stage="handshake" if what != "acknowledgement" else "apply", who=names)
 
     def _plan(self, p: str, version: int) -> dict:
@@ -124,9 +142,12 @@ class Sender:
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")
             self._expected = [Expected.from_json(bridge.get_json(f"expected/{j}") or "{}")
                               for j in range(self.num_receivers)]
+        raw = [bridge.store.get(f"{p}pieces/{r}") for r in range(self.world)]
+        if self._last_plan is not None and self._last_plan[0] == raw:
+            return {**self._last_plan[1], "version": version}  # same tensors as last push: same plan
         pieces, errors = [], []
-        for r in range(self.world):
-            msg = bridge.get_json(f"{p}pieces/{r}")
+        for r, text in enumerate(raw):
+            msg = json.loads(text)
             pieces += [LocalPiece(n, tuple(s), d, a, b, r) for n, s, d, a, b in msg["pieces"]]
             errors += [f"trainer rank {r}: {n} holds NaN or Inf" for n in msg["nonfinite"]]
         try:
@@ -142,21 +163,33 @@ class Sender:
                 errors += check_plan(plan, exp, f"receiver {j}")
         if errors:
             return {"error": errors}
-        return {"plan": plan.to_json(), "num_buffers": fit.num_buffers, "fallback": fit.fallback, "version": version}
+        msg = {"plan": plan.to_json(), "num_buffers": fit.num_buffers, "fallback": fit.fallback, "version": version}
+        self._last_plan = (raw, msg)
+        return msg
 
     def push(self, version: int | None = None) -> SyncReport:
+        with gc_paused():
+            try:
+                return self._push(version)
+            finally:
+                if self.snapshot is not None:
+                    self.snapshot.abandon()  # no-op after a commit; after a failure, nothing half-written is served
+
+    def _push(self, version: int | None) -> SyncReport:
         """Send the current weights to every receiver as ``version`` (default: last version + 1).
 
         Called on every trainer rank together. Returns once every receiver acknowledged; raises HandshakeMismatch
         (nothing sent) or SyncError naming the peer and stage.
         """
         if self.bridge is None:
-            raise SyncError("trainer_sync: push() before connect()", stage="handshake")
+            raise SyncError("trainer_sync: no bridging group (push() before connect(), or after a failed push)",
+                            stage="handshake")
         version = self.version + 1 if version is None else int(version)
         if version <= self.version:
             raise ValueError(f"trainer_sync: version {version} is not newer than the last pushed ({self.version})")
         cfg, bridge = self.config, self.bridge
         t0 = time.perf_counter()
+        deadline = Deadline(cfg.timeout_s, cfg.push_timeout_s)
         p = f"p{self.seq}/"
         self.seq += 1
         bad = self.source.nonfinite() if cfg.check_finite else []
@@ -165,20 +198,25 @@ class Sender:
             "nonfinite": bad})
         if self.rank == 0:
             bridge.set_json(f"{p}plan", self._plan(p, version))
-        self._wait([f"{p}plan"], "plan", lambda k: "trainer rank 0")
+        self._wait([f"{p}plan"], "plan", lambda k: "trainer rank 0", deadline)
         msg = bridge.get_json(f"{p}plan")
         if "error" in msg:
             raise HandshakeMismatch(msg["error"])
-        from .plan import BucketPlan
-
-        plan = BucketPlan.from_json(msg["plan"])
+        plan = self._plans.parse(msg["plan"])
         t_plan = time.perf_counter() - t0
         if self.ipc is not None:
             times = self.ipc.send(plan, self.source, p, msg["num_buffers"])
         else:
-            times = send(plan, self.source, bridge.groups[self.rank], self.pool, msg["num_buffers"], cfg.timeout_s)
+            if self.snapshot is not None:
+                self.snapshot.begin()
+            try:
+                times = send(plan, self.source, bridge.groups[self.rank], self.pool, msg["num_buffers"],
+                             Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s),
+                             self.snapshot.keep if self.snapshot is not None else None)
+            except SyncError as e:
+                raise self._name_stalled(p, e) from e
         self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
-                   lambda k: f"receiver {k.rsplit('/', 1)[1]}")
+                   lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline)
         acks = [bridge.get_json(f"{p}done/{j}") for j in range(self.num_receivers)]
         failed = [f"receiver {j}: {a['error']}" for j, a in enumerate(acks) if "error" in a]
         if failed:
@@ -186,6 +224,8 @@ class Sender:
                             stage="apply", who=failed[0].split(":")[0])
         if self.ipc is not None:
             self.ipc.after_push()
+        if self.snapshot is not None:
+            self.snapshot.commit(msg["plan"], version, {b.index for b in plan.buckets if b.src == self.rank})
         if self.rank == 0 and self.seq >= 2:
             self._forget(self.seq - 2)
         self.version = version
@@ -193,6 +233,23 @@ class Sender:
         return SyncReport(version, self.seq - 1, plan.total_bytes, len(plan.buckets), self.num_receivers, t_plan,
                           times.pack, times.transfer, max(a["apply_s"] for a in acks), time.perf_counter() - t0,
                           msg["fallback"], ",".join(wire))
+
+    def _name_stalled(self, p: str, error: SyncError) -> SyncError:
+        """After a failed transfer, tell which receivers are at fault.
+
+        This rank's group is broken now anyway: shutting it down makes every live receiver's pending receive fail at
+        once, and such a receiver acknowledges with an error; the ones that say nothing are stalled or gone. The
+        bridging group has to be formed again (``connect``) before the next push.
+        """
+        store = self.bridge.store
+        self.close_group()
+        keys = [f"{p}done/{j}" for j in range(self.num_receivers)]
+        silent = wait_keys(store, keys, min(5.0, self.config.timeout_s))
+        if not silent:
+            return error
+        names = ", ".join(f"receiver {k.rsplit('/', 1)[1]}" for k in silent)
+        return SyncError(f"trainer rank {self.rank}: transfer failed; {names} stalled or gone ({error})",
+                         stage="transfer", who=names)
 
     def _forget(self, seq: int) -> None:
         """Drop a finished push's keys so that the store stays small over thousands of pushes."""
@@ -211,5 +268,8 @@ class Sender:
             self.bridge = None
 
     def close(self) -> None:
+        if self.catchup is not None:
+            self.catchup.close()
+            self.catchup = None
         self.close_group()
         self.rdzv.close()

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -81,9 +82,16 @@ class Rendezvous:
             raise ValueError("trainer_sync needs a non-empty token (SyncConfig.token or TRAINER_SYNC_TOKEN)")
         self.token = token
         self.timeout_s = timeout_s
+        listen_fd = None
         try:
+            if is_server:
+                # Bind the listening socket ourselves: TCPStore alone listens on every interface, and an operator
+                # who configured host=10.0.0.5 expects nothing reachable elsewhere. The store owns the fd after.
+                listener = socket.create_server((host, port), backlog=1024)
+                port = listener.getsockname()[1]
+                listen_fd = listener.detach()
             self.store = dist.TCPStore(host, port, is_master=is_server, timeout=timedelta(seconds=timeout_s),
-                                       wait_for_workers=False, use_libuv=True)
+                                       wait_for_workers=False, use_libuv=True, master_listen_fd=listen_fd)
         except Exception as e:  # noqa: BLE001 - the store's own error does not say which address
             raise SyncError(f"cannot {'listen on' if is_server else 'reach'} the trainer_sync rendezvous at "
                             f"{host}:{port}: {e}", stage="rendezvous") from e
@@ -135,18 +143,42 @@ class Rendezvous:
             if verdict != "ok":
                 raise RendezvousRefused(f"{me} was refused by the trainer_sync rendezvous: wrong token",
                                         stage="rendezvous", who=str(me))
-        namespace = _mac(self.token, nonce, "namespace")[:32]
-        return dist.PrefixStore(f"{base}{namespace}/", self.store)
+        return self._namespace(base, nonce)
+
+    def _namespace(self, base: str, nonce: str) -> dist.Store:
+        return dist.PrefixStore(f"{base}{_mac(self.token, nonce, 'namespace')[:32]}/", self.store)
+
+    def namespace(self, epoch) -> dist.Store:
+        """The secured namespace of an epoch that trainer rank 0 already opened, for a member that holds the token
+        itself (another trainer rank joining a catch-up, say) and so needs no verdict."""
+        base = f"ts/e{epoch}/"
+        return self._namespace(base, self.store.get(base + "nonce").decode())
 
     def close(self) -> None:
-        self.store = None  # dropping the last reference stops the server on rank 0
+        self.store = None  # dropping the last reference stops the server (and closes its socket) on rank 0
 
 
-def make_group(store: dist.Store, rank: int, size: int, backend: str, timeout_s: float):
-    """One raw process group from a store, outside torch.distributed's global state."""
+def local_address_towards(host: str) -> str:
+    """The address of this machine's interface that routes to ``host`` (no packet is sent)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
+def make_group(store: dist.Store, rank: int, size: int, backend: str, timeout_s: float, host: str | None = None):
+    """One raw process group from a store, outside torch.distributed's global state.
+
+    With ``host`` (the rendezvous address), gloo binds to the interface that reaches it rather than to whatever the
+    machine's hostname resolves to, so data stays on the network the operator chose.
+    """
     timeout = timedelta(seconds=timeout_s)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, size, timeout)
+        if host is None:
+            return dist.ProcessGroupGloo(store, rank, size, timeout)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address_towards(host))]
+        return dist.ProcessGroupGloo(store, rank, size, opts)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
@@ -177,11 +209,11 @@ class BridgeGroup:
         try:
             if me.role == "trainer":
                 self.groups[me.rank] = make_group(dist.PrefixStore(f"src{me.rank}/", self.store), 0,
-                                                  1 + num_receivers, backend, timeout_s)
+                                                  1 + num_receivers, backend, timeout_s, rdzv.host)
             else:
                 for r in range(num_trainers):
                     self.groups[r] = make_group(dist.PrefixStore(f"src{r}/", self.store), 1 + me.rank,
-                                                1 + num_receivers, backend, timeout_s)
+                                                1 + num_receivers, backend, timeout_s, rdzv.host)
         except Exception as e:  # noqa: BLE001
             self.close()
             raise SyncError(f"{me}: could not form the bridging group of epoch {epoch}: {e}",
@@ -196,7 +228,7 @@ class BridgeGroup:
     def close(self) -> None:
         for pg in self.groups.values():
             try:
-                pg.shutdown()
+                pg.abort()  # closes its connections now, even while a failed Work still references it
             except Exception:  # noqa: BLE001 - best effort; nothing else can be done at close
                 pass
         self.groups.clear()

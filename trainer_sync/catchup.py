@@ -1,0 +1,201 @@
+"""Point-to-point catch-up for engines that join a running job (dynamic clusters).
+
+Why: a broadcast needs every member present when it starts, so an engine started mid-training cannot take part in
+the push in flight, and making the trainer re-push for it would stall training. Instead each trainer rank can keep
+its share of the latest version (its packed buckets, exactly as they went on the wire) in host memory; a joining
+engine pulls those bytes from all trainer ranks in parallel, point to point, while training goes on. From the next
+push on the engine is in the broadcast membership.
+
+Who does what:
+  * ``Snapshot`` (every trainer rank): a copy of this rank's packed buckets of the last complete push, taken while
+    they are on the wire (pinned host memory on GPU). A push that fails leaves no valid snapshot: a joiner can never
+    pull a version that did not land whole.
+  * ``CatchUpServer`` (a daemon thread on every trainer rank): serves join requests. Trainer rank 0 is the
+    coordinator: it checks the joiner's token (the rendezvous HMAC; the token never travels) and publishes the plan;
+    every rank then sends its own buckets over a two-member gloo group formed for that join.
+  * ``pull_latest`` (the joiner): register, authenticate, check the plan against what it expects, receive from all
+    trainer ranks at once, hand whole tensors to ``on_batch`` (the same Assembler as a push).
+
+The coordinator is reached at the rendezvous address (SyncConfig.host:port); nothing else listens.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .errors import Deadline, HandshakeMismatch, SyncError
+from .pipeline import Batch, BufferPool, receive
+from .plan import Bucket, BucketPlan, Expected, PlanCache, check_plan
+from .transport.group import Member, Rendezvous, make_group, wait_keys
+
+POLL_S = 0.02
+
+
+class Snapshot:
+    """This trainer rank's packed buckets of the latest complete push, for joiners.
+
+    One copy (reused across pushes) guarded by a lock: a push rewrites it while holding the lock, so a pull in
+    progress delays the next push's snapshot by at most the pull's own time, and a pull never sees a mix of versions.
+    """
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.lock = threading.Lock()
+        self.budget = budget_bytes
+        self.buckets: dict[int, torch.Tensor] = {}
+        self.version: int | None = None
+        self.plan_text: str | None = None
+        self._writing = False
+
+    def begin(self) -> None:
+        self.lock.acquire()
+        self._writing = True
+        self.version = None  # invalid until commit: a failed push leaves nothing to pull
+
+    def keep(self, bucket: Bucket, data: torch.Tensor) -> None:
+        held = self.buckets.get(bucket.index)
+        if held is None or held.numel() != data.numel():
+            if self.budget is not None and self.nbytes() + data.numel() > self.budget:
+                raise SyncError(f"catch-up snapshot exceeds its memory budget ({self.budget} B); raise "
+                                f"SyncConfig.keep_latest_mb or turn keep_latest off", stage="transfer")
+            held = torch.empty(data.numel(), dtype=torch.uint8, pin_memory=data.is_cuda)
+            self.buckets[bucket.index] = held
+        held.copy_(data, non_blocking=data.is_cuda)
+
+    def commit(self, plan_text: str, version: int, keep: set[int]) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking D2H copies must have landed
+        for index in [i for i in self.buckets if i not in keep]:
+            del self.buckets[index]
+        self.plan_text, self.version = plan_text, version
+        self._release()
+
+    def abandon(self) -> None:
+        """Called after every push: a no-op once committed, else the half-rewritten snapshot is marked invalid."""
+        if self._writing:
+            self.version = None
+            self._release()
+
+    def _release(self) -> None:
+        if self._writing:
+            self._writing = False
+            self.lock.release()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in self.buckets.values())
+
+
+class CatchUpServer:
+    """Serves joiners from one trainer rank's snapshot in a daemon thread (the training loop is not involved)."""
+
+    def __init__(self, rdzv: Rendezvous, rank: int, world: int, snapshot: Snapshot, timeout_s: float):
+        # A connection of its own: a store client serializes its calls, so sharing the trainer's would stall this
+        # thread behind any blocking wait of the training loop (and vice versa).
+        self.rdzv = Rendezvous(rdzv.host, rdzv.port, rdzv.token, is_server=False, timeout_s=timeout_s)
+        self.rank, self.world, self.snapshot, self.timeout_s = rank, world, snapshot, timeout_s
+        self.served: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"trainer_sync-catchup-{rank}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        store, k = self.rdzv.store, 0
+        while not self._stop.is_set():
+            key = f"ts/join/{k}/{'hello' if self.rank == 0 else 'decided'}"
+            if not store.check([key]):
+                self._stop.wait(POLL_S)
+                continue
+            try:
+                self._serve(k)
+            except Exception as e:  # noqa: BLE001 - a failed join must not kill the server (or the trainer)
+                warnings.warn(f"trainer_sync catch-up: join {k} failed on trainer rank {self.rank}: {e}")
+            k += 1
+
+    def _serve(self, k: int) -> None:
+        store, epoch = self.rdzv.store, f"join{k}"
+        if self.rank == 0:
+            try:
+                ns = self.rdzv.authenticate(Member("trainer", 0), epoch, [Member("joiner", k)])
+                store.set(f"ts/join/{k}/decided", "admitted")
+            except SyncError:
+                store.set(f"ts/join/{k}/decided", "refused")
+                raise
+        elif store.get(f"ts/join/{k}/decided").decode() != "admitted":
+            return
+        else:
+            ns = self.rdzv.namespace(epoch)
+        t = time.perf_counter()
+        with self.snapshot.lock:
+            snap = self.snapshot
+            ns.set(f"src{self.rank}", json.dumps({"version": snap.version, "plan": snap.plan_text
+                                                  if self.rank == 0 else None}))
+            if snap.version is None:
+                return
+            plan = BucketPlan.from_json(snap.plan_text)
+            mine = [b for b in plan.buckets if b.src == self.rank]
+            pg = make_group(dist.PrefixStore(f"pair{self.rank}/", ns), 0, 2, "gloo", self.timeout_s, self.rdzv.host)
+            try:
+                for b in mine:  # the joiner posts its receives in the same (round) order
+                    pg.send([snap.buckets[b.index]], 1, b.index).wait()
+            finally:
+                pg.abort()
+        self.served.append({"join": k, "version": snap.version, "seconds": time.perf_counter() - t})
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.rdzv.close()
+
+
+def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: Callable[[Batch], None],
+                expected: Expected | None = None, device: torch.device | str = "cpu",
+                timeout_s: float = 120.0) -> int:
+    """Join a running job and apply its latest complete version; returns that version.
+
+    Raises RendezvousRefused (wrong token), HandshakeMismatch (the trainer's tensors do not match ``expected``;
+    nothing is received), or SyncError (no version kept, or a trainer rank moved to a newer version mid-join: retry).
+    """
+    rdzv = Rendezvous(host, port, token, is_server=False, timeout_s=timeout_s)
+    store = rdzv.store
+    k = store.add("ts/join/count", 1) - 1
+    me = Member("joiner", k)
+    store.set(f"ts/join/{k}/hello", "1")
+    ns = rdzv.authenticate(me, f"join{k}", [])
+    keys = [f"src{r}" for r in range(num_trainers)]
+    missing = wait_keys(ns, keys, timeout_s)
+    if missing:
+        raise SyncError(f"{me}: no answer from trainer ranks {missing} within {timeout_s:g}s", stage="rendezvous")
+    answers = [json.loads(ns.get(key)) for key in keys]
+    versions = {a["version"] for a in answers}
+    if None in versions:
+        raise SyncError(f"{me}: the trainer keeps no complete version to pull (keep_latest off, or no push landed "
+                        f"yet)", stage="handshake", who="trainer")
+    if len(versions) != 1:
+        raise SyncError(f"{me}: trainer ranks hold different versions {sorted(versions)} (a push landed during the "
+                        f"join); pull again", stage="handshake", who="trainer")
+    plan = PlanCache().parse(answers[0]["plan"])
+    if expected is not None and expected.tensors:
+        errors = check_plan(plan, expected, str(me))
+        if errors:
+            raise HandshakeMismatch(errors)
+    device = torch.device(device)
+    groups = {r: make_group(dist.PrefixStore(f"pair{r}/", ns), 1, 2, "gloo", timeout_s, host)
+              for r in range(num_trainers)}
+    try:
+        staging = BufferPool(torch.device("cpu"))
+        wanted = set(expected.tensors) if expected is not None and expected.tensors else None
+
+        def to_device(batch: Batch) -> None:
+            on_batch(batch if device.type == "cpu" else [(n, t.to(device, non_blocking=True)) for n, t in batch])
+
+        receive(plan, groups, staging, 2, Deadline(timeout_s), to_device, wanted, str(me),
+                post=lambda b, buf: groups[b.src].recv([buf], 0, b.index))
+    finally:
+        for pg in groups.values():
+            pg.abort()
+    return versions.pop()
