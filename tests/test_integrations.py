@@ -436,3 +436,30 @@ def test_trl_grpo_trainer_with_callback_into_engine(engine, tmp_path, fresh_acce
         assert cb.versions == [2, 4] and engine.get_weight_version() == "4"
         assert any(not torch.equal(a, p) for a, p in zip(initial, model.parameters()))  # GRPO changed the policy
         assert_engine_serves(engine, model)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_zero3_recipe_pushes_from_the_deepspeed_engine(tmp_path):
+    """The GRPO recipe under `accelerate launch` with the ZeRO-3 config, on CPU: 2 DeepSpeed ranks (gloo) whose
+    engine.step() runs inside accelerator.backward; the hook on the DeepSpeed engine pushes every 2nd step."""
+    pytest.importorskip("vllm")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    summary = tmp_path / "summary.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "zero3.yaml"), str(root / "recipes" / "grpo_tiny.py"),
+           "--steps", "4", "--every", "2", "--out", str(tmp_path / "run"), "--summary-json", str(summary),
+           "--no-progress"]
+    proc = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    assert "DeepSpeed ZeRO-3" in proc.stdout
+    res = json.loads(summary.read_text())
+    assert res["versions"] == [2, 4] and res["pushes"] == 2
+    assert [r["version"] for r in res["history"]] == [None, 2, None, 4]
+    assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["4"], res["check"]
