@@ -37,7 +37,7 @@ def _fp8_block_quant_kernel(w_ptr, q_ptr, s_ptr, M, N, stride_wm, stride_qm, NC,
 
 
 def quantize_fp8_blocks_triton(w: torch.Tensor, block: int = 128, raw: bool = False,
-                               num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                               num_warps: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     if w.stride(1) != 1:
         w = w.contiguous()
     m, n = w.shape
@@ -71,7 +71,7 @@ def _fp8_quant_with_scales_kernel(w_ptr, q_ptr, s_ptr, ROWS, N, R0, B0, stride_w
 
 
 def quantize_with_scales_triton(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, row_offset: int = 0,
-                                raw: bool = False, num_warps: int = 8) -> torch.Tensor:
+                                raw: bool = False, num_warps: int = 16) -> torch.Tensor:
     if w.stride(1) != 1:
         w = w.contiguous()
     rows, n = w.shape
