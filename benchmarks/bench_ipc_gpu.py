@@ -42,27 +42,11 @@ sys.path.insert(0, os.path.join(_ROOT, "tests"))  # ipc_roles: the host stand-in
 GB = 1e9
 
 
+from shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+
 def log(*a) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
-
-
-def qwen3_shapes(layers=36, hidden=4096, inter=12288, vocab=151936, q_heads=32, kv_heads=8, head_dim=128):
-    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [(p + "self_attn.q_proj.weight", (q_heads * head_dim, hidden)),
-                   (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-                   (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
-                   (p + "self_attn.o_proj.weight", (hidden, q_heads * head_dim)),
-                   (p + "self_attn.q_norm.weight", (head_dim,)),
-                   (p + "self_attn.k_norm.weight", (head_dim,)),
-                   (p + "mlp.gate_proj.weight", (inter, hidden)),
-                   (p + "mlp.up_proj.weight", (inter, hidden)),
-                   (p + "mlp.down_proj.weight", (hidden, inter)),
-                   (p + "input_layernorm.weight", (hidden,)),
-                   (p + "post_attention_layernorm.weight", (hidden,))]
-    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return shapes
 
 
 def shapes_for(small: bool, layers: int = 36):

@@ -1,0 +1,20 @@
+"""Qwen3-shaped tensor lists shared by the GPU benchmarks (names and shapes as in the HF checkpoint)."""
+
+
+def qwen3_shapes(layers=36, hidden=4096, inter=12288, vocab=151936, q_heads=32, kv_heads=8, head_dim=128):
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "self_attn.q_proj.weight", (q_heads * head_dim, hidden)),
+                   (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                   (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+                   (p + "self_attn.o_proj.weight", (hidden, q_heads * head_dim)),
+                   (p + "self_attn.q_norm.weight", (head_dim,)),
+                   (p + "self_attn.k_norm.weight", (head_dim,)),
+                   (p + "mlp.gate_proj.weight", (inter, hidden)),
+                   (p + "mlp.up_proj.weight", (inter, hidden)),
+                   (p + "mlp.down_proj.weight", (hidden, inter)),
+                   (p + "input_layernorm.weight", (hidden,)),
+                   (p + "post_attention_layernorm.weight", (hidden,))]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
