@@ -42,6 +42,8 @@ class JoinInfo:
     timeout_s: float
     bucket_timeout_s: float | None = None
     push_timeout_s: float | None = None
+    # The trainer's SyncConfig.wire_dtype: "fp8" tells an engine serving a bf16/fp32 model to dequantize on arrival.
+    wire_dtype: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +105,8 @@ class Sender:
         n = num_receivers or self.num_receivers
         cfg = self.config
         return JoinInfo(self.rdzv.host, self.rdzv.port, self.rdzv.token, self.epoch + 1, self.world, n,
-                        receiver_rank, self.backend, cfg.timeout_s, cfg.bucket_timeout_s, cfg.push_timeout_s)
+                        receiver_rank, self.backend, cfg.timeout_s, cfg.bucket_timeout_s, cfg.push_timeout_s,
+                        cfg.wire_dtype)
 
     def connect(self, num_receivers: int) -> None:
         """Form the bridging group of a new epoch with ``num_receivers`` receivers (blocks until they join)."""
