@@ -444,7 +444,12 @@ def main(argv=None) -> int:
             else:
                 status = 1
                 log(f"CHECK FAILED: engine {check['engine']} != trainer {check['trainer']}")
-        log(f"TensorBoard logs: {tb_dir}\n  view them with: tensorboard --logdir {tb_dir}  "
+        tb_bin = os.path.join(os.path.dirname(sys.executable), "tensorboard")  # the venv's, when not activated
+        if not os.path.exists(tb_bin):
+            tb_bin = "tensorboard"
+        elif not os.path.relpath(tb_bin).startswith(".."):
+            tb_bin = os.path.relpath(tb_bin)
+        log(f"TensorBoard logs: {tb_dir}\n  view them with: {tb_bin} --logdir {tb_dir}  "
             f"(sync/* and train/* scalars; the 'Custom Scalars' tab has the sync latency per stage on one chart)")
         if args.summary_json:
             with open(args.summary_json, "w") as f:

