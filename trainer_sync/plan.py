@@ -286,6 +286,19 @@ class Expected:
         return cls({n: (tuple(s), d) for n, (s, d) in json.loads(text).items()})
 
 
+def wants_block_fp8(expected: list[Expected]) -> bool:
+    """``wire_dtype="auto"``: whether the receivers serve a block-FP8 model (float8 ``x.weight`` with a
+    ``x.weight_scale_inv``), so that the trainer sends fp8 + scales in checkpoint format. Only when every receiver
+    that states expectations does: a fleet mixing FP8 and bf16 engines gets the handshake's mismatch list instead."""
+    stated = [e for e in expected if e.tensors]
+
+    def fp8(e: Expected) -> bool:
+        return any(d is not None and d.startswith("float8") and n + "_scale_inv" in e.tensors
+                   for n, (_, d) in e.tensors.items())
+
+    return bool(stated) and all(fp8(e) for e in stated)
+
+
 def resolve_wire_dtypes(
     meta: dict[str, tuple[tuple[int, ...], str]], wire_dtype: str, expected: list[Expected]
 ) -> dict[str, str]:

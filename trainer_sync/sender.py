@@ -19,7 +19,7 @@ from .config import SyncConfig
 from .errors import Deadline, HandshakeMismatch, SyncError
 from .pipeline import BufferPool, gc_paused, send
 from .plan import Expected, LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
-    plan_buckets, resolve_wire_dtypes
+    plan_buckets, resolve_wire_dtypes, wants_block_fp8
 from .report import SyncReport
 from .sources import Source, make_source
 from .sources.fp8 import Fp8Source
@@ -90,6 +90,7 @@ class Sender:
         self.seq = 0
         self.version = 0
         self._expected: list[Expected] | None = None
+        self._auto_wrapped = False  # wire_dtype "auto" wrapped the source in an Fp8Source (see _auto_fp8)
         self._plans = PlanCache()
         self._last_plan: tuple[list[bytes], dict] | None = None  # rank 0: (every rank's pieces, plan message)
         # Dynamic clusters: keep the latest version for joiners and serve them from a thread (catchup.py).
@@ -124,6 +125,27 @@ class Sender:
                           self.config.timeout_s) == "ipc":
             self.ipc = ipc.IpcSender(self.bridge.store, self.rank, num_receivers, self.source.device,
                                      self.config.timeout_s, self.config.ipc_direct)
+        if self.config.wire_dtype == "auto":
+            self._auto_fp8()
+
+    def _auto_fp8(self) -> None:
+        """``wire_dtype="auto"``: send block-FP8 (fp8 + scales, checkpoint format) when the receivers of this epoch
+        serve a block-FP8 model, as they said when they joined; else the dtypes they expect. Rank 0 reads their
+        expectations and decides; every rank wraps or unwraps its source the same way (sources/fp8.py)."""
+        if self.rank == 0:
+            self._wait([f"expected/{j}" for j in range(self.num_receivers)], "expectations",
+                       lambda k: f"receiver {k.rsplit('/', 1)[1]}")
+            self._expected = [Expected.from_json(self.bridge.get_json(f"expected/{j}") or "{}")
+                              for j in range(self.num_receivers)]
+            self.bridge.set_json("wire/fp8", wants_block_fp8(self._expected))
+        self._wait(["wire/fp8"], "the wire dtype", lambda k: "trainer rank 0")
+        fp8 = self.bridge.get_json("wire/fp8")
+        if fp8 and not isinstance(self.source, Fp8Source):
+            self.source = Fp8Source(self.source)
+            self._auto_wrapped = True
+        elif not fp8 and self._auto_wrapped:
+            self.source = self.source.inner
+            self._auto_wrapped = False
 
     def _wait(self, keys: list[str], what: str, who, deadline: Deadline | None = None) -> None:
         stage = "handshake" if what != "acknowledgement" else "apply"

@@ -20,6 +20,9 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "BOOL": "bool"}
 # Only these are cast to the served dtype: fp8 weights and their scales of a quantized checkpoint keep theirs.
 _CASTABLE = {"float64", "float32", "float16", "bfloat16"}
+# Quantization scales are float32 in the checkpoint and stay so in the served model (block-FP8 ``*.weight_scale_inv``,
+# per-tensor ``*.weight_scale`` / ``*.input_scale``): never cast them to the served dtype.
+_SCALE_SUFFIXES = ("_scale_inv", "_scale")
 
 
 def read_header(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -71,5 +74,6 @@ def expected_tensors(model_dir: str | None, served_dtype: torch.dtype | str | No
     out: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for path in files:
         for name, (shape, dtype) in read_header(path).items():
-            out[name] = (shape, served if served and dtype in _CASTABLE else dtype)
+            cast = served and dtype in _CASTABLE and not name.endswith(_SCALE_SUFFIXES)
+            out[name] = (shape, served if cast else dtype)
     return out

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferUpdateInfo
 
+from ..codec import scale_name
 from ..errors import HandshakeMismatch
 from ..receiver import Receiver
 from ..sender import JoinInfo
@@ -45,6 +46,12 @@ def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(module)
     return [m for mods in owners.values() if len(mods) > 1 for m in mods]
+
+
+def serves_block_fp8(expected: dict | None) -> bool:
+    """Whether a served checkpoint is block-FP8: some ``x.weight`` is float8 and has its ``x.weight_scale_inv``."""
+    return bool(expected) and any(str(dtype).startswith("float8") and scale_name(name) in expected
+                                  for name, (_, dtype) in expected.items())
 
 
 def register() -> None:
@@ -117,9 +124,25 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         info = dataclasses.replace(init_info, receiver_rank=rank)
         # gloo carries bytes through host memory: receive there and let load_weights copy to the device.
         device = self.device if info.backend == "nccl" else torch.device("cpu")
-        receiver = Receiver(info, self.expected(), device=device)
+        expected = self.expected()
+        receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected))
         receiver.connect()
         self.receiver = receiver
+
+    def dequantize_to(self, info: JoinInfo, expected: dict | None) -> torch.dtype | None:
+        """FP8 on the wire (the trainer's ``wire_dtype="fp8"``), two cases:
+
+        * this engine serves a bf16/fp32 model: dequantize on arrival into the model dtype (half the bytes of bf16
+          on the wire, the engine loads ordinary weights);
+        * it serves a block-FP8 checkpoint (float8 weights + ``*_scale_inv``): None, fp8 codes and scales pass
+          through in checkpoint format and vLLM's reload path loads them as the checkpoint's own tensors.
+        Without safetensors headers to look at, the model config's quantization decides.
+        """
+        if info.wire_dtype != "fp8":
+            return None
+        block_fp8 = serves_block_fp8(expected) if expected is not None else \
+            getattr(self.model_config, "quantization", None) == "fp8"
+        return None if block_fp8 else self.model_config.dtype
 
     def _report(self, error: BaseException | None) -> None:
         """Raise ``error`` (or a sibling worker's) from exactly one worker of this engine: the last one.
