@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -90,6 +91,11 @@ class WeightSync:
         self.num_receivers = 0
         self.receiver_names: list[str] = []  # rank 0: receiver rank -> "engine i (...) worker w", for errors
         self.stale = True  # the bridging group must be (re)built before the next push; same value on every rank
+        # Membership (rank 0): the version each engine acknowledged, and engines that joined by catch-up and enter
+        # the broadcast group at the next push (add_engine may run in another thread while training goes on).
+        self.served: dict[str, str | None] = {}
+        self._joined: list[EngineClient] = []
+        self._joined_lock = threading.Lock()
         try:
             self._connect()
         except BaseException:
@@ -126,16 +132,24 @@ class WeightSync:
     # --- bridging group ---------------------------------------------------------------------------------------
     def _count_receivers(self) -> dict:
         """Rank 0: every engine's worker count, and the first receiver rank of each engine."""
-        offsets, total = [], 0
+        offsets, total, alive = [], 0, []
         self.receiver_names = []
         for c in self.clients:
             try:
                 n = c.world_size()
             except EngineCallError as e:
-                raise SyncError(str(e), "rendezvous", c.name) from e
+                # An engine that stopped or died leaves the membership; the others carry on (a new epoch).
+                warnings.warn(f"trainer_sync: dropping {c.name} from the membership: {e.detail}")
+                self.served.pop(c.name, None)
+                continue
+            alive.append(c)
             offsets.append(total)
             total += n
             self.receiver_names += [f"{c.name} worker {w}" for w in range(n)]
+        if not alive:
+            raise SyncError("trainer_sync: no engine answers; every engine left the membership", "rendezvous",
+                            ", ".join(c.name for c in self.clients))
+        self.clients = alive
         return {"num_receivers": total, "offsets": offsets}
 
     def _connect(self) -> None:
@@ -200,7 +214,12 @@ class WeightSync:
                     c.resume()
                 except EngineCallError:
                     pass
-            return {"error": str(e), "stage": _stage(e), "who": e.engine, "stale": True}
+            dead = [c.name for c in self.clients if c.name == e.engine and not self._alive(c)]
+            if dead:  # it stopped or died since the last push: it leaves, the push goes on without it
+                warnings.warn(f"trainer_sync: dropping {e.engine} from the membership: {e.detail}")
+                self.clients = [c for c in self.clients if c.name not in dead]
+                self.served.pop(e.engine, None)
+            return {"error": str(e), "stage": _stage(e), "who": e.engine, "stale": True, "dead": dead}
         return {}
 
     def _end(self, version: int, updates: list[tuple[EngineClient, _Background]], error: BaseException | None
@@ -226,15 +245,25 @@ class WeightSync:
                 c.finish(None if refused else str(version))
                 if not refused:
                     c.reset_prefix_cache()
+                    self.served[c.name] = str(version)
                 c.resume()
             except EngineCallError as e:
                 problems.append((_stage(e), c.name, f"{e}; the engine stays paused"))
         if error is not None and not refused:
             problems.append((failed_stage, getattr(error, "who", "") or "trainer rank 0", f"trainer rank 0: {error}"))
         if problems:
+            dead = [c.name for c in self.clients if c.name in {w for _, w, _ in problems} and not self._alive(c)]
             return {"error": "trainer_sync push failed:\n  " + "\n  ".join(m for _, _, m in problems),
-                    "stage": problems[0][0], "who": problems[0][1], "stale": True}
+                    "stage": problems[0][0], "who": problems[0][1], "stale": True, "dead": dead}
         return {"refused": list(error.mismatches)} if refused else {}
+
+    @staticmethod
+    def _alive(c: EngineClient) -> bool:
+        try:
+            c.world_size()
+            return True
+        except EngineCallError:
+            return False
 
     @staticmethod
     def _close_session(c: EngineClient) -> None:
@@ -261,9 +290,31 @@ class WeightSync:
         if version <= self.sender.version:
             raise ValueError(f"trainer_sync: version {version} is not newer than the last pushed "
                              f"({self.sender.version})")
+        try:
+            return self._push(version, t0)
+        except SyncError as e:
+            dead = getattr(e, "dead", [])
+            if not dead:
+                raise
+        # Engines died during the transfer. They are out of the membership; the engines that are left did not get
+        # this version whole, so it goes again to them alone on a new group, and then the failure is reported.
+        warnings.warn(f"trainer_sync: {', '.join(dead)} died during the push of version {version}; pushing it again "
+                      f"to the remaining engine(s)")
+        self._push(version, t0)
+        raise SyncError(f"trainer_sync: {', '.join(dead)} died during the transfer of version {version}; dropped "
+                        f"from the membership, the push completed on the remaining engines", "transfer",
+                        ", ".join(dead))
+
+    def _push(self, version: int, t0: float) -> SyncReport:
+        changed = self._agree(self._admit_joined)
+        if changed.get("changed"):
+            self.stale = True
         if self.stale:
             self._connect()
         begun = self._agree(self._begin)
+        while "error" in begun and begun.get("dead"):  # engines gone since the last push: a new epoch without them
+            self._connect()
+            begun = self._agree(self._begin)
         if "error" in begun:
             self.stale = True
             self._raise(begun)
@@ -276,7 +327,16 @@ class WeightSync:
         verdict = self._agree(lambda: self._end(version, updates, error))
         if "error" in verdict:
             self.stale = True
-            self._raise(verdict, error)
+            dead = verdict.get("dead") or []
+            if self.rank == 0 and dead:
+                self.clients = [c for c in self.clients if c.name not in dead]
+                for name in dead:
+                    self.served.pop(name, None)
+            try:
+                self._raise(verdict, error)
+            except SyncError as e:
+                e.dead = dead
+                raise
         if "refused" in verdict:
             refused = error if isinstance(error, HandshakeMismatch) else HandshakeMismatch(verdict["refused"])
             raise self._name_engines(refused)
@@ -297,6 +357,60 @@ class WeightSync:
             err.who = ", ".join(dict.fromkeys(o.split(" = ", 1)[1].rsplit(" worker ", 1)[0] for o in owners))
             err.args = (f"{err.args[0]}\n  (refused by {'; '.join(owners)})",)
         return err
+
+    # --- dynamic membership ------------------------------------------------------------------------------------
+    def add_engine(self, engine) -> str:
+        """Rank 0: bring a newly started engine to the latest complete version, point to point, while training goes
+        on; it joins the broadcast membership at the next push (a new epoch). Returns its name.
+
+        Needs ``SyncConfig(keep_latest=True)``: every trainer rank keeps its share of the last push in host memory
+        and serves it from a thread, so neither the training loop nor the GPUs take part. Safe to call from another
+        thread than the training loop.
+        """
+        if self.rank != 0:
+            raise RuntimeError("trainer_sync: add_engine is called on trainer rank 0 only")
+        if not self.config.keep_latest:
+            raise ValueError("trainer_sync: add_engine needs SyncConfig(keep_latest=True) (joiners pull the kept "
+                             "latest version)")
+        c = make_client(engine, len(self.clients) + len(self._joined), self.config.timeout_s)
+        where = {"host": self.sender.rdzv.host, "port": self.sender.rdzv.port, "token": self.sender.rdzv.token,
+                 "num_trainers": self.world, "timeout_s": self.config.timeout_s}
+        try:
+            c.pause(self.config.pause_mode)  # a new engine serves nothing until it holds the trainer's weights
+            c.start()
+            before = self.sender.snapshot.version
+            try:
+                c.update({"catchup": where})
+            except EngineCallError:
+                self._close_session(c)
+                raise
+            # The version pulled is the one kept before and after the pull (a push landing in between leaves it
+            # unknown here; the next push, which includes the engine, sets it anyway).
+            version = str(before) if before is not None and self.sender.snapshot.version == before else None
+            c.finish(version)
+            c.reset_prefix_cache()
+            c.resume()
+        except EngineCallError as e:
+            raise SyncError(str(e), _stage(e), c.name) from e
+        with self._joined_lock:
+            self._joined.append(c)
+            self.served[c.name] = version
+        return c.name
+
+    def _admit_joined(self) -> dict:
+        """Rank 0: engines that caught up enter the membership now (the group is rebuilt: a new epoch)."""
+        with self._joined_lock:
+            joined, self._joined = self._joined, []
+        self.clients += joined
+        return {"changed": bool(joined)}
+
+    def membership(self) -> dict:
+        """Rank 0: the epoch of the bridging group and, per engine, the version it serves."""
+        with self._joined_lock:
+            pending = [c.name for c in self._joined]
+        return {"epoch": self.sender.epoch,
+                "engines": {c.name: self.served.get(c.name) for c in self.clients},
+                "joining": {name: self.served.get(name) for name in pending}}
 
     def weight_versions(self) -> dict[str, str]:
         """Rank 0: the weight version each engine reports (for checks and logs)."""

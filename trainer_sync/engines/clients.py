@@ -48,8 +48,9 @@ class EngineClient(ABC):
     def start(self) -> None: ...
 
     @abstractmethod
-    def update(self) -> None:
-        """Receive one push; blocks until the engine's receivers applied it (or failed)."""
+    def update(self, info: dict | None = None) -> None:
+        """Receive one push; blocks until the engine's receivers applied it (or failed). ``info``: the backend's
+        update info (``{"catchup": {...}}`` makes a joining engine pull the latest version point to point)."""
 
     @abstractmethod
     def finish(self, version: str | None) -> None:
@@ -112,8 +113,8 @@ class LlmClient(EngineClient):
     def start(self) -> None:
         self._call("start_weight_update", self.llm.start_weight_update)
 
-    def update(self) -> None:
-        self._call("update_weights", self.llm.update_weights, {"update_info": {}})
+    def update(self, info: dict | None = None) -> None:
+        self._call("update_weights", self.llm.update_weights, {"update_info": info or {}})
 
     def finish(self, version: str | None) -> None:
         self._call("finish_weight_update", self.llm.finish_weight_update, version)
@@ -170,10 +171,10 @@ class HttpClient(EngineClient):
     def start(self) -> None:
         self._request("POST", "/start_weight_update")
 
-    def update(self) -> None:
+    def update(self, info: dict | None = None) -> None:
         # The receiver bounds each of its waits by timeout_s, but a push of many buckets takes several of them;
         # this is only a backstop against a server that stopped answering.
-        self._request("POST", "/update_weights", {"update_info": {}}, timeout_s=10 * self.timeout_s)
+        self._request("POST", "/update_weights", {"update_info": info or {}}, timeout_s=10 * self.timeout_s)
 
     def finish(self, version: str | None) -> None:
         self._request("POST", "/finish_weight_update", {"weight_version": version})
