@@ -64,8 +64,13 @@ def register() -> None:
 
 @dataclass
 class TrainerSyncUpdateInfo(WeightTransferUpdateInfo):
-    """Per-push update info: empty. The plan (names, shapes, dtypes, buckets) arrives over the bridging group's
-    store, never through RPC arguments, so the same ``{}`` works for in-process engines and HTTP alike."""
+    """Per-push update info: empty for a push. The plan (names, shapes, dtypes, buckets) arrives over the bridging
+    group's store, never through RPC arguments, so the same ``{}`` works for in-process engines and HTTP alike.
+
+    ``catchup``: an engine joining a running job pulls the latest version point to point instead (catchup.py):
+    ``{"host", "port", "token", "num_trainers", "timeout_s"}``, the rendezvous it has not joined yet."""
+
+    catchup: dict | None = None
 
 
 class TrainerSyncWeightTransferEngine(WeightTransferEngine):
@@ -184,14 +189,17 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
             self._finalize()
 
     def receive_weights(self, update_info: TrainerSyncUpdateInfo) -> None:
-        if self.receiver is None:
+        if self.receiver is None and not update_info.catchup:
             raise RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine")
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
         error = None
         try:
             with disable_mtp_completeness_check():
-                self.last = self.receiver.receive(self._apply)
+                if update_info.catchup:
+                    self.last = self._catch_up(update_info.catchup)
+                else:
+                    self.last = self.receiver.receive(self._apply)
         except HandshakeMismatch as e:
             # Raised before the first batch: the model was never touched and keeps serving its weights.
             error = e
@@ -204,6 +212,18 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
             except Exception:  # noqa: BLE001 - the original error is the one worth reporting
                 logger.exception("trainer_sync: resetting the layerwise reload after a failed push failed too")
         self._report(error)
+
+    def _catch_up(self, where: dict):
+        """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
+        from ..catchup import pull_latest
+        from ..plan import Expected
+        from ..receiver import ReceiveResult
+
+        expected = self.expected()
+        exp = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()}) if expected else None
+        version = pull_latest(where["host"], where["port"], where["token"], where["num_trainers"], self._apply,
+                              expected=exp, timeout_s=where.get("timeout_s", 120.0))
+        return ReceiveResult(version, 0, 0.0, 0.0)
 
     def _apply(self, batch: list[tuple[str, torch.Tensor]]) -> None:
         """Hand one round of whole tensors to vLLM's loader.
