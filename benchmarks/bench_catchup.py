@@ -22,6 +22,7 @@ import torch.distributed as dist
 from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.catchup import pull_latest
 from trainer_sync.local_cluster import free_port, run_roles
+from trainer_sync.pipeline import BufferPool
 from trainer_sync.sender import JoinInfo
 
 from bench_core import build
@@ -56,12 +57,12 @@ def joiner(j, n, port, tensors, mb, iters):
     sink = {k: p.detach() for k, p in build(tensors, mb).items()}
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=600))
     store.wait(["bench/pushed/0", "bench/pushed/1"])
-    pulls = []
+    pulls, pool = [], BufferPool(torch.device("cpu"))  # kept across pulls, as a receiver keeps its buffers
     try:
         for _ in range(iters + 1):
             t = time.perf_counter()
             pull_latest("127.0.0.1", port, "bench", 2, lambda batch: [sink[k].copy_(v) for k, v in batch],
-                        timeout_s=300)
+                        timeout_s=300, pool=pool)
             pulls.append(time.perf_counter() - t)
     finally:
         store.set("bench/joined", "1")  # release the trainers even if a pull failed
