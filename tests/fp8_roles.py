@@ -6,6 +6,8 @@ import torch
 from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.sender import JoinInfo
 
+from roles import receive_pushes
+
 
 def info(port, j, n, m, token="tok", timeout=30.0):
     return JoinInfo("127.0.0.1", port, token, 0, m, n, j, "gloo", timeout)
@@ -132,16 +134,7 @@ def fsdp_receiver(j, n, m, port, mode, pushes=2):
     model = Sharded()
     r = Receiver(info(port, j, n, m), expected=expected_of(model) if mode == "dequantize" else None,
                  dequantize_fp8=torch.float32 if mode == "dequantize" else None)
-    r.connect()
-    out = []
-    try:
-        for _ in range(pushes):
-            got = {}
-            res = r.receive(lambda batch: got.update({k: v.clone() for k, v in batch}))
-            out.append((res.bytes, got))
-    finally:
-        r.close()
-    return out
+    return receive_pushes(r, pushes, field="bytes")
 
 
 # ---- ZeRO-3: weights and their scales gathered round by round --------------------------------------------------

@@ -35,19 +35,23 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def collect_receiver(j, n, m, port, pushes, expected=None, token="tok", timeout=20.0):
-    """Receive ``pushes`` pushes; return the tensors received in each (cloned) and each receive's version."""
-    r = Receiver(info(port, j, n, m, token, timeout=timeout), expected=expected)
+def receive_pushes(r: Receiver, pushes: int, field: str = "version") -> list:
+    """Connect ``r``, take ``pushes`` pushes, close it; return (the ReceiveResult's ``field``, tensors) per push."""
     r.connect()
     out = []
     try:
         for _ in range(pushes):
             got = {}
             res = r.receive(lambda batch: got.update({k: v.clone() for k, v in batch}))
-            out.append((res.version, got))
+            out.append((getattr(res, field), got))
     finally:
         r.close()
     return out
+
+
+def collect_receiver(j, n, m, port, pushes, expected=None, token="tok", timeout=20.0):
+    """Receive ``pushes`` pushes; return the tensors received in each (cloned) and each receive's version."""
+    return receive_pushes(Receiver(info(port, j, n, m, token, timeout=timeout), expected=expected), pushes)
 
 
 # ---- trainers -----------------------------------------------------------------------------------------------
@@ -57,12 +61,18 @@ def plain_trainer(rank, world, n, port, pushes, bucket_mb=0.004):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sender = Sender(model, SyncConfig(port=port, token="tok", bucket_mb=bucket_mb, timeout_s=20))
     sender.connect(n)
+    states, reports = train_and_push(sender, model, opt, pushes)
+    sender.close()
+    return states, reports
+
+
+def train_and_push(sender, model, opt, pushes):
+    """``pushes`` times: a training step, a push; returns the full weights and the report after each."""
     states, reports = [], []
     for i in range(pushes):
         train_step(model, opt, i)
         reports.append(sender.push().to_dict())
         states.append(full_state(model))
-    sender.close()
     return states, reports
 
 
@@ -80,14 +90,11 @@ def fsdp_trainer(rank, world, n, port, pushes):
     sender = Sender(model, SyncConfig(port=port if rank == 0 else 0, token="tok", bucket_mb=0.002, timeout_s=20))
     assert type(sender.source).__name__ == "FsdpSource"
     sender.connect(n)
-    states, reports = [], []
-    for i in range(pushes):
-        train_step(model, opt, i)
-        reports.append(sender.push().to_dict())
-        states.append(full_state(model))
-        # No rank may ever hold the full tensor during a push: each sends exactly its local shard's bytes.
-        local = sum(p.to_local().numel() * 4 for p in model.parameters())
-        reports[-1]["local_bytes"] = local
+    states, reports = train_and_push(sender, model, opt, pushes)
+    # No rank may ever hold the full tensor during a push: each sends exactly its local shard's bytes.
+    local = sum(p.to_local().numel() * 4 for p in model.parameters())
+    for report in reports:
+        report["local_bytes"] = local
     sender.close()
     return states, reports
 
