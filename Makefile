@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	# TRL only for its GRPOTrainer test (tests/test_integrations.py; skipped without it). It adds datasets, pandas and
 	# pyarrow and leaves torch/transformers/vllm as they are; a failure here does not stop the demo.
-	-$(BIN)/pip install -q trl
+	-$(BIN)/pip install -q trl==1.16.0
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
