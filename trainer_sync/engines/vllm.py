@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,9 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         self.reloading = False  # layerwise reload initialized on this worker and not yet finalized
         self.last = None  # ReceiveResult of the last push
         self.tied = tied_modules(model)
+        # This worker's vLLM update session is open (start_weight_update ran, finish_weight_update did not, and
+        # vLLM did not close it on a raise): see _close_abandoned_session.
+        self.in_session = False
 
     # --- init -------------------------------------------------------------------------------------------------
     def parse_init_info(self, init_dict: dict[str, Any]) -> JoinInfo:
@@ -112,6 +116,7 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         return exp
 
     def init_transfer_engine(self, init_info: JoinInfo) -> None:
+        self._close_abandoned_session()
         error = None
         try:
             self._join(init_info)
@@ -187,6 +192,7 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
     def start_weight_update(self) -> None:
         if self.reloading:  # a previous session was abandoned half-way: start from a clean slate
             self._finalize()
+        self.in_session = True
 
     def receive_weights(self, update_info: TrainerSyncUpdateInfo) -> None:
         if self.receiver is None and not update_info.catchup:
@@ -211,7 +217,11 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
                 self._finalize()
             except Exception:  # noqa: BLE001 - the original error is the one worth reporting
                 logger.exception("trainer_sync: resetting the layerwise reload after a failed push failed too")
-        self._report(error)
+        try:
+            self._report(error)
+        except BaseException:
+            self.in_session = False  # vLLM ends the session of a worker whose update_weights raised
+            raise
 
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
@@ -245,7 +255,44 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         self.model.load_weights(owned)
 
     def finish_weight_update(self) -> None:
+        self.in_session = False
         self._finalize()
+
+    def _close_abandoned_session(self) -> None:
+        """A trainer joins (init) while this worker's update session from an earlier trainer is still open.
+
+        That happens when the earlier trainer died mid-update: a failed update raises from one worker only (see
+        ``_report``), vLLM closes the session of that worker alone, and the dead trainer never sent the
+        ``finish_weight_update`` that closes the others'; or it died between start and finish. vLLM would then
+        refuse the new trainer's ``start_weight_update`` on these workers only, leaving the engine's workers out
+        of step. A new bridging group means the old session can never complete, so it is closed here through the
+        worker's own ``finish_weight_update`` (finalizing whatever was loaded: the engine stays paused, as the
+        earlier trainer left it, until the new trainer's push completes and resumes it).
+        """
+        if not self.in_session:
+            return
+        worker = self._worker()
+        if worker is None or not getattr(worker, "_weight_update_active", True):
+            self.in_session = False
+            return
+        logger.warning("trainer_sync: closing an update session abandoned by an earlier trainer (the engine stays "
+                       "paused until a push completes)")
+        try:
+            worker.finish_weight_update()
+        except Exception:  # noqa: BLE001 - the new trainer's start_weight_update then names the problem
+            logger.exception("trainer_sync: closing the abandoned update session failed")
+
+    def _worker(self):
+        """The vLLM worker that owns this backend, found on the call stack (every call into the backend comes from
+        one of its methods); None if not found."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if owner is not None and owner is not self and getattr(owner, "weight_transfer_engine", None) is self:
+                return owner
+            frame = frame.f_back
+        logger.warning("trainer_sync: the vLLM worker owning this backend was not found on the call stack")
+        return None
 
     def _finalize(self) -> None:
         if not self.reloading:
