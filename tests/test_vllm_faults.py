@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 import fault_roles  # noqa: E402
 from models import build_model, hf_greedy, perturb, prompts, save_model  # noqa: E402
 from procs import free_port, outcomes, run_roles  # noqa: E402
-from vllm_engines import Server  # noqa: E402
+from vllm_engines import Server, in_process_llm, llm_greedy  # noqa: E402
 
 from trainer_sync import RendezvousRefused, SyncConfig, SyncError, WeightSync  # noqa: E402
 from trainer_sync.engines.clients import HttpClient  # noqa: E402
@@ -87,6 +87,22 @@ def test_engine_with_wrong_token_is_refused_before_joining_and_nothing_is_applie
     assert get(server, "/is_paused")["is_paused"] is False
     assert get(server, "/weight_info")["weight_version"] == version
     assert server.greedy(ps, N) == served
+
+
+@pytest.mark.xfail(strict=True, reason="sync.py names the first engine whose init failed: the honest engine 0, "
+                   "whose group never formed (it waits the whole timeout), rather than the refused engine 1 that the "
+                   "trainer's own RendezvousRefused names (receiver 1)")
+def test_wrong_token_beside_an_honest_engine_names_the_wrong_one(server, model_dir):
+    ps = list(prompts().values())
+    served, version = server.greedy(ps, N), get(server, "/weight_info")["weight_version"]
+    with in_process_llm(model_dir) as llm:
+        before, llm_version = llm_greedy(llm, ps, N), llm.get_weight_version()
+        with pytest.raises(SyncError) as err:
+            WeightSync(build_model(seed=1), [llm, WrongTokenClient(server.url, 30.0, 1)], SyncConfig(timeout_s=5))
+        assert llm_greedy(llm, ps, N) == before and llm.get_weight_version() == llm_version  # nothing applied
+        assert server.greedy(ps, N) == served and get(server, "/weight_info")["weight_version"] == version
+        assert isinstance(err.value.__cause__, RendezvousRefused) and "receiver 1" in str(err.value.__cause__)
+        assert err.value.who == f"engine 1 ({server.url})", err.value.who
 
 
 def test_trainer_killed_mid_push_engine_aborts_stays_paused_and_next_push_restores(server, tmp_path):
