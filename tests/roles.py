@@ -277,6 +277,8 @@ def fault_receiver(j, n, m, port, fault, timeout=20.0):
             os.kill(os.getpid(), signal.SIGKILL)
         if fault == "stall":
             time.sleep(12)
+        if fault == "slow":
+            time.sleep(0.3)
         applied.extend(name for name, _ in batch)
 
     t = time.monotonic()

@@ -107,22 +107,32 @@ def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers:
               f"trainer rank {source.rank} -> receivers")
         times.transfer += time.perf_counter() - t
 
-    for rnd, names in enumerate(_round_names(plan)):
-        bucket = mine[rnd]
-        if bucket is not None and len(inflight) == num_buffers:
-            retire()  # its buffer is the one we are about to refill
-        with source.gathering(names):
-            if bucket is None:
-                continue
-            t = time.perf_counter()
-            buf = buffers[rnd % num_buffers]
-            pack_bucket(bucket, plan, source, starts, buf)
-            times.pack += time.perf_counter() - t
-            inflight.append((bucket, _broadcast(group, buf[:bucket.nbytes])))
-            if on_packed is not None:
-                on_packed(bucket, buf[:bucket.nbytes])
-    while inflight:
-        retire()
+    failure = None
+    try:
+        for rnd, names in enumerate(_round_names(plan)):
+            bucket = mine[rnd]
+            if bucket is not None and len(inflight) == num_buffers:
+                retire()  # its buffer is the one we are about to refill
+            with source.gathering(names):
+                if bucket is None:
+                    continue
+                t = time.perf_counter()
+                buf = buffers[rnd % num_buffers]
+                pack_bucket(bucket, plan, source, starts, buf)
+                times.pack += time.perf_counter() - t
+                inflight.append((bucket, _broadcast(group, buf[:bucket.nbytes])))
+                if on_packed is not None:
+                    on_packed(bucket, buf[:bucket.nbytes])
+        while inflight:
+            retire()
+    except SyncError as e:
+        failure = (str(e), e.stage, e.who)
+    if failure is not None:
+        # Raised here, outside the handler, and with the in-flight work dropped: no traceback or exception context
+        # keeps the failed Work (and with it the group's connections) alive, so closing the group right after
+        # really disconnects the receivers and the live ones fail at once instead of at their own timeout.
+        inflight.clear()
+        raise SyncError(*failure)
     return times
 
 

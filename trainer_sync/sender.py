@@ -234,12 +234,16 @@ class Sender:
         else:
             if self.snapshot is not None:
                 self.snapshot.begin()
+            failed = None
             try:
                 times = send(plan, self.source, bridge.groups[self.rank], self.pool, msg["num_buffers"],
                              Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s),
                              self.snapshot.keep if self.snapshot is not None else None)
             except SyncError as e:
-                raise self._name_stalled(p, e) from e
+                failed = str(e)
+            if failed is not None:  # handled outside the except block: its traceback would keep the group alive
+                del bridge
+                raise self._name_stalled(p, failed)
         self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
                    lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline)
         acks = [bridge.get_json(f"{p}done/{j}") for j in range(self.num_receivers)]
@@ -259,7 +263,7 @@ class Sender:
                           times.pack, times.transfer, max(a["apply_s"] for a in acks), time.perf_counter() - t0,
                           msg["fallback"], ",".join(wire))
 
-    def _name_stalled(self, p: str, error: SyncError) -> SyncError:
+    def _name_stalled(self, p: str, error: str) -> SyncError:
         """After a failed transfer, tell which receivers are at fault.
 
         This rank's group is broken now anyway: shutting it down makes every live receiver's pending receive fail at
@@ -271,7 +275,7 @@ class Sender:
         keys = [f"{p}done/{j}" for j in range(self.num_receivers)]
         silent = wait_keys(store, keys, min(5.0, self.config.timeout_s))
         if not silent:
-            return error
+            return SyncError(error, stage="transfer")
         names = ", ".join(f"receiver {k.rsplit('/', 1)[1]}" for k in silent)
         return SyncError(f"trainer rank {self.rank}: transfer failed; {names} stalled or gone ({error})",
                          stage="transfer", who=names)

@@ -17,6 +17,7 @@ import hmac
 import json
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -226,9 +227,15 @@ class BridgeGroup:
         return json.loads(self.store.get(key))
 
     def close(self) -> None:
-        for pg in self.groups.values():
+        groups = list(self.groups.values())
+        self.groups.clear()
+        for pg in groups:
             try:
-                pg.abort()  # closes its connections now, even while a failed Work still references it
+                pg.abort()
             except Exception:  # noqa: BLE001 - best effort; nothing else can be done at close
                 pass
-        self.groups.clear()
+        pg = None  # drop this frame's reference too
+        # The last reference goes in a thread of its own: destroying a gloo group waits for its pending work, and
+        # after a failed push that can be a receive from a stalled peer, which would hold the caller until the
+        # peer's timeout. Once destroyed, its connections close and live peers fail at once.
+        threading.Thread(target=groups.clear, name="trainer_sync-close-group", daemon=True).start()
