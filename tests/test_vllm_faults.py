@@ -89,9 +89,6 @@ def test_engine_with_wrong_token_is_refused_before_joining_and_nothing_is_applie
     assert server.greedy(ps, N) == served
 
 
-@pytest.mark.xfail(strict=True, reason="sync.py names the first engine whose init failed: the honest engine 0, "
-                   "whose group never formed (it waits the whole timeout), rather than the refused engine 1 that the "
-                   "trainer's own RendezvousRefused names (receiver 1)")
 def test_wrong_token_beside_an_honest_engine_names_the_wrong_one(server, model_dir):
     ps = list(prompts().values())
     served, version = server.greedy(ps, N), get(server, "/weight_info")["weight_version"]

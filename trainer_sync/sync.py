@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .config import SyncConfig
-from .errors import HandshakeMismatch, SyncError
+from .errors import HandshakeMismatch, RendezvousRefused, SyncError
 from .report import SyncReport
 from .sender import Sender
 from .engines.clients import EngineCallError, EngineClient, make_client
@@ -175,7 +175,13 @@ class WeightSync:
                     problems.append((c.name, f"{c.name}: init_weight_transfer_engine did not return"))
                 elif call.error is not None:
                     problems.append((c.name, str(call.error)))
-            if error is not None and not problems:
+            if isinstance(error, RendezvousRefused):
+                # The trainer knows who was refused (receiver ranks); say which engine that is, first.
+                ranks = [int(w.split()[1]) for w in error.who.split(", ") if w.split()[1:2] and w.split()[1].isdigit()]
+                owners = list(dict.fromkeys(self.receiver_names[j].rsplit(" worker ", 1)[0] for j in ranks
+                                            if j < len(self.receiver_names)))
+                problems.insert(0, (", ".join(owners), f"trainer rank 0: {error} ({', '.join(owners)})"))
+            elif error is not None and not problems:
                 problems.append(("", f"trainer rank 0: {error}"))
             if problems:
                 return {"error": "trainer_sync could not connect the engines:\n  " +

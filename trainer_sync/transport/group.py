@@ -116,13 +116,13 @@ class Rendezvous:
                 msg = f"trainer_sync rendezvous (epoch {epoch}): {names} did not join within {self.timeout_s:g}s"
                 self.store.set(abort_key, msg)
                 raise SyncError(msg, stage="rendezvous", who=names)
-            refused = []
+            refused = [str(m) for m in others if not hmac.compare_digest(
+                self.store.get(base + "auth/" + m.key).decode(), _mac(self.token, nonce, m.role, str(m.rank)))]
+            # Verdicts only once everyone is checked: with one peer refused the group cannot form, so the honest
+            # peers are told "aborted" at once instead of waiting out their timeout for a group that never comes.
             for m in others:
-                ok = hmac.compare_digest(self.store.get(base + "auth/" + m.key).decode(),
-                                         _mac(self.token, nonce, m.role, str(m.rank)))
-                self.store.set(base + "verdict/" + m.key, "ok" if ok else "refused")
-                if not ok:
-                    refused.append(str(m))
+                self.store.set(base + "verdict/" + m.key, "refused" if str(m) in refused else
+                               "aborted" if refused else "ok")
             if refused:
                 # Let the refused peers read their verdict before this rank raises (and may close the store).
                 wait_keys(self.store, [base + "seen/" + m.key for m in others if str(m) in refused], min(5.0, self.timeout_s))
@@ -141,6 +141,10 @@ class Rendezvous:
                                 stage="rendezvous", who="trainer rank 0")
             verdict = self.store.get(verdict_key).decode()
             self.store.set(base + "seen/" + me.key, "1")
+            if verdict == "aborted":
+                raise SyncError(f"{me}: the trainer_sync rendezvous of epoch {epoch} was aborted: another peer was "
+                                f"refused ({self.store.get(abort_key).decode() if self.store.check([abort_key]) else ''})",
+                                stage="rendezvous", who="another peer")
             if verdict != "ok":
                 raise RendezvousRefused(f"{me} was refused by the trainer_sync rendezvous: wrong token",
                                         stage="rendezvous", who=str(me))
