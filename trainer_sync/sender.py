@@ -271,7 +271,7 @@ class Sender:
         bridging group has to be formed again (``connect``) before the next push.
         """
         store = self.bridge.store
-        self.close_group()
+        self.close_group(in_background=True)
         keys = [f"{p}done/{j}" for j in range(self.num_receivers)]
         silent = wait_keys(store, keys, min(5.0, self.config.timeout_s))
         if not silent:
@@ -288,12 +288,12 @@ class Sender:
                    ([f"{p}ipc/{r}" for r in range(self.world)] if self.ipc is not None else []):
             self.bridge.store.delete_key(key)
 
-    def close_group(self) -> None:
+    def close_group(self, in_background: bool = False) -> None:
         if self.ipc is not None:
             self.ipc.close()
             self.ipc = None
         if self.bridge is not None:
-            self.bridge.close()
+            self.bridge.close(in_background)
             self.bridge = None
 
     def close(self) -> None:

@@ -230,7 +230,10 @@ class BridgeGroup:
     def get_json(self, key: str):
         return json.loads(self.store.get(key))
 
-    def close(self) -> None:
+    def close(self, in_background: bool = False) -> None:
+        """Shut the groups down. ``in_background`` after a failed transfer only (see below); a normal close is
+        synchronous, so nothing of the groups outlives it (a thread still tearing a group down at interpreter exit
+        aborts the process)."""
         groups = list(self.groups.values())
         self.groups.clear()
         for pg in groups:
@@ -239,7 +242,10 @@ class BridgeGroup:
             except Exception:  # noqa: BLE001 - best effort; nothing else can be done at close
                 pass
         pg = None  # drop this frame's reference too
-        # The last reference goes in a thread of its own: destroying a gloo group waits for its pending work, and
-        # after a failed push that can be a receive from a stalled peer, which would hold the caller until the
-        # peer's timeout. Once destroyed, its connections close and live peers fail at once.
+        if not in_background:
+            groups.clear()
+            return
+        # After a failed push the last reference goes in a thread of its own: destroying a gloo group waits for its
+        # pending work, and that can be a receive from a stalled peer, which would hold the caller until the peer's
+        # timeout. Once destroyed, its connections close and live peers fail at once.
         threading.Thread(target=groups.clear, name="trainer_sync-close-group", daemon=True).start()
