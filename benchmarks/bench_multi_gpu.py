@@ -205,6 +205,17 @@ def median(xs):
 
 # ---- plain trainer_sync push ----------------------------------------------------------------------------------
 
+def train_then_start_clock(model, device, world: int) -> float:
+    """A stand-in training step on every local shard, then all trainer ranks start the clock together."""
+    with torch.no_grad():
+        for p in model.parameters():
+            train_step(local_tensor(p))
+    sync(device)
+    if world > 1:
+        dist.barrier()
+    return time.perf_counter()
+
+
 def trainer_plain(rank, world, cfg):
     device = device_of(cfg, "trainer", rank)
     model = build_trainer_model(cfg, rank, world, device)
@@ -214,13 +225,7 @@ def trainer_plain(rank, world, cfg):
     sender.connect(cfg["n"])
     times, reports = [], []
     for i in range(cfg["iters"] + 1):
-        with torch.no_grad():
-            for p in model.parameters():
-                train_step(local_tensor(p))
-        sync(device)
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
+        t0 = train_then_start_clock(model, device, world)
         rep = sender.push()
         if rank == 0:
             store.wait([f"plain/{i}/synced/{j}" for j in range(cfg["n"])], timedelta(seconds=TIMEOUT))
@@ -276,13 +281,7 @@ def trainer_tp(rank, world, cfg):
     pool = BufferPool(device)
     times = []
     for i in range(cfg["iters"] + 1):
-        with torch.no_grad():
-            for p in model.parameters():
-                train_step(local_tensor(p))
-        sync(device)
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
+        t0 = train_then_start_clock(model, device, world)
         send_tp(tp_plan, source, groups, pool, 2, TIMEOUT)
         if rank == 0:
             store.wait([f"tp/{i}/synced/{j}" for j in range(cfg["n"])], timedelta(seconds=TIMEOUT))

@@ -107,12 +107,8 @@ def checkpoint_receiver(j, n, m, port, ckpt_dir: str):
     from trainer_sync.engines.checkpoint import expected_tensors
     from trainer_sync.sender import JoinInfo
 
+    from roles import receive_pushes
+
     r = Receiver(JoinInfo("127.0.0.1", port, "tok", 0, m, n, j, "gloo", 30.0),
                  expected=expected_tensors(ckpt_dir, torch.bfloat16))
-    r.connect()
-    got = {}
-    try:
-        res = r.receive(lambda batch: got.update({k: v.clone() for k, v in batch}))
-    finally:
-        r.close()
-    return res.bytes, got
+    return receive_pushes(r, 1, field="bytes")[0]

@@ -51,14 +51,7 @@ def expected_of(model, dtype=None) -> dict:
 
 
 def receive_once(port, j, n, m, **kwargs) -> tuple[int, dict]:
-    r = Receiver(info(port, j, n, m), **kwargs)
-    r.connect()
-    got = {}
-    try:
-        res = r.receive(lambda batch: got.update({k: v.clone() for k, v in batch}))
-    finally:
-        r.close()
-    return res.bytes, got
+    return receive_pushes(Receiver(info(port, j, n, m), **kwargs), 1, field="bytes")[0]
 
 
 # ---- plain module: an fp8 push, then a bf16 push of the same weights -------------------------------------------
