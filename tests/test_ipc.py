@@ -46,6 +46,13 @@ def test_auto_picks_ipc_only_on_one_gpu():
         _decide("ipc", {"trainer0": "GPU-a", "receiver0": "GPU-b"})
 
 
+def test_fsdp_over_two_gpus_with_an_engine_on_one_of_them_is_refused_clearly():
+    """FSDP2 on GPU-a and GPU-b, the engine colocated on GPU-a: NCCL cannot carry trainer rank 0's shard to a
+    receiver on its own GPU, and the mixed NCCL + IPC path is not built: a clear error, not a failure inside NCCL."""
+    with pytest.raises(SyncError, match="trainer rank 0, receiver 0 share GPU.*GPU-a.*cannot yet mix NCCL"):
+        _decide("auto", {"trainer0": "GPU-a", "trainer1": "GPU-b", "receiver0": "GPU-a"}, 2)
+
+
 def _run(cfg, pushes, dtype="float32", recv_dtype=None, realloc_at=None):
     port = free_port()
     out = run_roles([

@@ -168,6 +168,17 @@ def agree_mode(store: dist.Store, me: Member, configured: str, uuid: str, num_tr
                 store.set(MODE_KEY, "error:" + msg)
                 raise SyncError(msg, stage="rendezvous")
             decided = "ipc" if same else "broadcast"
+            shared = sorted({u for who, u in uuids.items() if who.startswith("trainer") and u} &
+                            {u for who, u in uuids.items() if who.startswith("receiver") and u})
+            if not same and shared:
+                # NCCL refuses two ranks of one communicator on one GPU, and the mixed path (NCCL for the shards of
+                # other GPUs, IPC for the local hop) is not built yet: say so now rather than fail inside NCCL.
+                on = [who for who, u in uuids.items() if u in shared]
+                msg = (f"{', '.join(on)} share GPU(s) {', '.join(shared)} while other members are on other GPUs: "
+                       "trainer_sync cannot yet mix NCCL (for the other GPUs) with CUDA IPC (for the shared one); "
+                       "put the engines on GPUs of their own, or colocate a single trainer GPU with mode='ipc'")
+                store.set(MODE_KEY, "error:" + msg)
+                raise SyncError(msg, stage="rendezvous")
         store.set(MODE_KEY, decided)
         return decided
     if wait_keys(store, [MODE_KEY], timeout_s):
