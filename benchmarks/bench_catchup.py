@@ -10,7 +10,6 @@ checkpoint-engine publishes its P2P path at 1.1-2.2x its broadcast; the aim here
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -25,7 +24,7 @@ from trainer_sync.local_cluster import free_port, run_roles
 from trainer_sync.pipeline import BufferPool
 from trainer_sync.sender import JoinInfo
 
-from bench_core import build
+from bench_core import build, parse_args
 
 
 def trainer(rank, world, port, tensors, mb, iters):
@@ -70,11 +69,7 @@ def joiner(j, n, port, tensors, mb, iters):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tensors", type=int, default=1200)
-    ap.add_argument("--mb", type=float, default=300)
-    ap.add_argument("--iters", type=int, default=3)
-    args = ap.parse_args()
+    args = parse_args()
     port = free_port()
     common = (port, args.tensors, args.mb, args.iters)
     res = run_roles([("trainer", r, 2, trainer, common) for r in range(2)]

@@ -104,12 +104,17 @@ def run(n: int, args) -> dict:
             "one_by_one_s": round(obo, 4), "vs_raw": round(ours / raw, 3), "speedup_vs_one_by_one": round(obo / ours, 2)}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The model and repetitions of the CPU benchmarks (this one and bench_catchup.py)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--tensors", type=int, default=1200)
     ap.add_argument("--mb", type=float, default=300)
     ap.add_argument("--iters", type=int, default=3)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     rows = [run(n, args) for n in (1, 2)]
     print(json.dumps({"benchmark": "core_cpu_gloo", "trainer_ranks": 2, "tensors": args.tensors,
                       "bytes": int(args.mb * 2**20), "results": rows}))

@@ -133,17 +133,10 @@ def fsdp_receiver(j, n, m, port, mode, pushes=2):
 # ---- ZeRO-3: weights and their scales gathered round by round --------------------------------------------------
 
 def zero3_trainer(rank, world, n, port):
-    import os
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+    from roles import zero3_engine
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    model = Sharded()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3},
-           "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    engine = zero3_engine(Sharded())
     # small buckets: weights and their scales land in different rounds and on different ranks
     sender = Sender(engine, SyncConfig(port=port if rank == 0 else 0, token="tok", bucket_mb=0.04, timeout_s=60,
                                        wire_dtype="fp8"))

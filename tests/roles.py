@@ -99,16 +99,23 @@ def fsdp_trainer(rank, world, n, port, pushes):
     return states, reports
 
 
-def zero3_trainer(rank, world, n, port, pushes):
+def zero3_engine(model):
+    """``model`` under DeepSpeed ZeRO-3 on CPU (gloo) with an SGD optimizer; returns the engine."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3},
            "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def zero3_trainer(rank, world, n, port, pushes):
+    import deepspeed
+
+    engine = zero3_engine(mlp())
     sender = Sender(engine, SyncConfig(port=port if rank == 0 else 0, token="tok", bucket_mb=0.002, timeout_s=30))
     assert type(sender.source).__name__ == "DeepSpeedSource"
     sender.connect(n)

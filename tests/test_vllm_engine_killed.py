@@ -21,8 +21,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from models import build_model, hf_greedy, prompts, save_model, train_step  # noqa: E402
-from procs import free_port  # noqa: E402
-from vllm_engines import Server, in_process_llm, llm_greedy, llm_worker  # noqa: E402
+from vllm_engines import running_server, in_process_llm, llm_greedy, llm_worker  # noqa: E402
 
 from trainer_sync import SyncConfig, SyncError, WeightSync  # noqa: E402
 
@@ -38,11 +37,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def victim(model_dir, tmp_path_factory):
-    srv = Server(model_dir, free_port(), str(tmp_path_factory.mktemp("serve-victim") / "vllm_serve.log"))
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    with running_server(model_dir, tmp_path_factory, "serve-victim") as srv:
+        yield srv
 
 
 def reference(model) -> list[list[int]]:

@@ -20,8 +20,8 @@ pytest.importorskip("vllm")
 
 import fault_roles  # noqa: E402
 from models import build_model, hf_greedy, perturb, prompts, save_model  # noqa: E402
-from procs import free_port, outcomes, run_roles  # noqa: E402
-from vllm_engines import Server, in_process_llm, llm_greedy  # noqa: E402
+from procs import outcomes, run_roles  # noqa: E402
+from vllm_engines import running_server, in_process_llm, llm_greedy  # noqa: E402
 
 from trainer_sync import RendezvousRefused, SyncConfig, SyncError, WeightSync  # noqa: E402
 from trainer_sync.engines.clients import HttpClient  # noqa: E402
@@ -38,12 +38,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    srv = Server(model_dir, free_port(), str(tmp_path_factory.mktemp("serve-faults") / "vllm_serve.log"),
-                 tensor_parallel_size=2)
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    with running_server(model_dir, tmp_path_factory, "serve-faults", tensor_parallel_size=2) as srv:
+        yield srv
 
 
 def get(server, route: str, timeout_s: float = 60) -> dict:

@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from models import build_model, hf_greedy, perturb, prompts, save_model, train_step  # noqa: E402
-from procs import free_port, run_roles  # noqa: E402
-from vllm_engines import Server, fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer  # noqa: E402
+from procs import run_roles  # noqa: E402
+from vllm_engines import running_server, fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer  # noqa: E402
 
 from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync  # noqa: E402
 
@@ -31,12 +31,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    srv = Server(model_dir, free_port(), str(tmp_path_factory.mktemp("serve") / "vllm_serve.log"),
-                 tensor_parallel_size=2)
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    with running_server(model_dir, tmp_path_factory, "serve", tensor_parallel_size=2) as srv:
+        yield srv
 
 
 def reference(model) -> list[list[int]]:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
+from procs import free_port
+
 BACKEND = {"backend": "trainer_sync"}
 ENGINE_ARGS = dict(skip_tokenizer_init=True, block_size=32, dtype="float32", enforce_eager=True, max_model_len=512,
                    max_num_seqs=8, seed=0)
@@ -146,6 +148,17 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+@contextmanager
+def running_server(model_dir: str, tmp_path_factory, name: str, tensor_parallel_size: int = 1):
+    """A ready ``vllm serve`` for a module fixture, stopped afterwards (its log in a tmp dir named ``name``)."""
+    srv = Server(model_dir, free_port(), str(tmp_path_factory.mktemp(name) / "vllm_serve.log"),
+                 tensor_parallel_size=tensor_parallel_size)
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
 
 
 def fsdp_trainer(rank: int, world: int, url: str, seed: int) -> dict:
