@@ -11,7 +11,11 @@ GPUs and with the same bytes, in one run:
     GPU, 1/N of the checkpoint registered on each, the worker on the same GPU applies through its
     ``update_weights_from_ipc`` with the same apply function), if ``checkpoint_engine`` imports.
 
-All three leave each receiver holding exactly its tp shard; after the timed pushes every receiver's shard is checked
+``--colocate`` is the hybrid (colocated) layout instead: a trainer rank on every GPU and receiver j on trainer rank
+j's GPU; ``plain`` then maps the local shard by CUDA IPC and takes the other GPUs' shards over NCCL in the same push,
+``ce`` is checkpoint-engine's own colocated setup on the same GPUs, and ``tp`` is skipped.
+
+All of them leave each receiver holding exactly its tp shard; after the timed pushes every receiver's shard is checked
 bit for bit against the trainer's weights (regenerated deterministically on the receiver). Push seconds are wall
 time on trainer rank 0 from a barrier to every receiver's ``cuda.synchronize()`` after applying (checkpoint-engine:
 ``update()`` on rank 0). Reported per method: push seconds (median of --iters after a warm-up), bytes each receiver
@@ -123,10 +127,15 @@ def local_tensor(p):
 
 # ---- placement ------------------------------------------------------------------------------------------------
 
+def receiver_gpu(cfg: dict, j: int) -> int:
+    """Receivers on GPUs of their own after the trainer's, or (--colocate) receiver j on trainer rank j's GPU."""
+    return j if cfg.get("colocate") else cfg["m"] + j
+
+
 def device_of(cfg: dict, role: str, rank: int) -> torch.device:
     if cfg["device"] != "cuda":
         return torch.device("cpu")
-    gpu = rank if role == "trainer" else cfg["m"] + rank
+    gpu = rank if role == "trainer" else receiver_gpu(cfg, rank)
     torch.cuda.set_device(gpu)
     return torch.device("cuda", gpu)
 
@@ -221,7 +230,8 @@ def trainer_plain(rank, world, cfg):
     model = build_trainer_model(cfg, rank, world, device)
     store = client_store(cfg)
     sender = Sender(model, SyncConfig(port=cfg["port"] if rank == 0 else 0, token="bench", timeout_s=TIMEOUT,
-                                      bucket_mb=cfg["bucket_mb"], backend=cfg["backend"], mode="broadcast"))
+                                      bucket_mb=cfg["bucket_mb"], backend=cfg["backend"],
+                                      mode="auto" if cfg.get("colocate") else "broadcast"))
     sender.connect(cfg["n"])
     times, reports = [], []
     for i in range(cfg["iters"] + 1):
@@ -320,7 +330,7 @@ def receiver_tp(j, n, cfg):
 
 def _ce_env(cfg, rank):
     # Before any CUDA call in this process: checkpoint-engine takes local rank = rank % gpu_count as its device.
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(cfg["m"] + rank)
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(receiver_gpu(cfg, rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg["ce_port"]), RANK=str(rank),
                       WORLD_SIZE=str(cfg["n"]))
 
@@ -446,7 +456,8 @@ def dry_plan(cfg: dict) -> dict:
     spec = {"replicated_bytes": tp_plan.replicated_bytes(), "kv_bytes": kv, "num_kv_heads": s["kv"],
             "num_tensors": len(shapes), "bucket_bytes": cfg["bucket_mb"] * 2**20}
     return {"trainer_gpus": list(range(m)) if cfg["device"] == "cuda" else f"{m} cpu processes",
-            "receiver_gpus": list(range(m, m + cfg["n"])) if cfg["device"] == "cuda" else f"{cfg['n']} cpu processes",
+            "receiver_gpus": [receiver_gpu(cfg, j) for j in range(cfg["n"])] if cfg["device"] == "cuda" else
+                             f"{cfg['n']} cpu processes",
             "tensors": len(shapes), "full_bytes": tp_plan.full_bytes,
             "tp_bytes_per_receiver": tp_plan.bytes_per_receiver(), "buckets_per_tp_group":
                 {t: len(g.plan.buckets) for t, g in tp_plan.groups.items()},
@@ -476,6 +487,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-fsdp", action="store_true", help="plain modules on the trainer ranks")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--colocate", action="store_true",
+                    help="hybrid layout: a trainer rank on every GPU, receiver j on trainer rank j's GPU (plain: CUDA "
+                         "IPC for the local shard, NCCL for the others; ce: its colocated parameter servers)")
     args = ap.parse_args(argv)
     if args.device == "cpu" or args.small:
         gpus = args.gpus or 4
@@ -483,8 +497,8 @@ def main(argv=None) -> dict:
         gpus = args.gpus or torch.cuda.device_count()
     if gpus < 2 and not args.dry_run:
         raise SystemExit(f"need >= 2 GPUs (or --device cpu), have {gpus}")
-    m = args.trainers or max(1, gpus // 2)
-    n = gpus - m
+    m = args.trainers or (gpus if args.colocate else max(1, gpus // 2))
+    n = gpus if args.colocate else gpus - m
     tp = args.tp or n
     if n < 1 or n % tp:
         raise SystemExit(f"{n} receivers cannot hold whole engines of tp {tp}")
@@ -492,9 +506,9 @@ def main(argv=None) -> dict:
     methods = args.methods.split(",")
     base = {"device": args.device, "backend": "nccl" if args.device == "cuda" else "gloo", "m": m, "n": n, "tp": tp,
             "iters": args.iters, "bucket_mb": args.bucket_mb if not args.small else 0.05, "dtype": args.dtype,
-            "fsdp": not args.no_fsdp, "timeout": args.timeout}
+            "fsdp": not args.no_fsdp, "timeout": args.timeout, "colocate": args.colocate}
     out = {"benchmark": "multi_gpu_push", "device": args.device, "gpus": gpus, "trainer_ranks": m, "receivers": n,
-           "tp": tp, "fsdp": base["fsdp"], "iters": args.iters,
+           "tp": tp, "fsdp": base["fsdp"], "colocate": args.colocate, "iters": args.iters,
            "gpu_name": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None,
            "models": {}}
     for model in models:
@@ -507,6 +521,9 @@ def main(argv=None) -> dict:
                     if why:
                         entry["ce"] = {"skipped": why}
                         continue
+                if method == "tp" and args.colocate:  # its sub-groups would put two ranks of one GPU in NCCL
+                    entry["tp"] = {"skipped": "the TP-aware sub-groups are not colocation-aware"}
+                    continue
                 entry[method] = run_method(method, cfg)
             if "ce" in entry and "push_s" in entry["ce"]:
                 for method in ("plain", "tp"):

@@ -22,7 +22,10 @@ MiB = 2**20
 
 class HostIpc(ipc.CudaIpc):
     """CUDA IPC's stand-in on CPU: an export is a file_system shared-memory storage; events do nothing (CPU copies
-    are synchronous)."""
+    are synchronous). ``gpu`` is the "GPU UUID" this process reports: processes given the same one are colocated."""
+
+    def __init__(self, gpu: str = "host-shm"):
+        self.gpu = gpu
 
     def available(self, device):
         return device.type == "cpu"
@@ -31,7 +34,7 @@ class HostIpc(ipc.CudaIpc):
         return torch.device("cpu")
 
     def uuid(self, device):
-        return "host-shm" if device.type == "cpu" else ""
+        return self.gpu if device.type == "cpu" else ""
 
     def export(self, base):
         st = base.untyped_storage()
@@ -67,9 +70,9 @@ class HostIpc(ipc.CudaIpc):
         pass
 
 
-def use_standin() -> None:
+def use_standin(gpu: str = "host-shm") -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")
-    ipc.backend = HostIpc()
+    ipc.backend = HostIpc(gpu)
 
 
 # A small model with the awkward parts: a tied embedding / LM head, odd sizes (unaligned offsets), 1-D norms, an
@@ -146,24 +149,35 @@ def fingerprint(tensors) -> list[int]:
 
 
 def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=False, measure=False,
-            realloc_at=None, model="small"):
-    """Push ``pushes`` times (weights change before each); return states, fingerprints, reports, diagnostics."""
+            realloc_at=None, model="small", gpu=None):
+    """Push ``pushes`` times (weights change before each); return states, fingerprints, reports, diagnostics.
+
+    With ``world`` > 1 the model is sharded with FSDP2 over the trainer ranks (rank r on ``cuda:r`` on a GPU; on CPU
+    ``gpu`` names the stand-in GPU this rank reports, to lay out colocation)."""
     if standin:
-        use_standin()
-    device = torch.device(device)
+        use_standin(gpu or "host-shm")
+    cfg = dict(cfg)
+    num_receivers = cfg.pop("num_receivers", 1)
+    device = torch.device(f"cuda:{rank}" if device == "cuda" else device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     model = build(getattr(torch, dtype), device, shapes=MODELS[model])
+    if world > 1:
+        _fully_shard(model, world, device)
     if standin:
-        model.share_memory()
+        for p in model.parameters():
+            _local(p).share_memory_()  # moves the storage (FSDP2's padded shard buffer too) to shared memory
     bar = Barrier(bar_port, "trainer") if measure else None
     mem = {}
-    g = torch.Generator(device=device).manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1 + rank)
     if measure:  # run every kernel the pushes will run once first: their code then is not counted as a leak
         _perturb(model, g, device)
         fingerprint([p.detach().to(_wire(cfg, dtype)) for p in model.parameters()])
         read_mem(bar, "start", device, mem, "baseline")
-    sender = Sender(model, SyncConfig(port=port, token="tok", timeout_s=60, **cfg))
-    sender.connect(1)
-    diag = {"ipc": sender.ipc is not None, "held": [], "exports": []}
+    sender = Sender(model, SyncConfig(port=port if rank == 0 else 0, token="tok", timeout_s=60, **cfg))
+    sender.connect(num_receivers)
+    diag = {"ipc": sender.ipc is not None, "held": [], "exports": [], "local": list(sender.ipc.local)
+            if sender.ipc is not None else [], "group": sender.bridge.groups.get(rank) is not None}
     prints, reports = [], []
     for k in range(pushes):
         _perturb(model, g, device)
@@ -178,19 +192,45 @@ def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=Fal
                 fresh.copy_(w.detach() * 2)
                 w.data = fresh.share_memory_() if standin else fresh
         reports.append(sender.push().to_dict())
-        prints.append(fingerprint([p.detach().to(_wire(cfg, dtype)) for _, p in sorted(_named(model).items())]))
+        full = _full(model)
+        prints.append(fingerprint([t.to(_wire(cfg, dtype)) for _, t in sorted(full.items())]))
         if sender.ipc is not None:
             diag["held"].append(len(sender.ipc._held))
             diag["exports"].append(sender.ipc._next_id)
         if measure and k in (0, pushes - 1):
             read_mem(bar, f"push{k}", device, mem, f"after_push{k + 1}")
-    state = {n: p.detach().cpu().clone() for n, p in _named(model).items()}
+    state = {n: t.cpu().clone() for n, t in full.items()}
     if measure:
         bar("receiver-closed")  # receivers unmap first; then the trainer's buffers are freed at once
     sender.close()
     if measure:
         read_mem(bar, "closed", device, mem, "after_close")
     return {"state": state, "prints": prints, "reports": reports, "diag": diag, "mem": mem}
+
+
+def _fully_shard(model, world: int, device) -> None:
+    """FSDP2 over the trainer ranks (local_cluster started their default gloo group; NCCL for CUDA shards)."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "cuda":
+        mesh = DeviceMesh.from_group(dist.new_group(backend="nccl"), "cuda")
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model, mesh=mesh)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    p = p.detach()
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _full(model) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in _named(model).items()}
 
 
 def _named(model) -> dict[str, torch.Tensor]:
@@ -200,17 +240,20 @@ def _named(model) -> dict[str, torch.Tensor]:
 def _perturb(model, g, device) -> None:
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, device=device).to(p.dtype))
+            t = _local(p)
+            t.add_(torch.randn(t.shape, generator=g, device=device).to(t.dtype))
 
 
 def _wire(cfg: dict, dtype: str) -> torch.dtype:
     return getattr(torch, "bfloat16" if cfg.get("wire_dtype") == "bfloat16" else dtype)
 
 
-def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False, measure=False, model="small"):
-    """Receive into tensors of its own (copy_ by name, as an engine would); fingerprints after each push."""
+def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False, measure=False, model="small",
+             num_trainers=1, gpu=None):
+    """Receive into tensors of its own (copy_ by name, as an engine would); fingerprints after each push.
+    On CPU ``gpu`` names the stand-in GPU this receiver reports (colocated with the trainer ranks that report it)."""
     if standin:
-        use_standin()
+        use_standin(gpu or "host-shm")
     device = torch.device(device)
     shapes = MODELS[model]
     exp = expected(dtype, shapes)
@@ -223,10 +266,13 @@ def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False
             t.copy_(t.clone())
         fingerprint(list(own.values()))
         read_mem(bar, "start", device, mem, "baseline")
-    r = Receiver(JoinInfo("127.0.0.1", port, "tok", 0, 1, n, j, backend, 60.0), expected=exp,
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    r = Receiver(JoinInfo("127.0.0.1", port, "tok", 0, num_trainers, n, j, backend, 60.0), expected=exp,
                  device=device if not standin else None)
     r.connect()
-    diag = {"ipc": r.ipc is not None, "mapped": [], "device": str(r.device)}
+    diag = {"ipc": r.ipc is not None, "mapped": [], "device": str(r.device),
+            "srcs": list(r.ipc.srcs) if r.ipc is not None else [], "groups": sorted(r.bridge.groups)}
     seen = []
     prints = []
 
@@ -250,3 +296,48 @@ def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False
         bar("receiver-closed")
         read_mem(bar, "closed", device, mem, "after_close")
     return {"state": state, "prints": prints, "diag": diag, "mem": mem}
+
+
+# ---- running and checking (shared by test_ipc.py on CPU and test_ipc_gpu.py) ----------------------------------
+
+def check_pair(t, r, wire=None) -> None:
+    """Receiver ``r`` holds exactly trainer ``t``'s weights (in the wire dtype) after every push, by CUDA IPC."""
+    assert t["diag"]["ipc"] and r["diag"]["ipc"], "the push did not go by CUDA IPC"
+    assert t["prints"] == r["prints"]  # bit-level fingerprints after every push
+    for name, want in t["state"].items():
+        want = (want.to(wire) if wire is not None else want).contiguous()
+        assert torch.equal(r["state"][name].view(torch.uint8), want.view(torch.uint8)), name
+    assert torch.equal(r["state"]["lm_head.weight"], r["state"]["embed.weight"])  # tied alias arrived too
+
+
+def run_colocated(cfg: dict, num_trainers: int, receiver_gpus: list[int], pushes: int = 3, dtype: str = "float32",
+                  recv_dtype: str | None = None, standin: bool = False, backend: str = "gloo"):
+    """FSDP2 over ``num_trainers`` ranks (rank r on GPU r); receiver j on GPU ``receiver_gpus[j]``. On CPU
+    (``standin``) the GPUs are labels the stand-in reports. Returns (trainer results, receiver results)."""
+    from procs import free_port, run_roles
+
+    port, m, n = free_port(), num_trainers, len(receiver_gpus)
+    cfg = dict(cfg, num_receivers=n)
+    tdev = "cpu" if standin else "cuda"
+    out = run_roles(
+        [("trainer", r, m, trainer, (port, 0, tdev, dtype, cfg, pushes, standin, False, None, "small", f"gpu{r}"))
+         for r in range(m)] +
+        [("receiver", j, n, receiver, (port, 0, "cpu" if standin else f"cuda:{g}", recv_dtype or dtype, backend,
+                                       pushes, standin, False, "small", m, f"gpu{g}"))
+         for j, g in enumerate(receiver_gpus)], timeout=300)
+    return [out[("trainer", r)] for r in range(m)], [out[("receiver", j)] for j in range(n)]
+
+
+def check_colocated(ts, rs, receiver_gpus, wire=None) -> None:
+    """Every receiver holds the full weights; it mapped its own GPU's trainer rank and took the others' from their
+    groups; trainer ranks without a receiver on their GPU used the wire only."""
+    for t in ts[1:]:
+        assert t["prints"] == ts[0]["prints"]  # every rank gathered the same full weights
+    for j, (r, g) in enumerate(zip(rs, receiver_gpus)):
+        check_pair(ts[0], r, wire)
+        assert r["diag"]["srcs"] == [g], r["diag"]  # IPC for the trainer rank on its GPU...
+        assert r["diag"]["groups"] == [x for x in range(len(ts)) if x != g], r["diag"]  # ...the wire for the others
+        assert j in ts[g]["diag"]["local"]
+    for x, t in enumerate(ts):
+        assert t["diag"]["ipc"] == (x in receiver_gpus)
+        assert t["diag"]["group"] == any(g != x for g in receiver_gpus)

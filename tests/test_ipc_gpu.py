@@ -33,20 +33,11 @@ def _run(cfg, pushes, dtype="bfloat16", recv_dtype=None, backend="gloo", measure
     return out[("trainer", 0)], out[("receiver", 0)]
 
 
-def _check(t, r, wire=None):
-    assert t["diag"]["ipc"] and r["diag"]["ipc"], "the push did not go by CUDA IPC"
-    assert t["prints"] == r["prints"]  # bit-level fingerprints, computed on the GPU, after every push
-    for name, want in t["state"].items():
-        want = (want.to(wire) if wire is not None else want).contiguous()
-        assert torch.equal(r["state"][name].view(torch.uint8), want.view(torch.uint8)), name
-    assert torch.equal(r["state"]["lm_head.weight"], r["state"]["embed.weight"])
-
-
 def test_auto_picks_ipc_direct_bit_for_bit():
     """Default config ("auto") on one GPU chooses ipc; receivers read trainer parameters in place; a re-allocated
     parameter is exported anew and the old export released."""
     t, r = _run({"bucket_mb": 0.002}, pushes=4, backend="nccl", realloc_at=2)
-    _check(t, r)
+    ipc_roles.check_pair(t, r)
     n = len(ipc_roles.SHAPES) - 1
     assert t["diag"]["exports"] == [n, n, n + 1, n + 1] and t["diag"]["held"] == [n] * 4
 
@@ -56,20 +47,20 @@ def test_ipc_staged_cast_bit_for_bit(num_buffers):
     """fp32 trainer -> bf16 receiver: packed and cast on the device into exported, re-used bucket buffers."""
     cfg = {"mode": "ipc", "bucket_mb": 0.002, "num_buffers": num_buffers, "wire_dtype": "bfloat16"}
     t, r = _run(cfg, pushes=3, dtype="float32", recv_dtype="bfloat16")
-    _check(t, r, wire=torch.bfloat16)
+    ipc_roles.check_pair(t, r, wire=torch.bfloat16)
     assert t["reports"][0]["num_buckets"] > 3 and len(set(t["diag"]["exports"])) == 1
 
 
 def test_ipc_staged_same_dtype_bit_for_bit():
     t, r = _run({"mode": "ipc", "bucket_mb": 0.002, "ipc_direct": False}, pushes=3)
-    _check(t, r)
+    ipc_roles.check_pair(t, r)
 
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_ipc_20_pushes_memory_back_to_baseline(direct):
     cfg = {"mode": "ipc", "bucket_mb": 32, "ipc_direct": direct}
     t, r = _run(cfg, pushes=20, measure=True, realloc_at=5 if direct else None, model="big")
-    _check(t, r)
+    ipc_roles.check_pair(t, r)
     report = {"direct": direct, "trainer": t["mem"], "receiver": r["mem"],
               "push_ms": [round(x["total_s"] * 1e3, 2) for x in t["reports"]]}
     print(json.dumps(report))
@@ -87,3 +78,24 @@ def test_ipc_20_pushes_memory_back_to_baseline(direct):
             assert abs(side["after_push1"] - side["baseline"]) <= TOLERANCE, side  # direct allocates nothing at all
         else:
             assert side["baseline"] - side["after_push1"] >= 2 * 32 * MiB - TOLERANCE, side  # the two buffers
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nvidia-h200-x2)")
+
+
+@two_gpus
+@pytest.mark.parametrize("receivers", [[0, 1], [0]], ids=["engine-per-gpu", "one-engine"])
+def test_fsdp2_two_gpus_colocated_nccl_and_ipc_bit_for_bit(receivers):
+    """FSDP2 over GPUs 0 and 1 with engines colocated: the local shard by CUDA IPC (in place), the other GPU's over
+    NCCL, in one push; bit for bit after every push."""
+    ts, rs = ipc_roles.run_colocated({"bucket_mb": 0.002}, 2, receivers, dtype="bfloat16", backend="nccl")
+    ipc_roles.check_colocated(ts, rs, receivers)
+
+
+@two_gpus
+def test_fsdp2_two_gpus_colocated_staged_cast_bit_for_bit():
+    """fp32 shards -> bf16 engines: one pack per bucket into an exported buffer that the colocated engine maps and
+    NCCL broadcasts to the other GPU's engine."""
+    cfg = {"mode": "ipc", "bucket_mb": 0.002, "wire_dtype": "bfloat16"}
+    ts, rs = ipc_roles.run_colocated(cfg, 2, [0, 1], dtype="float32", recv_dtype="bfloat16", backend="nccl")
+    ipc_roles.check_colocated(ts, rs, [0, 1], wire=torch.bfloat16)

@@ -179,26 +179,34 @@ class Assembler:
 
 def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, deadline: Deadline,
             on_batch: Callable[[Batch], None], wanted: set[str] | None, me: str,
-            post: Callable[[Bucket, torch.Tensor], object] | None = None) -> StageTimes:
+            post: Callable[[Bucket, torch.Tensor], object] | None = None, local=None) -> StageTimes:
     """Receive every bucket of ``plan`` and hand whole tensors to ``on_batch``, one call per round.
 
     By default each bucket arrives by broadcast on its sender's group; ``post(bucket, buf)`` replaces that (the
-    point-to-point catch-up posts a recv instead)."""
+    point-to-point catch-up posts a recv instead). ``local`` (an ``IpcReceiver``, transport/ipc.py) takes the buckets
+    of the trainer ranks on this receiver's own GPU (``local.srcs``): they come by CUDA IPC, not over the wire, and
+    are applied in their own round while that round's wire buckets are still arriving."""
     post = post or (lambda b, buf: _broadcast(groups[b.src], buf))
+    srcs = set(local.srcs) if local is not None else set()
     times = StageTimes()
     rounds = plan.rounds()
-    per_round = max((len(r) for r in rounds), default=0)
+    per_round = max((sum(b.src not in srcs for b in r) for r in rounds), default=0)
     buffers = pool.get(num_buffers * per_round, plan.max_bucket_bytes)
     asm = Assembler(plan, pool.device, wanted)
+
+    def apply_batch(batch: Batch) -> None:
+        t = time.perf_counter()
+        if batch:
+            on_batch(batch)
+        times.apply += time.perf_counter() - t
 
     def apply(posted) -> None:
         t = time.perf_counter()
         batch: Batch = []
         for bucket, buf, _ in posted:
             batch.extend(asm.add(bucket, buf))
-        if batch:
-            on_batch(batch)
         times.apply += time.perf_counter() - t
+        apply_batch(batch)
 
     prev = None
     for rnd, buckets in enumerate(rounds):
@@ -207,16 +215,21 @@ def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, 
             prev = None
         base = (rnd % num_buffers) * per_round
         posted = []
-        for i, b in enumerate(buckets):
-            buf = buffers[base + i]
-            posted.append((b, buf, post(b, buf[:b.nbytes])))
+        for b in buckets:
+            if b.src not in srcs:
+                buf = buffers[base + len(posted)]
+                posted.append((b, buf, post(b, buf[:b.nbytes])))
         if prev is not None:
             apply(prev)  # overlaps with this round's receives
+        here = [b for b in buckets if b.src in srcs]
+        if here:
+            apply_batch(local.take(here, asm, times, me))
+            local.consumed()  # its staged buffers may be re-packed once the copies just queued have run
         t = time.perf_counter()
         for b, _, work in posted:
             _wait(work, deadline, f"bucket {b.index} (round {b.round})", f"trainer rank {b.src} -> {me}")
         times.transfer += time.perf_counter() - t
-        prev = posted
+        prev = posted or None
     if prev is not None:
         apply(prev)
     if asm.partial:

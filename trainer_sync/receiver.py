@@ -20,6 +20,7 @@ from .plan import Expected, PlanCache
 from .sender import JoinInfo
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
+from .transport.layout import agree_layout
 
 
 @dataclass
@@ -58,15 +59,19 @@ class Receiver:
     def connect(self) -> None:
         i = self.info
         self.rdzv = Rendezvous(i.host, i.port, i.token, is_server=False, timeout_s=i.timeout_s)
-        self.bridge = BridgeGroup(self.rdzv, self.me, i.epoch, i.num_trainers, i.num_receivers, i.backend,
-                                  i.timeout_s)
-        # Report this receiver's GPU (its own device, else the current CUDA device); trainer rank 0 picks the mode.
+        # Report this receiver's GPU (its own device, else the current CUDA device); trainer rank 0 decides which
+        # trainer ranks it reaches by CUDA IPC (those on its GPU) and which through the groups (transport/layout.py).
         dev = self.device if self._device_given or self.device.type == "cuda" else ipc.backend.default_device()
-        if ipc.agree_mode(self.bridge.store, self.me, "", ipc.device_uuid(dev), i.num_trainers, i.num_receivers,
-                          i.timeout_s) == "ipc":
+        self.bridge = BridgeGroup(self.rdzv, self.me, i.epoch, i.num_trainers, i.num_receivers, i.backend,
+                                  i.timeout_s, decide=lambda store: agree_layout(
+                                      store, self.me, "", ipc.device_uuid(dev), i.num_trainers, i.num_receivers,
+                                      i.backend, i.timeout_s))
+        srcs = self.bridge.layout.local_srcs(i.receiver_rank)
+        if srcs:
             ipc.require(dev, str(self.me))
             self.device = dev
-            self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, i.num_trainers, i.num_receivers, dev, i.timeout_s)
+            self.pool = BufferPool(dev)
+            self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, srcs, i.num_receivers, dev, i.timeout_s)
         self.bridge.set_json(f"expected/{i.receiver_rank}", self.expected.to_json() if self.expected else None)
 
     def receive(self, on_batch: Callable[[Batch], None]) -> ReceiveResult:
@@ -89,13 +94,17 @@ class Receiver:
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
         try:
             cb = self.fp8.wrap(on_batch, plan) if self.fp8 else on_batch
-            if self.ipc is not None:
+            i = self.info
+            if self.ipc is not None and len(self.ipc.srcs) == i.num_trainers:  # one GPU: everything by IPC
                 times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me))
             else:
-                i = self.info
+                if self.ipc is not None:  # the trainer ranks on this GPU by IPC, the others over the wire
+                    self.ipc.begin(p, msg["num_buffers"])
                 times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"],
                                 Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s), cb,
-                                wanted, str(self.me))
+                                wanted, str(self.me), local=self.ipc)
+                if self.ipc is not None:
+                    self.ipc.finish(times)
             if self.fp8:
                 cb.finish()
         except Exception as e:

@@ -25,6 +25,7 @@ from .sources import Source, make_source
 from .sources.fp8 import Fp8Source
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
+from .transport.layout import agree_layout
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ class Sender:
         port, token = _share_from_rank0([port, token], self.world)
         if self.rank != 0:
             self.rdzv = Rendezvous(cfg.host, port, token, is_server=False, timeout_s=cfg.timeout_s)
-        # ipc moves no data over the bridging group (and NCCL refuses two ranks on one GPU): gloo carries its signals.
-        self.backend = cfg.backend or ("nccl" if self.source.device.type == "cuda" and cfg.mode != "ipc" else "gloo")
+        # NCCL for CUDA tensors: hops between two processes on one GPU go by CUDA IPC and stay out of the groups.
+        self.backend = cfg.backend or ("nccl" if self.source.device.type == "cuda" else "gloo")
         self.ipc: ipc.IpcSender | None = None
         self.pool = BufferPool(self.source.device)
         self.bridge: BridgeGroup | None = None
@@ -117,14 +118,16 @@ class Sender:
         self.seq = 0
         self._expected = None
         self._last_plan = None
-        self.bridge = BridgeGroup(self.rdzv, Member("trainer", self.rank), self.epoch, self.world, num_receivers,
-                                  self.backend, self.config.timeout_s)
-        # Everyone reports its GPU; "ipc" (or "auto" with one GPU for all) makes the push go by CUDA IPC.
-        if ipc.agree_mode(self.bridge.store, Member("trainer", self.rank), self.config.mode,
-                          ipc.device_uuid(self.source.device), self.world, num_receivers,
-                          self.config.timeout_s) == "ipc":
-            self.ipc = ipc.IpcSender(self.bridge.store, self.rank, num_receivers, self.source.device,
-                                     self.config.timeout_s, self.config.ipc_direct)
+        me, cfg = Member("trainer", self.rank), self.config
+        # Everyone reports its GPU; receivers on this rank's GPU get its buckets by CUDA IPC (transport/layout.py).
+        self.bridge = BridgeGroup(self.rdzv, me, self.epoch, self.world, num_receivers, self.backend, cfg.timeout_s,
+                                  decide=lambda store: agree_layout(store, me, cfg.mode,
+                                                                    ipc.device_uuid(self.source.device), self.world,
+                                                                    num_receivers, self.backend, cfg.timeout_s))
+        local = self.bridge.layout.local[self.rank]
+        if local:
+            self.ipc = ipc.IpcSender(self.bridge.store, self.rank, local, num_receivers, self.source.device,
+                                     cfg.timeout_s, cfg.ipc_direct)
         if self.config.wire_dtype == "auto":
             self._auto_fp8()
 
@@ -229,20 +232,26 @@ class Sender:
             raise HandshakeMismatch(msg["error"])
         plan = self._plans.parse(msg["plan"])
         t_plan = time.perf_counter() - t0
-        if self.ipc is not None:
+        group = bridge.groups.get(self.rank)  # None when every receiver is on this rank's GPU
+        wire_deadline = Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s)
+        if self.snapshot is not None:
+            # Invalid until commit. A rank whose push goes by CUDA IPC packs nothing to keep, so it never commits and
+            # a joiner is told that no complete version is kept (rather than served an old one).
+            self.snapshot.begin()
+        if self.ipc is not None and group is None:
             times = self.ipc.send(plan, self.source, p, msg["num_buffers"])
         else:
-            if self.snapshot is not None:
-                self.snapshot.begin()
             failed = None
             try:
-                times = send(plan, self.source, bridge.groups[self.rank], self.pool, msg["num_buffers"],
-                             Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s),
-                             self.snapshot.keep if self.snapshot is not None else None)
+                if self.ipc is not None:  # some receivers on this GPU (IPC), the others over the wire
+                    times = self.ipc.send(plan, self.source, p, msg["num_buffers"], group, self.pool, wire_deadline)
+                else:
+                    times = send(plan, self.source, group, self.pool, msg["num_buffers"], wire_deadline,
+                                 self.snapshot.keep if self.snapshot is not None else None)
             except SyncError as e:
                 failed = str(e)
             if failed is not None:  # handled outside the except block: its traceback would keep the group alive
-                del bridge
+                del bridge, group
                 raise self._name_stalled(p, failed)
         self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
                    lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline)
@@ -253,7 +262,7 @@ class Sender:
                             stage="apply", who=failed[0].split(":")[0])
         if self.ipc is not None:
             self.ipc.after_push()
-        if self.snapshot is not None:
+        if self.snapshot is not None and self.ipc is None:
             self.snapshot.commit(msg["plan"], version, {b.index for b in plan.buckets if b.src == self.rank})
         if self.rank == 0 and self.seq >= 2:
             self._forget(self.seq - 2)
@@ -285,7 +294,7 @@ class Sender:
         p = f"p{seq}/"
         for key in [f"{p}plan"] + [f"{p}pieces/{r}" for r in range(self.world)] + \
                    [f"{p}done/{j}" for j in range(self.num_receivers)] + \
-                   ([f"{p}ipc/{r}" for r in range(self.world)] if self.ipc is not None else []):
+                   [f"{p}ipc/{r}" for r, local in enumerate(self.bridge.layout.local) if local]:
             self.bridge.store.delete_key(key)
 
     def close_group(self, in_background: bool = False) -> None:

@@ -192,14 +192,18 @@ def make_group(store: dist.Store, rank: int, size: int, backend: str, timeout_s:
 
 
 class BridgeGroup:
-    """The groups of one epoch: ``src{r}`` = trainer rank r (group rank 0) + receivers (group ranks 1..N).
+    """The groups of one epoch: ``src{r}`` = trainer rank r (group rank 0) + the receivers it reaches over the wire
+    (group ranks 1..). A trainer rank holds only its own group; a receiver holds one per trainer rank that reaches it.
 
-    A trainer rank holds only its own group; a receiver holds all M. ``close()`` shuts them down explicitly (a gloo
-    group left to the garbage collector can abort the process at exit).
+    ``decide(store)``, called after authentication and before any group forms, returns the epoch's Layout
+    (transport/layout.py): receivers on a trainer rank's own GPU are left out of its group (CUDA IPC carries that
+    hop), and a trainer rank with no other receivers forms no group at all. Without it every receiver is in every
+    group. ``close()`` shuts the groups down explicitly (a gloo group left to the garbage collector can abort the
+    process at exit).
     """
 
     def __init__(self, rdzv: Rendezvous, me: Member, epoch: int, num_trainers: int, num_receivers: int,
-                 backend: str, timeout_s: float):
+                 backend: str, timeout_s: float, decide=None):
         if num_trainers < 1 or num_receivers < 1:
             raise ValueError(f"a bridging group needs >= 1 trainer and receiver rank, got {num_trainers}, "
                              f"{num_receivers}")
@@ -210,19 +214,24 @@ class BridgeGroup:
         if me.role == "trainer" and me.rank >= num_trainers or me.role == "receiver" and me.rank >= num_receivers:
             raise ValueError(f"{me} is outside a group of {num_trainers} trainer ranks and {num_receivers} receivers")
         self.store = rdzv.authenticate(me, epoch, others)
+        self.layout = decide(self.store) if decide is not None else None
         self.groups: dict[int, object] = {}
         try:
-            if me.role == "trainer":
-                self.groups[me.rank] = make_group(dist.PrefixStore(f"src{me.rank}/", self.store), 0,
-                                                  1 + num_receivers, backend, timeout_s, rdzv.host)
-            else:
-                for r in range(num_trainers):
-                    self.groups[r] = make_group(dist.PrefixStore(f"src{r}/", self.store), 1 + me.rank,
-                                                1 + num_receivers, backend, timeout_s, rdzv.host)
+            for r in ([me.rank] if me.role == "trainer" else range(num_trainers)):
+                wired = self.wired(r)
+                if not wired or me.role == "receiver" and me.rank not in wired:
+                    continue
+                rank = 0 if me.role == "trainer" else 1 + wired.index(me.rank)
+                self.groups[r] = make_group(dist.PrefixStore(f"src{r}/", self.store), rank, 1 + len(wired),
+                                            backend, timeout_s, rdzv.host)
         except Exception as e:  # noqa: BLE001
             self.close()
             raise SyncError(f"{me}: could not form the bridging group of epoch {epoch}: {e}",
                             stage="rendezvous") from e
+
+    def wired(self, r: int) -> tuple[int, ...]:
+        """The receivers trainer rank r reaches through its group."""
+        return self.layout.remote(r) if self.layout is not None else tuple(range(self.num_receivers))
 
     def set_json(self, key: str, value) -> None:
         self.store.set(key, json.dumps(value))

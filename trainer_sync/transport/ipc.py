@@ -54,12 +54,12 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from ..errors import SyncError
-from ..pipeline import Assembler, Batch, StageTimes, _round_names, pack_bucket
+from ..errors import Deadline, SyncError
+from ..pipeline import Batch, BufferPool, StageTimes, _broadcast, _round_names, _wait, pack_bucket, \
+    receive as receive_rounds, send as send_wire
 from ..plan import Bucket, BucketPlan, dtype_name
 from .group import Member, wait_keys
 
-MODE_KEY = "ipc/mode"
 _NUM_EVENTS = 2  # one per bucket buffer; num_buffers is 1 or 2
 
 
@@ -141,55 +141,6 @@ def device_uuid(device: torch.device) -> str:
     return backend.uuid(device)
 
 
-def agree_mode(store: dist.Store, me: Member, configured: str, uuid: str, num_trainers: int, num_receivers: int,
-               timeout_s: float) -> str:
-    """Every member of an epoch calls this once after the bridging group formed; all get the same transport.
-
-    Everyone publishes its GPU UUID; trainer rank 0 decides and publishes the decision: "ipc" when ``configured`` is
-    "ipc" or "auto" and every trainer rank and receiver reports the same (non-empty) UUID, else the configured mode
-    ("auto" -> "broadcast"). An explicit "ipc" that cannot be honoured fails on every member with the UUIDs named.
-    """
-    store.set(f"ipc/gpu/{me.key}", uuid)
-    if me == Member("trainer", 0):
-        decided = configured if configured not in ("auto", "ipc") else "broadcast"
-        if configured in ("auto", "ipc"):
-            members = [Member("trainer", r) for r in range(num_trainers)] + \
-                      [Member("receiver", j) for j in range(num_receivers)]
-            keys = [f"ipc/gpu/{m.key}" for m in members]
-            missing = wait_keys(store, keys, timeout_s)
-            if missing:
-                raise SyncError(f"trainer rank 0: no GPU report from {', '.join(missing)} within {timeout_s:g}s",
-                                stage="rendezvous")
-            uuids = {str(m): store.get(k).decode() for m, k in zip(members, keys)}
-            same = len(set(uuids.values())) == 1 and "" not in uuids.values()
-            if configured == "ipc" and not same:
-                msg = ("mode='ipc' needs every trainer rank and receiver on one GPU, but: " +
-                       ", ".join(f"{who} is on {u or 'no GPU'}" for who, u in uuids.items()))
-                store.set(MODE_KEY, "error:" + msg)
-                raise SyncError(msg, stage="rendezvous")
-            decided = "ipc" if same else "broadcast"
-            shared = sorted({u for who, u in uuids.items() if who.startswith("trainer") and u} &
-                            {u for who, u in uuids.items() if who.startswith("receiver") and u})
-            if not same and shared:
-                # NCCL refuses two ranks of one communicator on one GPU, and the mixed path (NCCL for the shards of
-                # other GPUs, IPC for the local hop) is not built yet: say so now rather than fail inside NCCL.
-                on = [who for who, u in uuids.items() if u in shared]
-                msg = (f"{', '.join(on)} share GPU(s) {', '.join(shared)} while other members are on other GPUs: "
-                       "trainer_sync cannot yet mix NCCL (for the other GPUs) with CUDA IPC (for the shared one); "
-                       "put the engines on GPUs of their own, or colocate a single trainer GPU with mode='ipc'")
-                store.set(MODE_KEY, "error:" + msg)
-                raise SyncError(msg, stage="rendezvous")
-        store.set(MODE_KEY, decided)
-        return decided
-    if wait_keys(store, [MODE_KEY], timeout_s):
-        raise SyncError(f"{me}: trainer rank 0 announced no transport within {timeout_s:g}s", stage="rendezvous",
-                        who="trainer rank 0")
-    decided = store.get(MODE_KEY).decode()
-    if decided.startswith("error:"):
-        raise SyncError(f"{me}: {decided[6:]}", stage="rendezvous", who=str(me))
-    return decided
-
-
 class Counters:
     """A few int64 counters in a shared-memory file that both processes map: ``[announced, consumed by receiver 0,
     consumed by receiver 1, ...]``, each only ever written by its one owner and only ever increasing.
@@ -242,12 +193,15 @@ class Counters:
 
 
 class IpcSender:
-    """The trainer-rank side of one epoch (built by ``Sender.connect`` when the transport is "ipc")."""
+    """The trainer-rank side of one epoch, for the receivers on this rank's GPU (``local``); built by
+    ``Sender.connect`` when the layout gives this rank any. The receivers on other GPUs, if any, are reached through
+    ``group`` in ``send``: in the direct path by the ordinary wire loop, in the staged path by broadcasting the very
+    buffer the local receivers map (one pack for both transports)."""
 
-    def __init__(self, store: dist.Store, rank: int, num_receivers: int, device: torch.device, timeout_s: float,
-                 direct: bool = True):
-        self.store, self.rank, self.num_receivers, self.device = store, rank, num_receivers, device
-        self.timeout_s, self.allow_direct = timeout_s, direct
+    def __init__(self, store: dist.Store, rank: int, local: tuple[int, ...], num_receivers: int,
+                 device: torch.device, timeout_s: float, direct: bool = True):
+        self.store, self.rank, self.local, self.num_receivers = store, rank, tuple(local), num_receivers
+        self.device, self.timeout_s, self.allow_direct = device, timeout_s, direct
         self.who = f"trainer rank {rank} -> receivers (ipc)"
         self._next_id = 0
         self._ids: dict[tuple[int, int], int] = {}  # (storage ptr, nbytes) -> export id
@@ -255,7 +209,7 @@ class IpcSender:
         self._new: dict[int, list] = {}  # exports the receivers have not seen yet
         self._stale: list[int] = []  # dropped after the acknowledgements of the push that stopped using them
         self._ready = None  # [(event, handle)] recorded by this rank
-        self._free: dict[int, list] | None = None  # receiver j -> its "consumed" events, one per buffer
+        self._free: dict[int, list] | None = None  # local receiver j -> its "consumed" events, one per buffer
         self._bufs: list[tuple[int, torch.Tensor]] = []
         self._counters: Counters | None = None
         self._announced = 0  # buckets announced this epoch (the receivers count the same way)
@@ -325,8 +279,9 @@ class IpcSender:
             self._ready = [backend.new_event(self.device) for _ in range(_NUM_EVENTS)]
         return self._ready
 
-    def send(self, plan: BucketPlan, source, p: str, num_buffers: int) -> StageTimes:
-        times = StageTimes()
+    def send(self, plan: BucketPlan, source, p: str, num_buffers: int, group=None, pool: BufferPool | None = None,
+             deadline: Deadline | None = None) -> StageTimes:
+        """One push: the local receivers by CUDA IPC, and the other receivers (if ``group``) over the wire."""
         mine_by_round = plan.buckets_of(self.rank)
         mine = [b for b in mine_by_round if b is not None]
         ready = self._events()
@@ -354,39 +309,61 @@ class IpcSender:
         self.store.set(f"{p}ipc/{self.rank}", json.dumps(manifest, separators=(",", ":")))
         self._new = {}
         if direct is None:
-            self._send_staged(plan, source, mine_by_round, num_buffers, times)
-        return times
+            return self._send_staged(plan, source, mine_by_round, num_buffers, group, deadline)
+        if group is not None:  # the local receivers read in place; the others get the ordinary wire push
+            return send_wire(plan, source, group, pool, num_buffers, deadline)
+        return StageTimes()
 
-    def _send_staged(self, plan, source, mine_by_round, nb: int, times: StageTimes) -> None:
+    def _send_staged(self, plan, source, mine_by_round, nb: int, group, deadline) -> StageTimes:
+        times = StageTimes()
         if self._free is None:
-            keys = [f"ipc/free{self.rank}/{j}" for j in range(self.num_receivers)]
+            keys = [f"ipc/free{self.rank}/{j}" for j in self.local]
             if wait_keys(self.store, keys, self.timeout_s):
                 raise SyncError(f"{self.who}: receivers published no IPC events", stage="transfer", who=self.who)
             self._free = {j: [backend.open_event(h, self.device) for h in json.loads(self.store.get(k))]
-                          for j, k in enumerate(keys)}
+                          for j, k in zip(self.local, keys)}
         starts = {x.name: x.start for x in source.pieces()}
         ready, flags = self._ready, self._counters
-        for rnd, names in enumerate(_round_names(plan)):
-            bucket = mine_by_round[rnd]
-            with source.gathering(names):
-                if bucket is None:
-                    continue
-                g = self._announced  # this bucket's number in the epoch
-                s = g % nb
-                if g >= nb:  # buffer s last held bucket g - nb: every receiver must have queued its copies out
+        wire: dict[int, tuple[Bucket, object]] = {}  # buffer -> its broadcast to the other GPUs' receivers
+        failure = None
+        try:
+            for rnd, names in enumerate(_round_names(plan)):
+                bucket = mine_by_round[rnd]
+                with source.gathering(names):
+                    if bucket is None:
+                        continue
+                    g = self._announced  # this bucket's number in the epoch
+                    s = g % nb
                     t = time.perf_counter()
-                    what = f"ipc buffer {s} for bucket {bucket.index}"
-                    for j in range(self.num_receivers):
-                        flags.wait(1 + j, g - nb + 1, self.timeout_s, what, f"receiver {j}")
+                    if s in wire:  # the wire must be done with the buffer too
+                        b, work = wire.pop(s)
+                        _wait(work, deadline, f"bucket {b.index} (round {b.round})", self.who)
+                    if g >= nb:  # buffer s last held bucket g - nb: every local receiver must have queued its copies
+                        what = f"ipc buffer {s} for bucket {bucket.index}"
+                        for j in self.local:
+                            flags.wait(1 + j, g - nb + 1, self.timeout_s, what, f"receiver {j}")
+                        for evs in self._free.values():
+                            backend.wait(evs[s], self.device)  # ...and the GPU waits until those copies ran
                     times.transfer += time.perf_counter() - t
-                    for evs in self._free.values():
-                        backend.wait(evs[s], self.device)  # ...and the GPU waits until those copies ran
-                t = time.perf_counter()
-                pack_bucket(bucket, plan, source, starts, self._bufs[s][1])
-                backend.record(ready[s][0], self.device)
-                flags.v[0] = g + 1  # announce: its "ready" event is recorded
-                self._announced = g + 1
-                times.pack += time.perf_counter() - t
+                    t = time.perf_counter()
+                    buf = self._bufs[s][1]
+                    pack_bucket(bucket, plan, source, starts, buf)
+                    backend.record(ready[s][0], self.device)
+                    flags.v[0] = g + 1  # announce: its "ready" event is recorded
+                    self._announced = g + 1
+                    times.pack += time.perf_counter() - t
+                    if group is not None:
+                        wire[s] = (bucket, _broadcast(group, buf[:bucket.nbytes]))
+            t = time.perf_counter()
+            for b, work in wire.values():
+                _wait(work, deadline, f"bucket {b.index} (round {b.round})", self.who)
+            times.transfer += time.perf_counter() - t
+        except SyncError as e:
+            failure = (str(e), e.stage, e.who)
+        if failure is not None:  # as in pipeline.send: drop the failed Work before raising
+            wire.clear()
+            raise SyncError(*failure)
+        return times
 
     def close(self) -> None:
         if self._counters is not None:
@@ -415,12 +392,16 @@ def _backing(source, name: str) -> torch.Tensor | None:
 
 
 class IpcReceiver:
-    """The receiver side of one epoch."""
+    """The receiver side of one epoch, for the trainer ranks on this receiver's GPU (``srcs``).
 
-    def __init__(self, store: dist.Store, me: Member, num_trainers: int, num_receivers: int, device: torch.device,
-                 timeout_s: float):
+    Used in two ways: ``receive`` when every trainer rank is local (one GPU), or as the ``local`` hook of
+    ``pipeline.receive`` when some buckets come over the wire from other GPUs: ``begin`` once per push, then
+    ``take``/``consumed`` per round, then ``finish``."""
+
+    def __init__(self, store: dist.Store, me: Member, srcs: tuple[int, ...], num_receivers: int,
+                 device: torch.device, timeout_s: float):
         self.store, self.me, self.device, self.timeout_s = store, me, device, timeout_s
-        self.num_trainers, self.num_receivers = num_trainers, num_receivers
+        self.srcs, self.num_receivers = tuple(srcs), num_receivers
         self._mapped: dict[tuple[int, int], torch.Tensor] = {}  # (trainer rank, export id) -> uint8 view
         self._events: dict[str, object] = {}  # handle -> opened event
         self._free: dict[int, list] = {}  # trainer rank -> [(event, handle)] this receiver records
@@ -428,24 +409,27 @@ class IpcReceiver:
         self._consumed: dict[int, int] = {}  # trainer rank -> its buckets consumed this epoch
         self._cache = None  # (buckets, slots) -> batches of the last all-direct push
         self._empty = torch.empty(0, dtype=torch.uint8, device=device)
+        self._pool = BufferPool(device)  # stays empty: every bucket of a one-GPU push comes by IPC
+        self._man: dict[int, dict] = {}
+        self._nb = 1
+        self._index: dict[int, int] = {}  # trainer rank -> its buckets taken this push
+        self._waited: set[int] = set()
+        self._staged: list[tuple[int, int, str]] = []  # (trainer rank, bucket number, counters) of this round
+        self.reusable = True  # this push's batches can be replayed next push (all direct, nothing assembled)
 
     def _manifests(self, p: str) -> dict[int, dict]:
-        keys = [f"{p}ipc/{r}" for r in range(self.num_trainers)]
+        keys = [f"{p}ipc/{r}" for r in self.srcs]
         missing = wait_keys(self.store, keys, self.timeout_s)
         if missing:
             raise SyncError(f"{self.me}: no IPC manifest from {', '.join(missing)} within {self.timeout_s:g}s",
                             stage="transfer", who="trainer")
-        return {r: json.loads(self.store.get(k)) for r, k in enumerate(keys)}
+        return {r: json.loads(self.store.get(k)) for r, k in zip(self.srcs, keys)}
 
-    def receive(self, plan: BucketPlan, p: str, num_buffers: int, on_batch, wanted: set[str] | None,
-                me: str) -> StageTimes:
-        times = StageTimes()
-        man = self._manifests(p)
-        all_direct = all(m["kind"] == "direct" for m in man.values())
-        key = (plan.buckets, tuple(json.dumps(m.get("slots")) for m in man.values()))
-        if self._cache is not None and (not all_direct or self._cache[0] != key):
-            self._cache = None
-        for r, m in man.items():  # unmap what the trainer no longer sends, map what is new
+    def begin(self, p: str, num_buffers: int) -> None:
+        """Read this push's manifests; unmap what the trainer ranks no longer send, map what is new."""
+        self._man = man = self._manifests(p)
+        self._nb, self._index, self._waited, self.reusable = num_buffers, {r: 0 for r in man}, set(), True
+        for r, m in man.items():
             live = set(m["live"])
             for k in [k for k in self._mapped if k[0] == r and k[1] not in live]:
                 del self._mapped[k]
@@ -455,6 +439,7 @@ class IpcReceiver:
                 if h not in self._events:
                     self._events[h] = backend.open_event(h, self.device)
             if m["kind"] == "staged":
+                self.reusable = False
                 if r not in self._free:
                     self._free[r] = [backend.new_event(self.device) for _ in range(_NUM_EVENTS)]
                     self.store.set(f"ipc/free{r}/{self.me.rank}", json.dumps([h for _, h in self._free[r]]))
@@ -464,69 +449,75 @@ class IpcReceiver:
                     raise SyncError(f"{self.me}: lost count of trainer rank {r}'s buckets ({self._consumed.get(r, 0)}"
                                     f" consumed, it announces from {m['start']})", stage="transfer", who=str(self.me))
 
-        def apply(batch: Batch) -> None:
+    def take(self, buckets: list[Bucket], asm, times: StageTimes, me: str) -> Batch:
+        """The tensors of this round's buckets from local trainer ranks (views of their memory where whole)."""
+        batch: Batch = []
+        for b in buckets:
+            m, i = self._man[b.src], self._index[b.src]
+            if m["kind"] == "direct":
+                if b.src not in self._waited:
+                    backend.wait(self._events[m["events"][0]], self.device)
+                    self._waited.add(b.src)
+                for s, (eid, off) in zip(b.slots, m["slots"][i]):
+                    one = Bucket(b.index, b.src, b.round, b.nbytes, (replace(s, offset=off),))
+                    data = self._mapped[(b.src, eid)] if eid >= 0 else self._empty
+                    batch.extend(asm.add(one, data))
+                    if s.numel != asm.plan.tensors[s.name].numel:
+                        self.reusable = False  # assembled into fresh tensors: cannot be re-used next push
+            else:
+                g = self._consumed[b.src] = self._consumed.get(b.src, 0)
+                t = time.perf_counter()
+                self._counters[m["counters"]].wait(0, g + 1, self.timeout_s, f"ipc bucket {b.index}",
+                                                   f"trainer rank {b.src} -> {me}")
+                times.transfer += time.perf_counter() - t
+                backend.wait(self._events[m["events"][g % self._nb]], self.device)
+                batch.extend(asm.add(b, self._mapped[(b.src, m["bufs"][g % self._nb])]))
+                self._staged.append((b.src, g, m["counters"]))
+                self._consumed[b.src] = g + 1
+            self._index[b.src] = i + 1
+        return batch
+
+    def consumed(self) -> None:
+        """The copies out of this round's staged buffers are queued: let their trainer ranks re-pack them."""
+        for src, g, path in self._staged:
+            backend.record(self._free[src][g % self._nb][0], self.device)
+            self._counters[path].v[1 + self.me.rank] = g + 1  # its "consumed" event is recorded
+        self._staged = []
+
+    def finish(self, times: StageTimes) -> None:
+        """The engine holds the new weights (and reads no trainer memory any more) before anyone acknowledges."""
+        t = time.perf_counter()
+        backend.synchronize(self.device)
+        times.transfer += time.perf_counter() - t
+
+    def receive(self, plan: BucketPlan, p: str, num_buffers: int, on_batch, wanted: set[str] | None,
+                me: str) -> StageTimes:
+        """One push whose every bucket comes by IPC."""
+        self.begin(p, num_buffers)
+        key = (plan.buckets, tuple(json.dumps(m.get("slots")) for m in self._man.values()))
+        if self._cache is not None and (not self.reusable or self._cache[0] != key):
+            self._cache = None
+        if self._cache is not None:  # same plan, same storages: the views from last time are still right
+            times = StageTimes()
+            for m in self._man.values():
+                backend.wait(self._events[m["events"][0]], self.device)
             t = time.perf_counter()
-            if batch:
+            for batch in self._cache[1]:
                 on_batch(batch)
             times.apply += time.perf_counter() - t
-
-        if self._cache is not None:  # same plan, same storages: the views from last time are still right
-            for m in man.values():
-                backend.wait(self._events[m["events"][0]], self.device)
-            for batch in self._cache[1]:
-                apply(batch)
         else:
-            batches = self._receive(plan, man, num_buffers, apply, wanted, me, times)
-            if all_direct and batches is not None:
-                self._cache = (key, batches)
-        t = time.perf_counter()
-        backend.synchronize(self.device)  # the engine holds the new weights before we acknowledge
-        times.transfer += time.perf_counter() - t
-        return times
+            kept: list[Batch] = []
 
-    def _receive(self, plan, man, nb, apply, wanted, me, times) -> list[Batch] | None:
-        asm = Assembler(plan, self.device, wanted)
-        counters = {r: 0 for r in man}
-        waited: set[int] = set()
-        kept: list[Batch] | None = []
-        for buckets in plan.rounds():
-            batch: Batch = []
-            staged = []
-            for b in buckets:
-                m, i = man[b.src], counters[b.src]
-                if m["kind"] == "direct":
-                    if b.src not in waited:
-                        backend.wait(self._events[m["events"][0]], self.device)
-                        waited.add(b.src)
-                    for s, (eid, off) in zip(b.slots, m["slots"][i]):
-                        one = Bucket(b.index, b.src, b.round, b.nbytes, (replace(s, offset=off),))
-                        data = self._mapped[(b.src, eid)] if eid >= 0 else self._empty
-                        batch.extend(asm.add(one, data))
-                        if s.numel != plan.tensors[s.name].numel:
-                            kept = None  # assembled into fresh tensors: cannot be re-used next push
-                else:
-                    g = self._consumed[b.src] = self._consumed.get(b.src, 0)
-                    s = g % nb
-                    t = time.perf_counter()
-                    self._counters[m["counters"]].wait(0, g + 1, self.timeout_s, f"ipc bucket {b.index}",
-                                                       f"trainer rank {b.src} -> {me}")
-                    times.transfer += time.perf_counter() - t
-                    backend.wait(self._events[m["events"][s]], self.device)
-                    batch.extend(asm.add(b, self._mapped[(b.src, m["bufs"][s])]))
-                    staged.append((b.src, g, m["counters"]))
-                    self._consumed[b.src] = g + 1
-                    kept = None
-                counters[b.src] += 1
-            apply(batch)
-            if kept is not None:
+            def keep(batch: Batch) -> None:
                 kept.append(batch)
-            for src, g, path in staged:
-                backend.record(self._free[src][g % nb][0], self.device)
-                self._counters[path].v[1 + self.me.rank] = g + 1  # its "consumed" event is recorded
-        if asm.partial:
-            raise SyncError(f"{me}: tensors incomplete after the last bucket: {sorted(asm.partial)}",
-                            stage="transfer", who=me)
-        return kept
+                on_batch(batch)
+
+            times = receive_rounds(plan, {}, self._pool, num_buffers, Deadline(self.timeout_s), keep, wanted, me,
+                                   local=self)
+            if self.reusable:
+                self._cache = (key, kept)
+        self.finish(times)
+        return times
 
     def close(self) -> None:
         for c in self._counters.values():
