@@ -192,14 +192,13 @@ def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=Fal
                 fresh.copy_(w.detach() * 2)
                 w.data = fresh.share_memory_() if standin else fresh
         reports.append(sender.push().to_dict())
-        full = _full(model)
-        prints.append(fingerprint([t.to(_wire(cfg, dtype)) for _, t in sorted(full.items())]))
+        prints.append(fingerprint([t.to(_wire(cfg, dtype)) for _, t in sorted(_full(model).items())]))
         if sender.ipc is not None:
             diag["held"].append(len(sender.ipc._held))
             diag["exports"].append(sender.ipc._next_id)
         if measure and k in (0, pushes - 1):
             read_mem(bar, f"push{k}", device, mem, f"after_push{k + 1}")
-    state = {n: t.cpu().clone() for n, t in full.items()}
+    state = {n: t.cpu().clone() for n, t in _full(model).items()}
     if measure:
         bar("receiver-closed")  # receivers unmap first; then the trainer's buffers are freed at once
     sender.close()
@@ -230,7 +229,8 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 def _full(model) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in _named(model).items()}
+    # no copy of a plain parameter: the memory tests read this process's allocations right after
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in _named(model).items()}
 
 
 def _named(model) -> dict[str, torch.Tensor]:
