@@ -22,7 +22,8 @@ class SyncConfig:
     # "auto": the dtype each receiver expects (so an fp32 master copy is cast to the engine's bf16 while packing);
     # "model": the trainer's own dtype; or an explicit dtype; "fp8": block-quantized e4m3 (see codec.py).
     wire_dtype: str = "auto"
-    # "broadcast" for a static cluster; "ipc" when trainer and engine share a GPU; "auto" picks.
+    # "broadcast" for a static cluster; "ipc" when engines share GPUs with trainer ranks; "auto" picks per hop: CUDA
+    # IPC between a trainer rank and a receiver on one GPU, the bridging group otherwise (transport/layout.py).
     mode: str = "auto"
     # mode "ipc": let receivers read the trainer's parameters in place when every tensor travels whole in its own
     # dtype (one copy of each byte, by the engine); False always packs into exported bucket buffers first.

@@ -1,7 +1,11 @@
 """CUDA IPC: the transport when trainer ranks and receivers share one GPU (colocated / hybrid-engine RL).
 
-Nothing goes through host memory, and nothing through NCCL (which refuses two ranks on one GPU). The bridging group
-stays what it is for the rendezvous, the handshake and the acknowledgements; this module adds the data path.
+Nothing goes through host memory, and nothing through NCCL (which refuses two ranks on one GPU). The bridging store
+stays what it is for the rendezvous, the handshake and the acknowledgements; this module adds the data path of the
+hops that transport/layout.py calls local. With FSDP2 over several GPUs a receiver also has remote hops: it takes
+those buckets from the other trainer ranks' groups in the same ``pipeline.receive`` loop (``IpcReceiver`` is its
+``local`` hook), and a trainer rank with receivers on both sides feeds its group from the same push (see
+``IpcSender``).
 
 Two paths, picked per push by the trainer rank and announced in its manifest:
 
