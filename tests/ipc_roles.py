@@ -7,7 +7,9 @@ replaced by a host-memory stand-in (file-backed shared memory for exports, no-op
 from __future__ import annotations
 
 import gc
+import os
 import secrets
+import threading
 from datetime import timedelta
 
 import torch
@@ -22,7 +24,8 @@ MiB = 2**20
 
 class HostIpc(ipc.CudaIpc):
     """CUDA IPC's stand-in on CPU: an export is a file_system shared-memory storage; events do nothing (CPU copies
-    are synchronous). ``gpu`` is the "GPU UUID" this process reports: processes given the same one are colocated."""
+    are synchronous). ``gpu`` is the "GPU UUID" this process reports: processes given the same one are colocated.
+    Like CUDA IPC, it refuses to open a handle in the process that made it (shared memory itself would not mind)."""
 
     def __init__(self, gpu: str = "host-shm"):
         self.gpu = gpu
@@ -41,9 +44,11 @@ class HostIpc(ipc.CudaIpc):
         if not st.is_shared():
             raise RuntimeError("host stand-in: only shared-memory storages can be exported (model.share_memory())")
         manager, handle, size = st._share_filename_cpu_()
-        return [manager.decode(), handle.decode(), size]
+        return [manager.decode(), handle.decode(), size, os.getpid()]
 
     def open(self, w, device):
+        if w[3] == os.getpid():
+            raise RuntimeError("host stand-in: like CUDA IPC, a handle cannot be opened in the process that made it")
         st = torch.UntypedStorage._new_shared_filename_cpu(w[0].encode(), w[1].encode(), w[2])
         return torch.empty(0, dtype=torch.uint8).set_(st)
 
@@ -51,10 +56,12 @@ class HostIpc(ipc.CudaIpc):
         return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
 
     def new_event(self, device):
-        h = secrets.token_hex(8)
+        h = f"{os.getpid()}-{secrets.token_hex(8)}"
         return h, h
 
     def open_event(self, handle, device):
+        if handle.split("-")[0] == str(os.getpid()):
+            raise RuntimeError("host stand-in: like CUDA IPC, an event cannot be opened in the process that made it")
         return handle
 
     def record(self, ev, device):
@@ -341,3 +348,25 @@ def check_colocated(ts, rs, receiver_gpus, wire=None) -> None:
     for x, t in enumerate(ts):
         assert t["diag"]["ipc"] == (x in receiver_gpus)
         assert t["diag"]["group"] == any(g != x for g in receiver_gpus)
+
+
+def same_process(rank, world, port, device, dtype, cfg, pushes, standin=False, backend="gloo"):
+    """A trainer with an in-process engine (TRL's colocate mode): the trainer rank and the receiver in one process,
+    the receiver in a thread. Returns (trainer result, receiver result)."""
+    out: dict = {}
+
+    def run_receiver():
+        try:
+            out["r"] = receiver(0, 1, port, 0, device, dtype, backend, pushes, standin)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            out["error"] = e
+
+    th = threading.Thread(target=run_receiver)
+    th.start()
+    try:
+        out["t"] = trainer(0, 1, port, 0, device, dtype, cfg, pushes, standin)
+    finally:
+        th.join(timeout=120)
+    if "error" in out:
+        raise out["error"]
+    return out["t"], out["r"]

@@ -69,3 +69,13 @@ def test_fsdp2_two_gpus_colocated_staged_cast_over_both_transports():
     cfg = {"mode": "ipc", "bucket_mb": 0.002, "wire_dtype": "bfloat16"}
     ts, rs = ipc_roles.run_colocated(cfg, 2, [0, 1], dtype="float32", recv_dtype="bfloat16", standin=True)
     ipc_roles.check_colocated(ts, rs, [0, 1], wire=torch.bfloat16)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_ipc_trainer_and_engine_in_one_process_host_standin(direct):
+    """An in-process engine (TRL's colocate mode): the receiver takes the trainer's own tensors and events instead of
+    opening its handles, which CUDA IPC (and this stand-in) refuses within one process."""
+    cfg = {"mode": "ipc", "bucket_mb": 0.002, "ipc_direct": direct}
+    out = run_roles([("trainer", 0, 1, ipc_roles.same_process, (free_port(), "cpu", "float32", cfg, 3, True))],
+                    timeout=120)
+    ipc_roles.check_pair(*out[("trainer", 0)])

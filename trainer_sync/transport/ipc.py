@@ -126,6 +126,46 @@ class CudaIpc:
 
 backend = CudaIpc()
 
+# What this process exported, by handle. CUDA IPC cannot open a handle in the process that made it, and a trainer
+# with an in-process engine (TRL's colocate mode: vLLM's ``LLM`` in the training process) has its trainer rank and
+# its receiver in one process: such a receiver takes the exporter's own tensor or event from here instead.
+_OWN: dict[str, object] = {}
+
+
+def _key(w) -> str:
+    return json.dumps(w, separators=(",", ":"))
+
+
+def export(base: torch.Tensor) -> list:
+    w = backend.export(base)
+    _OWN[_key(w)] = base
+    return w
+
+
+def unexport(w: list) -> None:
+    _OWN.pop(_key(w), None)
+
+
+def open_export(w: list, device: torch.device) -> torch.Tensor:
+    own = _OWN.get(_key(w))
+    return own if own is not None else backend.open(w, device)
+
+
+def new_event(device: torch.device):
+    ev, handle = backend.new_event(device)
+    _OWN[handle] = ev
+    return ev, handle
+
+
+def open_event(handle: str, device: torch.device):
+    own = _OWN.get(handle)
+    return own if own is not None else backend.open_event(handle, device)
+
+
+def forget_events(pairs) -> None:
+    for _, handle in pairs or ():
+        _OWN.pop(handle, None)
+
 
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
@@ -210,6 +250,7 @@ class IpcSender:
         self._next_id = 0
         self._ids: dict[tuple[int, int], int] = {}  # (storage ptr, nbytes) -> export id
         self._held: dict[int, torch.Tensor] = {}  # export id -> uint8 tensor over the exported storage
+        self._handles: dict[int, list] = {}  # export id -> its export arguments
         self._new: dict[int, list] = {}  # exports the receivers have not seen yet
         self._stale: list[int] = []  # dropped after the acknowledgements of the push that stopped using them
         self._ready = None  # [(event, handle)] recorded by this rank
@@ -229,7 +270,7 @@ class IpcSender:
             self._next_id += 1
             self._ids[key] = eid
             self._held[eid] = base
-            self._new[eid] = backend.export(base)
+            self._new[eid] = self._handles[eid] = export(base)
         return eid
 
     def _release(self, live: set[int]) -> None:
@@ -240,6 +281,7 @@ class IpcSender:
         if self._stale:
             for eid in self._stale:
                 base = self._held.pop(eid)
+                unexport(self._handles.pop(eid))
                 self._ids.pop((base.untyped_storage().data_ptr(), base.untyped_storage().nbytes()), None)
             self._stale = []
             backend.collect()
@@ -280,7 +322,7 @@ class IpcSender:
 
     def _events(self) -> list:
         if self._ready is None:
-            self._ready = [backend.new_event(self.device) for _ in range(_NUM_EVENTS)]
+            self._ready = [new_event(self.device) for _ in range(_NUM_EVENTS)]
         return self._ready
 
     def send(self, plan: BucketPlan, source, p: str, num_buffers: int, group=None, pool: BufferPool | None = None,
@@ -324,7 +366,7 @@ class IpcSender:
             keys = [f"ipc/free{self.rank}/{j}" for j in self.local]
             if wait_keys(self.store, keys, self.timeout_s):
                 raise SyncError(f"{self.who}: receivers published no IPC events", stage="transfer", who=self.who)
-            self._free = {j: [backend.open_event(h, self.device) for h in json.loads(self.store.get(k))]
+            self._free = {j: [open_event(h, self.device) for h in json.loads(self.store.get(k))]
                           for j, k in zip(self.local, keys)}
         starts = {x.name: x.start for x in source.pieces()}
         ready, flags = self._ready, self._counters
@@ -374,7 +416,10 @@ class IpcSender:
             self._counters.close()
             self._counters = None
         self._direct_key = None
-        self._bufs, self._held, self._ids, self._new = [], {}, {}, {}
+        for w in self._handles.values():
+            unexport(w)
+        forget_events(self._ready)
+        self._bufs, self._held, self._ids, self._new, self._handles = [], {}, {}, {}, {}
         self._ready, self._free, self._stale = None, None, []
         if backend.available(self.device):
             backend.collect()
@@ -438,14 +483,14 @@ class IpcReceiver:
             for k in [k for k in self._mapped if k[0] == r and k[1] not in live]:
                 del self._mapped[k]
             for eid, w in m["new"].items():
-                self._mapped[(r, int(eid))] = backend.open(w, self.device)
+                self._mapped[(r, int(eid))] = open_export(w, self.device)
             for h in m["events"]:
                 if h not in self._events:
-                    self._events[h] = backend.open_event(h, self.device)
+                    self._events[h] = open_event(h, self.device)
             if m["kind"] == "staged":
                 self.reusable = False
                 if r not in self._free:
-                    self._free[r] = [backend.new_event(self.device) for _ in range(_NUM_EVENTS)]
+                    self._free[r] = [new_event(self.device) for _ in range(_NUM_EVENTS)]
                     self.store.set(f"ipc/free{r}/{self.me.rank}", json.dumps([h for _, h in self._free[r]]))
                 if m["counters"] not in self._counters:
                     self._counters[m["counters"]] = Counters(m["counters"], 1 + self.num_receivers, create=False)
@@ -526,4 +571,6 @@ class IpcReceiver:
     def close(self) -> None:
         for c in self._counters.values():
             c.close()
+        for pairs in self._free.values():
+            forget_events(pairs)
         self._counters, self._cache, self._mapped, self._events, self._free = {}, None, {}, {}, {}
