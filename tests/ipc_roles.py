@@ -9,7 +9,9 @@ from __future__ import annotations
 import gc
 import os
 import secrets
+import signal
 import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -156,7 +158,7 @@ def fingerprint(tensors) -> list[int]:
 
 
 def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=False, measure=False,
-            realloc_at=None, model="small", gpu=None):
+            realloc_at=None, model="small", gpu=None, linger_s=0.0):
     """Push ``pushes`` times (weights change before each); return states, fingerprints, reports, diagnostics.
 
     With ``world`` > 1 the model is sharded with FSDP2 over the trainer ranks (rank r on ``cuda:r`` on a GPU; on CPU
@@ -181,7 +183,7 @@ def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=Fal
         _perturb(model, g, device)
         fingerprint([p.detach().to(_wire(cfg, dtype)) for p in model.parameters()])
         read_mem(bar, "start", device, mem, "baseline")
-    sender = Sender(model, SyncConfig(port=port if rank == 0 else 0, token="tok", timeout_s=60, **cfg))
+    sender = Sender(model, SyncConfig(**{"port": port if rank == 0 else 0, "token": "tok", "timeout_s": 60, **cfg}))
     sender.connect(num_receivers)
     diag = {"ipc": sender.ipc is not None, "held": [], "exports": [], "local": list(sender.ipc.local)
             if sender.ipc is not None else [], "group": sender.bridge.groups.get(rank) is not None}
@@ -198,7 +200,11 @@ def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=Fal
                 fresh = torch.empty_like(w)
                 fresh.copy_(w.detach() * 2)
                 w.data = fresh.share_memory_() if standin else fresh
-        reports.append(sender.push().to_dict())
+        try:
+            reports.append(sender.push().to_dict())
+        except Exception:
+            time.sleep(linger_s)  # a trainer that handles the error keeps its rank (and rank 0 the store) up a while
+            raise
         prints.append(fingerprint([t.to(_wire(cfg, dtype)) for _, t in sorted(_full(model).items())]))
         if sender.ipc is not None:
             diag["held"].append(len(sender.ipc._held))
@@ -256,7 +262,7 @@ def _wire(cfg: dict, dtype: str) -> torch.dtype:
 
 
 def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False, measure=False, model="small",
-             num_trainers=1, gpu=None):
+             num_trainers=1, gpu=None, die_at=None):
     """Receive into tensors of its own (copy_ by name, as an engine would); fingerprints after each push.
     On CPU ``gpu`` names the stand-in GPU this receiver reports (colocated with the trainer ranks that report it)."""
     if standin:
@@ -284,6 +290,8 @@ def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False
     prints = []
 
     def apply(batch):
+        if die_at == len(diag["mapped"]):  # SIGKILL on the first batch of push ``die_at`` (0-based)
+            os.kill(os.getpid(), signal.SIGKILL)
         for name, t in batch:
             own[name].copy_(t)
             seen.append(name)
@@ -293,8 +301,7 @@ def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False
         r.receive(apply)
         assert sorted(seen) == sorted(exp), (sorted(seen), sorted(exp))
         prints.append(fingerprint([own[name] for name in sorted(shapes)]))
-        if r.ipc is not None:
-            diag["mapped"].append(len(r.ipc._mapped))
+        diag["mapped"].append(len(r.ipc._mapped) if r.ipc is not None else 0)
         if measure and k in (0, pushes - 1):
             read_mem(bar, f"push{k}", device, mem, f"after_push{k + 1}")
     state = {name: t.cpu().clone() for name, t in own.items()}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ipc_roles
-from procs import free_port, run_roles
+from procs import free_port, outcomes, run_roles
 from trainer_sync import Sender, SyncConfig, SyncError
 from trainer_sync.transport import ipc
 
@@ -79,3 +79,19 @@ def test_ipc_trainer_and_engine_in_one_process_host_standin(direct):
     out = run_roles([("trainer", 0, 1, ipc_roles.same_process, (free_port(), "cpu", "float32", cfg, 3, True))],
                     timeout=120)
     ipc_roles.check_pair(*out[("trainer", 0)])
+
+
+def test_colocated_receiver_killed_mid_push_is_named_by_both_trainer_ranks():
+    """FSDP2 on "GPUs" 0 and 1, an engine on each; receiver 1 is SIGKILLed on the first batch of push 2. Trainer rank 0
+    (its wire peer) and trainer rank 1 (its IPC peer) both fail with an error naming receiver 1 within the timeout;
+    receiver 0, which got rank 0's shard by IPC and rank 1's over the wire, is not blamed."""
+    port, cfg = free_port(), {"bucket_mb": 0.002, "num_receivers": 2, "timeout_s": 6}
+    out = outcomes(
+        [("trainer", r, 2, ipc_roles.trainer, (port, 0, "cpu", "float32", cfg, 2, True, False, None, "small",
+                                               f"gpu{r}", 10.0)) for r in range(2)] +
+        [("receiver", j, 2, ipc_roles.receiver, (port, 0, "cpu", "float32", "gloo", 2, True, False, "small", 2,
+                                                 f"gpu{j}", 1 if j == 1 else None)) for j in range(2)], timeout=120)
+    for r in range(2):
+        status, text = out[("trainer", r)]
+        assert status == "error" and "SyncError" in text and "receiver 1" in text, text[-1500:]
+        assert "receiver 0 stalled" not in text
