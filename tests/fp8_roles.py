@@ -150,4 +150,5 @@ def zero3_trainer(rank, world, n, port):
 
 
 def zero3_receiver(j, n, m, port):
-    return receive_once(port, j, n, m)
+    # 90 s to reach the store: the trainer ranks import DeepSpeed first (over 20 s on a loaded 2-core box)
+    return receive_pushes(Receiver(info(port, j, n, m, timeout=90.0)), 1, field="bytes")[0]
