@@ -54,6 +54,7 @@ from trainer_sync.plan import BucketPlan, LocalPiece, itemsize  # noqa: E402
 from trainer_sync.sender import JoinInfo  # noqa: E402
 from trainer_sync.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
 from trainer_sync.sources import make_source  # noqa: E402
+from trainer_sync.sources.fsdp import local_tensor  # noqa: E402
 from trainer_sync.tp import llama_layout, make_tp_groups, plan_tp, send_tp, shard_bounds, wait_limit  # noqa: E402
 
 SHAPES = {
@@ -117,12 +118,6 @@ class CkptModel(torch.nn.Module):
                     mod.add_module(part, torch.nn.Module())
                 mod = getattr(mod, part)
             mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
-
-
-def local_tensor(p):
-    from torch.distributed.tensor import DTensor
-
-    return p.to_local() if isinstance(p, DTensor) else p
 
 
 # ---- placement ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.sender import JoinInfo
+from trainer_sync.sources.fsdp import local_tensor
 from trainer_sync.transport import ipc
 
 MiB = 2**20
@@ -175,7 +176,7 @@ def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=Fal
         _fully_shard(model, world, device)
     if standin:
         for p in model.parameters():
-            _local(p).share_memory_()  # moves the storage (FSDP2's padded shard buffer too) to shared memory
+            local_tensor(p).share_memory_()  # moves the storage (FSDP2's padded shard buffer too) to shared memory
     bar = Barrier(bar_port, "trainer") if measure else None
     mem = {}
     g = torch.Generator(device=device).manual_seed(1 + rank)
@@ -232,13 +233,6 @@ def _fully_shard(model, world: int, device) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    p = p.detach()
-    return p.to_local() if isinstance(p, DTensor) else p
-
-
 def _full(model) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
@@ -253,7 +247,7 @@ def _named(model) -> dict[str, torch.Tensor]:
 def _perturb(model, g, device) -> None:
     with torch.no_grad():
         for p in model.parameters():
-            t = _local(p)
+            t = local_tensor(p)
             t.add_(torch.randn(t.shape, generator=g, device=device).to(t.dtype))
 
 

@@ -172,6 +172,7 @@ def fsdp_trainer(rank: int, world: int, url: str, seed: int) -> dict:
 
     from models import build_model
     from trainer_sync import SyncConfig, WeightSync
+    from trainer_sync.sources.fsdp import local_tensor
 
     model = build_model(seed=0)
     mesh = init_device_mesh("cpu", (world,))
@@ -182,7 +183,7 @@ def fsdp_trainer(rank: int, world: int, url: str, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed + rank)
     with torch.no_grad():
         for p in model.parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
+            local = local_tensor(p)
             local.add_(torch.randn(local.shape, generator=gen) * 0.05)
     assert any(isinstance(p, DTensor) for p in model.parameters())
     sync = WeightSync(model, [url] if rank == 0 else None, SyncConfig(timeout_s=60))

@@ -95,16 +95,13 @@ class Receiver:
         try:
             cb = self.fp8.wrap(on_batch, plan) if self.fp8 else on_batch
             i = self.info
-            if self.ipc is not None and len(self.ipc.srcs) == i.num_trainers:  # one GPU: everything by IPC
-                times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me))
+            deadline = Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s)
+            if self.ipc is not None:  # the trainer ranks on this GPU by IPC, the others (if any) over the wire
+                times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me), self.bridge.groups,
+                                         self.pool, deadline)
             else:
-                if self.ipc is not None:  # the trainer ranks on this GPU by IPC, the others over the wire
-                    self.ipc.begin(p, msg["num_buffers"])
-                times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"],
-                                Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s), cb,
-                                wanted, str(self.me), local=self.ipc)
-                if self.ipc is not None:
-                    self.ipc.finish(times)
+                times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], deadline, cb, wanted,
+                                str(self.me))
             if self.fp8:
                 cb.finish()
         except Exception as e:

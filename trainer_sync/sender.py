@@ -238,21 +238,20 @@ class Sender:
             # Invalid until commit. A rank whose push goes by CUDA IPC packs nothing to keep, so it never commits and
             # a joiner is told that no complete version is kept (rather than served an old one).
             self.snapshot.begin()
-        if self.ipc is not None and group is None:
-            times = self.ipc.send(plan, self.source, p, msg["num_buffers"])
-        else:
-            failed = None
-            try:
-                if self.ipc is not None:  # some receivers on this GPU (IPC), the others over the wire
-                    times = self.ipc.send(plan, self.source, p, msg["num_buffers"], group, self.pool, wire_deadline)
-                else:
-                    times = send(plan, self.source, group, self.pool, msg["num_buffers"], wire_deadline,
-                                 self.snapshot.keep if self.snapshot is not None else None)
-            except SyncError as e:
-                failed = str(e)
-            if failed is not None:  # handled outside the except block: its traceback would keep the group alive
-                del bridge, group
-                raise self._name_stalled(p, failed)
+        failed = None
+        try:
+            if self.ipc is not None:  # receivers on this GPU by CUDA IPC, the others (if any) over this rank's group
+                times = self.ipc.send(plan, self.source, p, msg["num_buffers"], group, self.pool, wire_deadline)
+            else:
+                times = send(plan, self.source, group, self.pool, msg["num_buffers"], wire_deadline,
+                             self.snapshot.keep if self.snapshot is not None else None)
+        except SyncError as e:
+            if group is None:  # all by IPC: no group to shut down, and the error already names the peer
+                raise
+            failed = str(e)
+        if failed is not None:  # handled outside the except block: its traceback would keep the group alive
+            del bridge, group
+            raise self._name_stalled(p, failed)
         self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
                    lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline)
         acks = [bridge.get_json(f"{p}done/{j}") for j in range(self.num_receivers)]

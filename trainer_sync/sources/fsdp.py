@@ -16,6 +16,12 @@ from ..plan import LocalPiece
 from .base import Source
 
 
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``p``, detached: its FSDP2 shard for a DTensor, else ``p`` itself (same storage)."""
+    p = p.detach()
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 class FsdpSource(Source):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -36,6 +42,4 @@ class FsdpSource(Source):
                 for n, p in self.params.items()]
 
     def flat(self, name: str) -> torch.Tensor:
-        p = self.params[name].detach()
-        local = p.to_local() if isinstance(p, DTensor) else p
-        return local.reshape(-1)
+        return local_tensor(self.params[name]).reshape(-1)

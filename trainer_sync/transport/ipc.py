@@ -427,25 +427,20 @@ class IpcSender:
 
 def _backing(source, name: str) -> torch.Tensor | None:
     """The live tensor whose storage ``source.flat(name)`` views (None where there is no such tensor)."""
-    from torch.distributed.tensor import DTensor
-
     from ..sources.deepspeed import DeepSpeedSource
+    from ..sources.fsdp import local_tensor
 
     if isinstance(source, DeepSpeedSource):  # its flat() is a transient gather
         return None
     p = getattr(source, "params", {}).get(name)
-    if p is None:
-        return None
-    p = p.detach()
-    return p.to_local() if isinstance(p, DTensor) else p
+    return None if p is None else local_tensor(p)
 
 
 class IpcReceiver:
     """The receiver side of one epoch, for the trainer ranks on this receiver's GPU (``srcs``).
 
-    Used in two ways: ``receive`` when every trainer rank is local (one GPU), or as the ``local`` hook of
-    ``pipeline.receive`` when some buckets come over the wire from other GPUs: ``begin`` once per push, then
-    ``take``/``consumed`` per round, then ``finish``."""
+    ``receive`` takes one push: it runs ``pipeline.receive`` with itself as the ``local`` hook (``take``/``consumed``
+    per round), so the buckets of the other GPUs' trainer ranks, if any, arrive over their groups in the same loop."""
 
     def __init__(self, store: dist.Store, me: Member, srcs: tuple[int, ...], num_receivers: int,
                  device: torch.device, timeout_s: float):
@@ -458,7 +453,6 @@ class IpcReceiver:
         self._consumed: dict[int, int] = {}  # trainer rank -> its buckets consumed this epoch
         self._cache = None  # (buckets, slots) -> batches of the last all-direct push
         self._empty = torch.empty(0, dtype=torch.uint8, device=device)
-        self._pool = BufferPool(device)  # stays empty: every bucket of a one-GPU push comes by IPC
         self._man: dict[int, dict] = {}
         self._nb = 1
         self._index: dict[int, int] = {}  # trainer rank -> its buckets taken this push
@@ -474,7 +468,7 @@ class IpcReceiver:
                             stage="transfer", who="trainer")
         return {r: json.loads(self.store.get(k)) for r, k in zip(self.srcs, keys)}
 
-    def begin(self, p: str, num_buffers: int) -> None:
+    def _begin(self, p: str, num_buffers: int) -> None:
         """Read this push's manifests; unmap what the trainer ranks no longer send, map what is new."""
         self._man = man = self._manifests(p)
         self._nb, self._index, self._waited, self.reusable = num_buffers, {r: 0 for r in man}, set(), True
@@ -533,18 +527,13 @@ class IpcReceiver:
             self._counters[path].v[1 + self.me.rank] = g + 1  # its "consumed" event is recorded
         self._staged = []
 
-    def finish(self, times: StageTimes) -> None:
-        """The engine holds the new weights (and reads no trainer memory any more) before anyone acknowledges."""
-        t = time.perf_counter()
-        backend.synchronize(self.device)
-        times.transfer += time.perf_counter() - t
-
-    def receive(self, plan: BucketPlan, p: str, num_buffers: int, on_batch, wanted: set[str] | None,
-                me: str) -> StageTimes:
-        """One push whose every bucket comes by IPC."""
-        self.begin(p, num_buffers)
+    def receive(self, plan: BucketPlan, p: str, num_buffers: int, on_batch, wanted: set[str] | None, me: str,
+                groups: dict, pool: BufferPool, deadline: Deadline) -> StageTimes:
+        """One push: the buckets of the trainer ranks on this GPU by IPC, the others from ``groups`` (this
+        receiver's groups: empty when every trainer rank is on its GPU)."""
+        self._begin(p, num_buffers)
         key = (plan.buckets, tuple(json.dumps(m.get("slots")) for m in self._man.values()))
-        if self._cache is not None and (not self.reusable or self._cache[0] != key):
+        if self._cache is not None and (groups or not self.reusable or self._cache[0] != key):
             self._cache = None
         if self._cache is not None:  # same plan, same storages: the views from last time are still right
             times = StageTimes()
@@ -561,11 +550,13 @@ class IpcReceiver:
                 kept.append(batch)
                 on_batch(batch)
 
-            times = receive_rounds(plan, {}, self._pool, num_buffers, Deadline(self.timeout_s), keep, wanted, me,
-                                   local=self)
-            if self.reusable:
+            times = receive_rounds(plan, groups, pool, num_buffers, deadline, on_batch if groups else keep, wanted,
+                                   me, local=self)
+            if self.reusable and not groups:  # replayable only when nothing came over the wire
                 self._cache = (key, kept)
-        self.finish(times)
+        t = time.perf_counter()
+        backend.synchronize(self.device)  # the engine holds the new weights (and reads no trainer memory) before
+        times.transfer += time.perf_counter() - t  # anyone acknowledges
         return times
 
     def close(self) -> None:
