@@ -28,6 +28,10 @@ class SyncConfig:
     # mode "ipc": let receivers read the trainer's parameters in place when every tensor travels whole in its own
     # dtype (one copy of each byte, by the engine); False always packs into exported bucket buffers first.
     ipc_direct: bool = True
+    # How a vLLM engine applies a push: "auto" copies each tensor straight into its place in the live model once the
+    # engine has learned and proven those places on one push through vLLM's layerwise reload (only for models whose
+    # layers do nothing after loading: unquantized, on GPU; engines/placement.py); "layerwise" always reloads.
+    engine_apply: str = "auto"
     # torch.distributed backend of the bridging group: None picks nccl for CUDA tensors and gloo otherwise.
     backend: str | None = None
     # Rendezvous: the TCPStore lives on trainer rank 0. Port 0 picks a free port (shared with the other trainer ranks
@@ -70,6 +74,8 @@ class SyncConfig:
             raise ValueError(f"SyncConfig.wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
         if self.mode not in MODES:
             raise ValueError(f"SyncConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.engine_apply not in ("auto", "layerwise"):
+            raise ValueError(f"SyncConfig.engine_apply must be auto or layerwise, got {self.engine_apply!r}")
         if self.num_buffers not in (1, 2):
             raise ValueError(f"SyncConfig.num_buffers must be 1 or 2, got {self.num_buffers}")
         for name in ("timeout_s", "bucket_timeout_s", "push_timeout_s"):

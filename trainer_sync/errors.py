@@ -25,15 +25,32 @@ class HandshakeMismatch(SyncError, ValueError):
         self.mismatches = list(mismatches)
 
 
-class Deadline:
-    """Time left for one wait: the smaller of the per-wait cap and what remains of the whole operation."""
+class Aborted(SyncError):
+    """Another member gave up on this push (an engine failed, say) and said why; raised at once by every wait."""
 
-    def __init__(self, step_s: float, total_s: float | None = None):
+
+class Deadline:
+    """Time left for one wait: the smaller of the per-wait cap and what remains of the whole operation.
+
+    ``abort``: a callable returning the reason another member gave up on this operation, or None. Waits that can
+    poll (gloo work, the acknowledgements, IPC counters) call ``check()`` every few milliseconds, so a push that
+    cannot complete fails on every rank within moments instead of after its timeout."""
+
+    POLL_S = 0.02  # how often a polling wait asks ``abort``
+
+    def __init__(self, step_s: float, total_s: float | None = None, abort=None):
         import time
 
         self._now = time.monotonic
         self.step_s = step_s
         self.end = None if total_s is None else self._now() + total_s
+        self.abort = abort
+
+    def check(self, stage: str = "transfer") -> None:
+        """Raise Aborted if another member gave up (no-op without an ``abort`` callable)."""
+        reason = self.abort() if self.abort is not None else None
+        if reason:
+            raise Aborted(reason, stage=stage)
 
     def left(self, what: str, stage: str = "transfer", who: str = "") -> float:
         if self.end is None:

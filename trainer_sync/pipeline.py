@@ -57,6 +57,18 @@ def _broadcast(group, tensor: torch.Tensor):
 
 def _wait(work, deadline: Deadline, what: str, who: str) -> None:
     timeout_s = deadline.left(what, "transfer", who)
+    if deadline.abort is not None and not work.is_completed():
+        # Poll instead of blocking, asking every few ms whether another member gave up (Deadline.check).
+        end, pause, asked = time.monotonic() + timeout_s, 2e-5, time.monotonic()
+        while not work.is_completed():
+            now = time.monotonic()
+            if now - asked >= Deadline.POLL_S:
+                deadline.check()
+                asked = now
+            if now >= end:
+                raise SyncError(f"{what} timed out after {timeout_s:g}s ({who})", stage="transfer", who=who)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
     try:
         ok = work.wait(timedelta(seconds=timeout_s))
     except Exception as e:  # noqa: BLE001 - gloo/nccl raise plain RuntimeErrors without context
@@ -126,13 +138,13 @@ def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers:
         while inflight:
             retire()
     except SyncError as e:
-        failure = (str(e), e.stage, e.who)
+        failure = (type(e), str(e), e.stage, e.who)
     if failure is not None:
         # Raised here, outside the handler, and with the in-flight work dropped: no traceback or exception context
         # keeps the failed Work (and with it the group's connections) alive, so closing the group right after
         # really disconnects the receivers and the live ones fail at once instead of at their own timeout.
         inflight.clear()
-        raise SyncError(*failure)
+        raise failure[0](*failure[1:])
     return times
 
 

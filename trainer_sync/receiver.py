@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from .codec import Fp8Arrival
-from .errors import Deadline, HandshakeMismatch, SyncError
+from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from .pipeline import Batch, BufferPool, gc_paused, receive
 from .plan import Expected, PlanCache
 from .sender import JoinInfo
 from .transport import ipc
-from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
+from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
 
 
@@ -53,6 +53,7 @@ class Receiver:
         self.bridge: BridgeGroup | None = None
         self.rdzv: Rendezvous | None = None
         self.seq = 0
+        self._open = False  # a receive started and has not acknowledged
         self.version = 0
         self._plans = PlanCache()
 
@@ -84,7 +85,10 @@ class Receiver:
             raise SyncError(f"{self.me}: receive() before connect()", stage="handshake")
         p = f"p{self.seq}/"
         self.seq += 1
-        if wait_keys(self.bridge.store, [f"{p}plan"], self.info.timeout_s):
+        self._open = True
+        store, abort_key = self.bridge.store, f"{p}abort"
+        if wait_keys(store, [f"{p}plan"], self.info.timeout_s, abort_key=abort_key, stage="handshake",
+                     max_pause_s=1e-3):
             raise SyncError(f"{self.me}: no push from the trainer within {self.info.timeout_s:g}s",
                             stage="handshake", who="trainer rank 0")
         msg = self.bridge.get_json(f"{p}plan")
@@ -95,7 +99,8 @@ class Receiver:
         try:
             cb = self.fp8.wrap(on_batch, plan) if self.fp8 else on_batch
             i = self.info
-            deadline = Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s)
+            deadline = Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s,
+                                abort=lambda: abort_reason(store, abort_key))
             if self.ipc is not None:  # the trainer ranks on this GPU by IPC, the others (if any) over the wire
                 times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me), self.bridge.groups,
                                          self.pool, deadline)
@@ -105,12 +110,35 @@ class Receiver:
             if self.fp8:
                 cb.finish()
         except Exception as e:
-            self.bridge.set_json(f"{p}done/{self.me.rank}", {"error": f"{type(e).__name__}: {e}",
-                                                             "trace": traceback.format_exc(limit=3)})
+            self._give_up(p, e, traceback.format_exc(limit=3))
             raise
         self.bridge.set_json(f"{p}done/{self.me.rank}", {"apply_s": times.apply, "transfer_s": times.transfer})
+        self._open = False
         self.version = msg["version"]
         return ReceiveResult(msg["version"], plan.total_bytes, times.transfer, times.apply)
+
+    def _give_up(self, p: str, error: BaseException, trace: str = "") -> None:
+        """Acknowledge push ``p`` with ``error`` and abort it for everyone (Sender.abort_push): the trainer ranks
+        and the other receivers stop waiting at once instead of at their timeout."""
+        text = f"{type(error).__name__}: {error}"
+        try:
+            self.bridge.set_json(f"{p}done/{self.me.rank}", {"error": text, "trace": trace})
+            if not isinstance(error, Aborted) and not self.bridge.store.check([f"{p}abort"]):
+                self.bridge.store.set(f"{p}abort", f"{self.me}: {text}")
+        except torch.distributed.DistError:
+            pass  # the trainer's store is gone: nobody is left to tell, and the original error is what matters
+
+    def fail(self, error: BaseException) -> None:
+        """The engine around this receiver failed outside ``receive`` (before it, or in its own apply): abort the
+        push in progress, or the next one if none started, unless this receiver already reported it."""
+        if self.bridge is None:
+            return
+        p = f"p{max(self.seq - 1, 0)}/" if self._open else f"p{self.seq}/"
+        try:
+            if not self.bridge.store.check([f"{p}done/{self.me.rank}"]):
+                self._give_up(p, error)
+        except torch.distributed.DistError:
+            pass  # the trainer is gone: nobody is waiting
 
     def close(self) -> None:
         if self.ipc is not None:

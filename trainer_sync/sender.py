@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .catchup import CatchUpServer, Snapshot
 from .config import SyncConfig
-from .errors import Deadline, HandshakeMismatch, SyncError
+from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from .pipeline import BufferPool, gc_paused, send
 from .plan import Expected, LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
     plan_buckets, resolve_wire_dtypes, wants_block_fp8
@@ -24,7 +24,7 @@ from .report import SyncReport
 from .sources import Source, make_source
 from .sources.fp8 import Fp8Source
 from .transport import ipc
-from .transport.group import BridgeGroup, Member, Rendezvous, wait_keys
+from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
 
 
@@ -45,6 +45,9 @@ class JoinInfo:
     push_timeout_s: float | None = None
     # The trainer's SyncConfig.wire_dtype: "fp8" tells an engine serving a bf16/fp32 model to dequantize on arrival.
     wire_dtype: str = "auto"
+    # The trainer's SyncConfig.engine_apply: "auto" lets a vLLM engine copy pushes straight into place once it proved
+    # that safe for its model (engines/placement.py); "layerwise" keeps vLLM's layerwise reload for every push.
+    engine_apply: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +111,7 @@ class Sender:
         cfg = self.config
         return JoinInfo(self.rdzv.host, self.rdzv.port, self.rdzv.token, self.epoch + 1, self.world, n,
                         receiver_rank, self.backend, cfg.timeout_s, cfg.bucket_timeout_s, cfg.push_timeout_s,
-                        cfg.wire_dtype)
+                        cfg.wire_dtype, cfg.engine_apply)
 
     def connect(self, num_receivers: int) -> None:
         """Form the bridging group of a new epoch with ``num_receivers`` receivers (blocks until they join)."""
@@ -150,11 +153,13 @@ class Sender:
             self.source = self.source.inner
             self._auto_wrapped = False
 
-    def _wait(self, keys: list[str], what: str, who, deadline: Deadline | None = None) -> None:
+    def _wait(self, keys: list[str], what: str, who, deadline: Deadline | None = None,
+              abort_key: str | None = None) -> None:
         stage = "handshake" if what != "acknowledgement" else "apply"
         timeout_s = (deadline or Deadline(self.config.timeout_s)).left(f"trainer rank {self.rank}: waiting for {what}",
                                                                       stage)
-        missing = wait_keys(self.bridge.store, keys, timeout_s)
+        # abort_key: poll (at most 1 ms apart), so that a receiver or engine that gave up stops this wait at once.
+        missing = wait_keys(self.bridge.store, keys, timeout_s, abort_key=abort_key, stage=stage, max_pause_s=1e-3)
         if missing:
             names = ", ".join(who(k) for k in missing)
             raise SyncError(f"trainer rank {self.rank}: no {what} from {names} within {timeout_s:g}s",
@@ -220,26 +225,35 @@ class Sender:
         deadline = Deadline(cfg.timeout_s, cfg.push_timeout_s)
         p = f"p{self.seq}/"
         self.seq += 1
+        # Anyone who gives up on this push (a receiver whose apply failed, WeightSync for an engine whose update
+        # call failed) writes why under this key; every wait below stops on it (Sender.abort_push).
+        abort_key = f"{p}abort"
+        store = bridge.store
+
+        def aborted() -> str | None:
+            return abort_reason(store, abort_key)
+
         bad = self.source.nonfinite() if cfg.check_finite else []
         bridge.set_json(f"{p}pieces/{self.rank}", {
             "pieces": [[x.name, list(x.shape), x.dtype, x.start, x.numel] for x in self.source.pieces()],
             "nonfinite": bad})
         if self.rank == 0:
             bridge.set_json(f"{p}plan", self._plan(p, version))
-        self._wait([f"{p}plan"], "plan", lambda k: "trainer rank 0", deadline)
+        self._wait([f"{p}plan"], "plan", lambda k: "trainer rank 0", deadline, abort_key)
         msg = bridge.get_json(f"{p}plan")
         if "error" in msg:
             raise HandshakeMismatch(msg["error"])
         plan = self._plans.parse(msg["plan"])
         t_plan = time.perf_counter() - t0
         group = bridge.groups.get(self.rank)  # None when every receiver is on this rank's GPU
-        wire_deadline = Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s)
+        wire_deadline = Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s, abort=aborted)
         if self.snapshot is not None:
             # Invalid until commit. A rank whose push goes by CUDA IPC packs nothing to keep, so it never commits and
             # a joiner is told that no complete version is kept (rather than served an old one).
             self.snapshot.begin()
         failed = None
         try:
+            wire_deadline.check()
             if self.ipc is not None:  # receivers on this GPU by CUDA IPC, the others (if any) over this rank's group
                 times = self.ipc.send(plan, self.source, p, msg["num_buffers"], group, self.pool, wire_deadline)
             else:
@@ -248,12 +262,17 @@ class Sender:
         except SyncError as e:
             if group is None:  # all by IPC: no group to shut down, and the error already names the peer
                 raise
-            failed = str(e)
+            failed = e if isinstance(e, Aborted) else str(e)
+        if isinstance(failed, Aborted):  # someone said why: no need to find out who stalled
+            reason, failed = (str(failed), failed.stage), None
+            del bridge, group
+            self.close_group(in_background=True)
+            raise Aborted(reason[0], stage=reason[1])
         if failed is not None:  # handled outside the except block: its traceback would keep the group alive
             del bridge, group
             raise self._name_stalled(p, failed)
         self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
-                   lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline)
+                   lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline, abort_key)
         acks = [bridge.get_json(f"{p}done/{j}") for j in range(self.num_receivers)]
         failed = [f"receiver {j}: {a['error']}" for j, a in enumerate(acks) if "error" in a]
         if failed:
@@ -270,6 +289,24 @@ class Sender:
         return SyncReport(version, self.seq - 1, plan.total_bytes, len(plan.buckets), self.num_receivers, t_plan,
                           times.pack, times.transfer, max(a["apply_s"] for a in acks), time.perf_counter() - t0,
                           msg["fallback"], ",".join(wire))
+
+    def abort_push(self, seq: int, reason: str) -> None:
+        """Give up on push number ``seq`` (from any thread): every trainer rank's and receiver's wait in it stops
+        with ``reason``. WeightSync calls it when an engine's update call fails, so that no rank waits out its
+        timeout for receivers that will never take the push."""
+        bridge = self.bridge
+        if bridge is not None:
+            try:
+                bridge.store.set(f"p{seq}/abort", reason)
+            except Exception:  # noqa: BLE001 - the store is gone: the push fails on its own then
+                pass
+
+    def abort_epoch(self, epoch: int, reason: str) -> None:
+        """Give up on forming bridging-group epoch ``epoch`` (an engine's init failed; from any thread)."""
+        try:
+            self.rdzv.abort(epoch, reason)
+        except Exception:  # noqa: BLE001 - see abort_push
+            pass
 
     def _name_stalled(self, p: str, error: str) -> SyncError:
         """After a failed transfer, tell which receivers are at fault.

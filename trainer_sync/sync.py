@@ -51,18 +51,23 @@ def _stage(e: EngineCallError) -> str:
 
 
 class _Background:
-    """Run one engine call in a daemon thread (a thread stuck in a dead engine must not block interpreter exit)."""
+    """Run one engine call in a daemon thread (a thread stuck in a dead engine must not block interpreter exit).
 
-    def __init__(self, fn: Callable[[], None]):
+    ``on_error(e)`` runs in that thread as soon as the call fails: it aborts the rendezvous or push the call belongs
+    to, so that no trainer rank waits out its timeout for an engine that already gave up."""
+
+    def __init__(self, fn: Callable[[], None], on_error: Callable[[BaseException], None] | None = None):
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, on_error), daemon=True)
         self._thread.start()
 
-    def _run(self, fn) -> None:
+    def _run(self, fn, on_error) -> None:
         try:
             fn()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             self.error = e
+            if on_error is not None:
+                on_error(e)
 
     def wait(self, timeout_s: float) -> bool:
         self._thread.join(timeout_s)
@@ -161,7 +166,10 @@ class WeightSync:
         if self.rank == 0:
             # Join infos are made before connect() opens the new epoch they name.
             infos = [self.sender.join_info(off, n).to_dict() for off in plan["offsets"]]
-            calls = [(c, _Background(lambda c=c, i=i: c.init(i))) for c, i in zip(self.clients, infos)]
+            epoch = infos[0]["epoch"] if infos else self.sender.epoch + 1
+            calls = [(c, _Background(lambda c=c, i=i: c.init(i),
+                                     on_error=lambda e, epoch=epoch: self.sender.abort_epoch(epoch, str(e))))
+                     for c, i in zip(self.clients, infos)]
         error: BaseException | None = None
         try:
             self.sender.connect(n)
@@ -324,7 +332,9 @@ class WeightSync:
         if "error" in begun:
             self.stale = True
             self._raise(begun)
-        updates = [(c, _Background(c.update)) for c in self.clients]
+        seq = self.sender.seq  # the number of the push below: an engine whose update call fails aborts it
+        updates = [(c, _Background(c.update, on_error=lambda e: self.sender.abort_push(seq, str(e))))
+                   for c in self.clients]
         report, error = None, None
         try:
             report = self.sender.push(version)
@@ -418,9 +428,14 @@ class WeightSync:
                 "engines": {c.name: self.served.get(c.name) for c in self.clients},
                 "joining": {name: self.served.get(name) for name in pending}}
 
-    def weight_versions(self) -> dict[str, str]:
-        """Rank 0: the weight version each engine reports (for checks and logs)."""
-        return {c.name: c.weight_version() for c in self.clients}
+    def weight_versions(self) -> dict[str, str | None]:
+        """Rank 0: the weight version each engine reports (for checks and logs). An engine whose vLLM keeps no
+        weight version (0.26) is given the version its receivers last acknowledged applying."""
+        out = {}
+        for c in self.clients:
+            v = c.weight_version()
+            out[c.name] = v if v is not None else self.served.get(c.name)
+        return out
 
     def close(self) -> None:
         """Release the bridging group on every engine (they keep serving) and on the trainer."""

@@ -61,7 +61,8 @@ class EngineClient(ABC):
         """Drop KV blocks cached under the old weights (finish does not)."""
 
     @abstractmethod
-    def weight_version(self) -> str: ...
+    def weight_version(self) -> str | None:
+        """The weight version the engine reports; None where its vLLM keeps none (0.26)."""
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -80,6 +81,11 @@ class LlmClient(EngineClient):
     already does the same)."""
 
     def __init__(self, llm, index: int = 0):
+        from . import compat  # imports vllm: only for in-process engines
+
+        if compat.API is None:
+            raise TypeError(f"trainer_sync: engine {index} looks like a vllm.LLM but vllm does not import here")
+        self.api = compat.API
         self.llm = llm
         self.name = f"engine {index} (in-process LLM)"
 
@@ -117,7 +123,7 @@ class LlmClient(EngineClient):
         self._call("update_weights", self.llm.update_weights, {"update_info": info or {}})
 
     def finish(self, version: str | None) -> None:
-        self._call("finish_weight_update", self.llm.finish_weight_update, version)
+        self._call("finish_weight_update", self.api.finish, self.llm, version)
 
     def reset_prefix_cache(self) -> None:
         # Preempting running (kept) requests is what makes the reset succeed under pause mode "keep"; they are
@@ -125,20 +131,23 @@ class LlmClient(EngineClient):
         if not self._call("reset_prefix_cache", self.llm.reset_prefix_cache, reset_running_requests=True):
             raise EngineCallError(self.name, "reset_prefix_cache", "the engine reported failure")
 
-    def weight_version(self) -> str:
-        return str(self._call("get_weight_version", self.llm.get_weight_version))
+    def weight_version(self) -> str | None:
+        return self._call("get_weight_version", self.api.weight_version, self.llm)
 
     def shutdown(self) -> None:
-        self._call("shutdown_weight_transfer_engine", self.llm.shutdown_weight_transfer_engine)
+        self._call("shutdown_weight_transfer_engine", self.api.shutdown, self.llm)
 
 
 class HttpClient(EngineClient):
     """A ``vllm serve`` process reached over HTTP (stdlib urllib: no extra dependency on the trainer)."""
 
     def __init__(self, base_url: str, timeout_s: float = 120.0, index: int = 0):
+        from .compat import HttpRoutes  # no vllm import: the trainer may not have vllm at all
+
         self.url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.name = f"engine {index} ({self.url})"
+        self.routes = HttpRoutes()
 
     def _request(self, method: str, route: str, body: dict | None = None, query: dict | None = None,
                  timeout_s: float | None = None):
@@ -149,7 +158,9 @@ class HttpClient(EngineClient):
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as e:
-            raise EngineCallError(self.name, route.lstrip("/"), f"HTTP {e.code}: {e.read().decode()[:2000]}") from e
+            err = EngineCallError(self.name, route.lstrip("/"), f"HTTP {e.code}: {e.read().decode()[:2000]}")
+            err.status = e.code
+            raise err from e
         except (urllib.error.URLError, OSError) as e:
             raise EngineCallError(self.name, route.lstrip("/"), f"{type(e).__name__}: {e}") from e
         return json.loads(text) if text else {}
@@ -177,18 +188,32 @@ class HttpClient(EngineClient):
         self._request("POST", "/update_weights", {"update_info": info or {}}, timeout_s=10 * self.timeout_s)
 
     def finish(self, version: str | None) -> None:
-        self._request("POST", "/finish_weight_update", {"weight_version": version})
+        self._request("POST", "/finish_weight_update", self.routes.finish_body(version))
 
     def reset_prefix_cache(self) -> None:
         # See LlmClient.reset_prefix_cache for why running requests are preempted.
         if not self._request("POST", "/reset_prefix_cache", query={"reset_running_requests": "true"}).get("success"):
             raise EngineCallError(self.name, "reset_prefix_cache", "the engine reported failure")
 
-    def weight_version(self) -> str:
-        return str(self._request("GET", "/weight_info")["weight_version"])
+    def _optional(self, method: str, route: str, body: dict | None = None):
+        """A route some releases lack (compat.HttpRoutes): None, remembered, when this server has no such route."""
+        if route in self.routes.missing:
+            return None
+        try:
+            return self._request(method, route, body)
+        except EngineCallError as e:
+            if not self.routes.absent(getattr(e, "status", 0)):
+                raise
+            self.routes.missing.add(route)
+            return None
+
+    def weight_version(self) -> str | None:
+        info = self._optional("GET", "/weight_info")
+        return None if info is None else str(info["weight_version"])
 
     def shutdown(self) -> None:
-        self._request("POST", "/shutdown_weight_transfer_engine")
+        if self._optional("POST", "/shutdown_weight_transfer_engine") is None:
+            self._request("POST", "/init_weight_transfer_engine", self.routes.leave_body())
 
 
 def make_client(engine, index: int = 0, timeout_s: float = 120.0) -> EngineClient:

@@ -27,13 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferUpdateInfo
+from vllm.distributed.weight_transfer.base import WeightTransferUpdateInfo
 
 from ..codec import scale_name
 from ..errors import HandshakeMismatch
 from ..receiver import Receiver
 from ..sender import JoinInfo
+from . import compat
 from .checkpoint import expected_tensors, find_checkpoint_dir
+from .placement import DirectApply
 
 BACKEND = "trainer_sync"
 
@@ -74,7 +76,7 @@ class TrainerSyncUpdateInfo(WeightTransferUpdateInfo):
     catchup: dict | None = None
 
 
-class TrainerSyncWeightTransferEngine(WeightTransferEngine):
+class TrainerSyncWeightTransferEngine(compat.backend_base()):
     init_info_cls = JoinInfo
     update_info_cls = TrainerSyncUpdateInfo
     # Expectations come from the main model's checkpoint; a speculative draft model would need its own.
@@ -86,13 +88,19 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         self.reloading = False  # layerwise reload initialized on this worker and not yet finalized
         self.last = None  # ReceiveResult of the last push
         self.tied = tied_modules(model)
+        # The fast apply path (placement.py): off when the trainer asks for the layerwise path (JoinInfo.apply).
+        self.direct = DirectApply(model, device)
+        self._checkpoint_shapes: dict | None = None
         # This worker's vLLM update session is open (start_weight_update ran, finish_weight_update did not, and
         # vLLM did not close it on a raise): see _close_abandoned_session.
         self.in_session = False
 
     # --- init -------------------------------------------------------------------------------------------------
-    def parse_init_info(self, init_dict: dict[str, Any]) -> JoinInfo:
-        """The trainer's JoinInfo; its ``receiver_rank`` is this engine's first receiver rank."""
+    def parse_init_info(self, init_dict: dict[str, Any]) -> JoinInfo | None:
+        """The trainer's JoinInfo; its ``receiver_rank`` is this engine's first receiver rank. ``compat.LEAVE``
+        (None here) asks this worker to leave its group, on releases without vLLM's own shutdown call."""
+        if init_dict == compat.LEAVE:
+            return None
         try:
             return JoinInfo(**init_dict)
         except TypeError as e:
@@ -115,7 +123,10 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
                            "and shapes on this engine", mc.model)
         return exp
 
-    def init_transfer_engine(self, init_info: JoinInfo) -> None:
+    def init_transfer_engine(self, init_info: JoinInfo | None) -> None:
+        if init_info is None:
+            self.shutdown()
+            return
         self._close_abandoned_session()
         error = None
         try:
@@ -138,6 +149,7 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected))
         receiver.connect()
         self.receiver = receiver
+        self.direct.enable(info.engine_apply == "auto")
 
     def dequantize_to(self, info: JoinInfo, expected: dict | None) -> torch.dtype | None:
         """FP8 on the wire (the trainer's ``wire_dtype="fp8"``), two cases:
@@ -195,24 +207,26 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         self.in_session = True
 
     def receive_weights(self, update_info: TrainerSyncUpdateInfo) -> None:
-        if self.receiver is None and not update_info.catchup:
-            raise RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine")
-        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
-
         error = None
         try:
-            with disable_mtp_completeness_check():
+            if self.receiver is None and not update_info.catchup:
+                raise RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine")
+            with compat.API.mtp_check_disabled():
                 if update_info.catchup:
                     self.last = self._catch_up(update_info.catchup)
                 else:
+                    self.direct.prepare(self._shapes())
                     self.last = self.receiver.receive(self._apply)
         except HandshakeMismatch as e:
             # Raised before the first batch: the model was never touched and keeps serving its weights.
             error = e
         except Exception as e:  # noqa: BLE001 - reported once per engine, see _report
-            # Half-applied: reset the layerwise state so that the next push starts clean; the trainer keeps this
-            # engine paused until a push succeeds.
+            # Tell the trainer ranks at once (they would otherwise wait for this receiver until their timeout), then
+            # reset the layerwise state so that the next push starts clean; the trainer keeps this engine paused
+            # until a push succeeds.
             error = e
+            if self.receiver is not None and not update_info.catchup:
+                self.receiver.fail(e)
             try:
                 self._finalize()
             except Exception:  # noqa: BLE001 - the original error is the one worth reporting
@@ -222,6 +236,14 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         except BaseException:
             self.in_session = False  # vLLM ends the session of a worker whose update_weights raised
             raise
+
+    def _shapes(self) -> dict | None:
+        """Checkpoint name -> (shape, dtype) as this engine loads it (what the fast path learns its places from)."""
+        if self._checkpoint_shapes is None:
+            exp = self.expected()
+            self._checkpoint_shapes = {n: (tuple(s), getattr(torch, d) if isinstance(d, str) else d)
+                                       for n, (s, d) in exp.items()} if exp else {}
+        return self._checkpoint_shapes
 
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
@@ -236,15 +258,19 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         return ReceiveResult(version, 0, 0.0, 0.0)
 
     def _apply(self, batch: list[tuple[str, torch.Tensor]]) -> None:
-        """Hand one round of whole tensors to vLLM's loader.
+        """Put one round of whole tensors into the model.
 
-        Layerwise reload buffers a layer's tensors until its last one arrives, and the receiver reuses its buffers
-        two rounds later, so each tensor is copied out first (once, even when tied names share it).
+        Fast path (placement.py), once proven for this model: one batched copy straight into each tensor's place.
+        Otherwise vLLM's layerwise reload: it buffers a layer's tensors until its last one arrives, and the receiver
+        reuses its buffers two rounds later, so each tensor is copied out first (once, even when tied names share
+        it); the first such push also proves the fast path's placement.
         """
+        if self.direct.armed:
+            self.direct.apply(batch)
+            return
         if not self.reloading:
-            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-            initialize_layerwise_reload(self.model)
+            initialize, _, _ = compat.API.layerwise()
+            initialize(self.model)
             self.reloading = True
         copies: dict[int, torch.Tensor] = {}
         owned = []
@@ -252,11 +278,13 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
             if id(t) not in copies:
                 copies[id(t)] = t.clone()
             owned.append((name, copies[id(t)]))
+        self.direct.observe(owned)
         self.model.load_weights(owned)
 
     def finish_weight_update(self) -> None:
         self.in_session = False
-        self._finalize()
+        if self._finalize():
+            self.direct.verify()
 
     def _close_abandoned_session(self) -> None:
         """A trainer joins (init) while this worker's update session from an earlier trainer is still open.
@@ -294,11 +322,11 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         logger.warning("trainer_sync: the vLLM worker owning this backend was not found on the call stack")
         return None
 
-    def _finalize(self) -> None:
+    def _finalize(self) -> bool:
+        """End a layerwise reload (True if one was open)."""
         if not self.reloading:
-            return
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+            return False
+        _, finalize_layerwise_reload, LAYERWISE_INFO = compat.API.layerwise()
 
         self.reloading = False
         # A tied LM head receives nothing itself (its weight is the embedding's), so layerwise reload puts its
@@ -312,6 +340,7 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
             method = getattr(module, "quant_method", None)
             if method is not None:
                 method.process_weights_after_loading(module)
+        return True
 
     def shutdown(self) -> None:
         if self.receiver is not None:

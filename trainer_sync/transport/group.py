@@ -24,7 +24,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from ..errors import RendezvousRefused, SyncError
+from ..errors import Aborted, RendezvousRefused, SyncError
 
 
 
@@ -45,11 +45,13 @@ def _mac(token: str, *parts: str) -> str:
     return hmac.new(token.encode(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
-def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: str | None = None) -> list[str]:
+def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: str | None = None,
+              stage: str = "rendezvous", max_pause_s: float = 5e-3) -> list[str]:
     """Wait until every key exists; return the missing ones on timeout (empty list: all there).
 
     Without ``abort_key`` this is one blocking wait on the store server (no polling latency on the hot path). With
-    it, it polls (backing off from 0.1 to 5 ms) so that it can stop early when another rank gives up.
+    it, it polls (backing off from 0.1 ms to ``max_pause_s``) so that it can stop early when another member gives up:
+    then it raises ``Aborted`` (at ``stage``) with the reason written under ``abort_key``.
     """
     try:
         if abort_key is None:
@@ -65,14 +67,24 @@ def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: s
             if not pending:
                 return []
             if store.check([abort_key]):
-                raise SyncError(store.get(abort_key).decode(), stage="rendezvous")
+                raise Aborted(store.get(abort_key).decode(), stage=stage)
             if time.monotonic() >= deadline:
                 return pending
             time.sleep(pause)
-            pause = min(pause * 2, 5e-3)
+            pause = min(pause * 2, max_pause_s)
     except dist.DistError as e:
         raise SyncError(f"trainer_sync rendezvous store went away (trainer rank 0 stopped?): {e}",
                         stage="rendezvous", who="trainer rank 0") from e
+
+
+def abort_reason(store: dist.Store, abort_key: str) -> str | None:
+    """What a member wrote under ``abort_key`` (it gave up on the operation), or None. A store that went away is
+    reported like ``wait_keys`` does: trainer rank 0, which hosts it, stopped."""
+    try:
+        return store.get(abort_key).decode() if store.check([abort_key]) else None
+    except dist.DistError as e:
+        raise SyncError(f"trainer_sync rendezvous store went away (trainer rank 0 stopped?): {e}",
+                        stage="transfer", who="trainer rank 0") from e
 
 
 class Rendezvous:
@@ -110,7 +122,10 @@ class Rendezvous:
         if me == Member("trainer", 0):
             nonce = secrets.token_hex(16)
             self.store.set(nonce_key, nonce)
-            missing = wait_keys(self.store, [base + "auth/" + m.key for m in others], self.timeout_s)
+            # With abort_key: an engine whose init failed is reported here at once (WeightSync writes it), not after
+            # the timeout.
+            missing = wait_keys(self.store, [base + "auth/" + m.key for m in others], self.timeout_s,
+                                abort_key=abort_key)
             if missing:
                 names = ", ".join(str(m) for m in others if base + "auth/" + m.key in missing)
                 msg = f"trainer_sync rendezvous (epoch {epoch}): {names} did not join within {self.timeout_s:g}s"
@@ -152,6 +167,10 @@ class Rendezvous:
 
     def _namespace(self, base: str, nonce: str) -> dist.Store:
         return dist.PrefixStore(f"{base}{_mac(self.token, nonce, 'namespace')[:32]}/", self.store)
+
+    def abort(self, epoch: int, reason: str) -> None:
+        """Give up on forming epoch ``epoch`` (an engine's init failed): every member waiting in it raises now."""
+        self.store.set(f"ts/e{epoch}/abort", reason)
 
     def namespace(self, epoch) -> dist.Store:
         """The secured namespace of an epoch that trainer rank 0 already opened, for a member that holds the token

@@ -212,17 +212,24 @@ class Counters:
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         return cls(os.path.join(folder, f"trainer_sync-ipc-{os.getpid()}-{secrets.token_hex(8)}"), slots, True)
 
-    def wait(self, idx: int, target: int, timeout_s: float, what: str, who: str) -> None:
+    def wait(self, idx: int, target: int, timeout_s: float, what: str, who: str, push: Deadline | None = None
+             ) -> None:
+        """Spin until counter ``idx`` reaches ``target``; ``push.check()`` every few ms (another member gave up)."""
         v = self.v
         if v[idx] >= target:
             return
         deadline = time.monotonic() + timeout_s
+        asked = time.monotonic()
         spins = 0
         while v[idx] < target:
             spins += 1
             if spins % 1024 == 0:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise SyncError(f"{what}: no signal within {timeout_s:g}s ({who})", stage="transfer", who=who)
+                if push is not None and now - asked >= Deadline.POLL_S:
+                    push.check()
+                    asked = now
                 if spins > 200_000:  # a long wait (a slow peer): stop burning a core
                     time.sleep(1e-4)
 
@@ -387,7 +394,7 @@ class IpcSender:
                     if g >= nb:  # buffer s last held bucket g - nb: every local receiver must have queued its copies
                         what = f"ipc buffer {s} for bucket {bucket.index}"
                         for j in self.local:
-                            flags.wait(1 + j, g - nb + 1, self.timeout_s, what, f"receiver {j}")
+                            flags.wait(1 + j, g - nb + 1, self.timeout_s, what, f"receiver {j}", deadline)
                         for evs in self._free.values():
                             backend.wait(evs[s], self.device)  # ...and the GPU waits until those copies ran
                     times.transfer += time.perf_counter() - t
@@ -405,10 +412,10 @@ class IpcSender:
                 _wait(work, deadline, f"bucket {b.index} (round {b.round})", self.who)
             times.transfer += time.perf_counter() - t
         except SyncError as e:
-            failure = (str(e), e.stage, e.who)
+            failure = (type(e), str(e), e.stage, e.who)
         if failure is not None:  # as in pipeline.send: drop the failed Work before raising
             wire.clear()
-            raise SyncError(*failure)
+            raise failure[0](*failure[1:])
         return times
 
     def close(self) -> None:
