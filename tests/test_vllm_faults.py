@@ -1,5 +1,7 @@
 """Faults at the engine level, caused for real against a real ``vllm serve`` (issue 8): a trainer process SIGKILLed
-in the middle of a push, and an engine that presents a wrong token.
+in the middle of a push, and an engine that presents a wrong token; and (issue 14) engine ownership: joins refused
+while another trainer holds the engine, versions that never go backwards, unreachable engines at construction, an
+update that failed before touching any weight.
 
 One server serves the module, with tensor parallel size 2: after a trainer dies mid-update, both workers of the
 engine must end up in step (vLLM closes the update session only on a worker whose update raised, and the backend
