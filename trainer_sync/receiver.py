@@ -16,7 +16,7 @@ import torch
 from .codec import Fp8Arrival
 from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from .pipeline import Batch, BufferPool, gc_paused, receive
-from .plan import Expected, PlanCache
+from .plan import BucketPlan, Expected, PlanCache
 from .sender import JoinInfo
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
@@ -54,6 +54,7 @@ class Receiver:
         self.rdzv: Rendezvous | None = None
         self.seq = 0
         self._open = False  # a receive started and has not acknowledged
+        self.note: dict = {}  # extra fields of the acknowledgement (the vLLM backend says how it applied the push)
         self.version = 0
         self._plans = PlanCache()
 
@@ -75,12 +76,16 @@ class Receiver:
             self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, srcs, i.num_receivers, dev, i.timeout_s)
         self.bridge.set_json(f"expected/{i.receiver_rank}", self.expected.to_json() if self.expected else None)
 
-    def receive(self, on_batch: Callable[[Batch], None]) -> ReceiveResult:
-        """Take one push. Raises HandshakeMismatch when the trainer's plan was refused (nothing was received)."""
-        with gc_paused():
-            return self._receive(on_batch)
+    def receive(self, on_batch: Callable[[Batch], None], on_plan: Callable[[BucketPlan], None] | None = None
+                ) -> ReceiveResult:
+        """Take one push. Raises HandshakeMismatch when the trainer's plan was refused (nothing was received).
 
-    def _receive(self, on_batch: Callable[[Batch], None]) -> ReceiveResult:
+        ``on_plan(plan)`` sees the accepted plan before the first batch (the vLLM backend learns the places of the
+        tensors it announces). ``self.note`` (a small dict the caller may set) travels with the acknowledgement."""
+        with gc_paused():
+            return self._receive(on_batch, on_plan)
+
+    def _receive(self, on_batch: Callable[[Batch], None], on_plan=None) -> ReceiveResult:
         if self.bridge is None:
             raise SyncError(f"{self.me}: receive() before connect()", stage="handshake")
         p = f"p{self.seq}/"
@@ -97,6 +102,8 @@ class Receiver:
         plan = self._plans.parse(msg["plan"])
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
         try:
+            if on_plan is not None:
+                on_plan(plan)
             cb = self.fp8.wrap(on_batch, plan) if self.fp8 else on_batch
             i = self.info
             deadline = Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s,
@@ -112,7 +119,8 @@ class Receiver:
         except Exception as e:
             self._give_up(p, e, traceback.format_exc(limit=3))
             raise
-        self.bridge.set_json(f"{p}done/{self.me.rank}", {"apply_s": times.apply, "transfer_s": times.transfer})
+        self.bridge.set_json(f"{p}done/{self.me.rank}", {"apply_s": times.apply, "transfer_s": times.transfer,
+                                                         **self.note})
         self._open = False
         self.version = msg["version"]
         return ReceiveResult(msg["version"], plan.total_bytes, times.transfer, times.apply)

@@ -18,6 +18,9 @@ class SyncReport:
     total_s: float  # wall time of the push on this rank, acknowledgements included
     fallback: str | None = None  # why the push ran slower than configured (memory budget), else None
     wire_dtype: str = ""
+    # How the receivers applied it, as they said ("direct": vLLM engines copied into place; "layerwise": vLLM's
+    # reload; empty for plain receivers), comma-joined when they differ.
+    engine_apply: str = ""
 
     @property
     def gbps(self) -> float:

@@ -288,7 +288,8 @@ class Sender:
         wire = sorted({t.dtype for t in plan.tensors.values()})
         return SyncReport(version, self.seq - 1, plan.total_bytes, len(plan.buckets), self.num_receivers, t_plan,
                           times.pack, times.transfer, max(a["apply_s"] for a in acks), time.perf_counter() - t0,
-                          msg["fallback"], ",".join(wire))
+                          msg["fallback"], ",".join(wire),
+                          ",".join(sorted({a["engine_apply"] for a in acks if "engine_apply" in a})))
 
     def abort_push(self, seq: int, reason: str) -> None:
         """Give up on push number ``seq`` (from any thread): every trainer rank's and receiver's wait in it stops

@@ -35,6 +35,7 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferUpdateInfo
 
 from ..codec import scale_name
+from ..plan import dtype_of
 from ..errors import UNTOUCHED, EngineHeld, HandshakeMismatch
 from ..receiver import Receiver
 from ..sender import JoinInfo
@@ -267,8 +268,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                 if update_info.catchup:
                     self.last = self._catch_up(update_info.catchup)
                 else:
-                    self.direct.prepare(self._shapes())
-                    self.last = self.receiver.receive(self._apply)
+                    self.receiver.note = {"engine_apply": "direct" if self.direct.armed else "layerwise"}
+                    self.last = self.receiver.receive(self._apply, on_plan=self._prepare_direct)
         except HandshakeMismatch as e:
             # Raised before the first batch: the model was never touched and keeps serving its weights.
             error = e
@@ -292,13 +293,18 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             self.in_session = False  # vLLM ends the session of a worker whose update_weights raised
             raise
 
-    def _shapes(self) -> dict | None:
-        """Checkpoint name -> (shape, dtype) as this engine loads it (what the fast path learns its places from)."""
+    def _prepare_direct(self, plan) -> None:
+        """Before the first batch of a push: let the fast path learn where the tensors go (once). The served
+        checkpoint says which tensors the model loads; without one, the trainer's plan does (dummy weights)."""
         if self._checkpoint_shapes is None:
             exp = self.expected()
             self._checkpoint_shapes = {n: (tuple(s), getattr(torch, d) if isinstance(d, str) else d)
                                        for n, (s, d) in exp.items()} if exp else {}
-        return self._checkpoint_shapes
+        shapes = self._checkpoint_shapes
+        if not shapes and self.receiver.fp8 is None:
+            shapes = {n: (t.shape, dtype_of(t.dtype)) for t in plan.tensors.values() for n in (t.name, *t.aliases)}
+        self.direct.prepare(shapes)
+        self.receiver.note = {"engine_apply": "direct" if self.direct.armed else "layerwise"}
 
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
