@@ -236,7 +236,13 @@ def main(argv=None) -> int:
                    "sync_ms": rep.total_s * 1e3 if rep else None, "version": rep.version if rep else None}
             history.append(row)
             sync_txt = f"sync {row['sync_ms']:6.1f} ms  engine v{row['version']}" if rep else "no push"
-            log(f"step {state.global_step:3d}/{args.steps}  reward {row['reward']:.3f}  {sync_txt}")
+            line = f"step {state.global_step:3d}/{args.steps}  reward {row['reward']:.3f}  {sync_txt}"
+            if args.no_progress:
+                log(line)
+            else:
+                from tqdm.auto import tqdm
+
+                tqdm.write(line)  # above the Trainer's progress bar
 
     trainer = GRPOTrainer(model=model, reward_funcs=target_reward(args.target), args=config,
                           train_dataset=prompt_dataset(args), processing_class=tokenizer,
