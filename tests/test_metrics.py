@@ -200,6 +200,7 @@ def test_recipe_run_leaves_consistent_charts(tmp_path):
     assert_layout(res["tb_dir"])
 
 
+@pytest.mark.slow  # two subprocesses importing trainer_sync (torch): ~10 s on this box
 def test_run_dir_is_per_config_and_shared_by_the_ranks_of_one_launch(monkeypatch, tmp_path):
     """One folder per run and config (TensorBoard shows runs side by side); under torchrun every rank derives the
     same folder from the launcher's start time, without talking to the others."""
