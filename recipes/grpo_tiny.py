@@ -452,9 +452,7 @@ def main(argv=None) -> int:
                 log(f"CHECK FAILED: engine {check['engine']} != trainer {check['trainer']}")
         tb_bin = os.path.join(os.path.dirname(sys.executable), "tensorboard")  # the venv's, when not activated
         if not os.path.exists(tb_bin):
-            tb_bin = "tensorboard"
-        elif not os.path.relpath(tb_bin).startswith(".."):
-            tb_bin = os.path.relpath(tb_bin)
+            tb_bin = "tensorboard"  # absolute otherwise: the command works from any folder
         log(f"TensorBoard logs: {tb_dir}\n  view them with: {tb_bin} --logdir {tb_dir}  "
             f"(sync/* and train/* scalars; the 'Custom Scalars' tab has the sync latency per stage on one chart)")
         if args.summary_json:

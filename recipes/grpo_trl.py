@@ -297,7 +297,11 @@ def main(argv=None) -> int:
             else:
                 status = 1
                 log(f"CHECK FAILED: engine {check['engine']} != trainer {check['trainer']}")
-        log(f"TensorBoard: tensorboard --logdir {os.path.dirname(out)}  (this run: {out}/tb)")
+        tb_bin = os.path.join(os.path.dirname(sys.executable), "tensorboard")  # the venv's, when not activated
+        if not os.path.exists(tb_bin):
+            tb_bin = "tensorboard"
+        log(f"TensorBoard (every run and config side by side): {tb_bin} --logdir {os.path.dirname(out)}  "
+            f"(this run: {out}/tb)")
         if args.summary_json:
             with open(args.summary_json, "w") as f:
                 json.dump({"history": history, "check": check, "out": out, "train_s": train_s,

@@ -158,9 +158,10 @@ def test_colocated_ipc_push_into_an_in_process_engine_host_standin(llm, monkeypa
         model = build_model(seed=0)
         model.share_memory()  # the stand-in exports shared-memory storages only
         with WeightSync(model, [llm], SyncConfig(mode="ipc", bucket_mb=0.05)) as sync:
+            start = sync.engine_version  # the engine's version from earlier tests: the count continues from it
             for step in range(2):
                 perturb(model, seed=20 + step)  # in place: the exported storages stay the same
-                assert sync.push().version == step + 1
+                assert sync.push().version == start + step + 1
                 assert sync.sender.ipc is not None and llm_worker(llm).weight_transfer_engine.receiver.ipc is not None
                 assert_serves(llm, model)
     finally:

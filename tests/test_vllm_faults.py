@@ -1,5 +1,7 @@
 """Faults at the engine level, caused for real against a real ``vllm serve`` (issue 8): a trainer process SIGKILLed
-in the middle of a push, and an engine that presents a wrong token.
+in the middle of a push, and an engine that presents a wrong token; and (issue 14) engine ownership: joins refused
+while another trainer holds the engine, versions that never go backwards, unreachable engines at construction, an
+update that failed before touching any weight.
 
 One server serves the module, with tensor parallel size 2: after a trainer dies mid-update, both workers of the
 engine must end up in step (vLLM closes the update session only on a worker whose update raised, and the backend
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -20,7 +23,7 @@ pytest.importorskip("vllm")
 
 import fault_roles  # noqa: E402
 from models import build_model, hf_greedy, perturb, prompts, save_model  # noqa: E402
-from procs import outcomes, run_roles  # noqa: E402
+from procs import free_port, outcomes, run_roles  # noqa: E402
 from vllm_engines import running_server, in_process_llm, llm_greedy  # noqa: E402
 
 from trainer_sync import RendezvousRefused, SyncConfig, SyncError, WeightSync  # noqa: E402
@@ -135,3 +138,134 @@ def test_trainer_killed_mid_push_engine_aborts_stays_paused_and_next_push_restor
     assert get(server, "/weight_info")["weight_version"] == "3"
     assert get(server, "/is_paused")["is_paused"] is False
     assert server.greedy(list(ps.values()), N) == [hf_greedy(model, p, N) for p in ps.values()]
+
+
+# --- issue 14: one owner per engine; refused joins and errors that touched no weight disturb nothing -------------
+
+def post(server, route: str, body: dict | None = None, timeout_s: float = 60) -> dict:
+    req = urllib.request.Request(server.url + route, json.dumps(body or {}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.load(resp)
+
+
+def reference(model) -> list[list[int]]:
+    return [hf_greedy(model, p, N) for p in prompts().values()]
+
+
+def test_refused_joins_leave_the_owner_working_and_the_engine_serving(server):
+    """Joins refused while trainer A holds the engine: a join naming A's rendezvous with a wrong token, and
+    another trainer's join. Neither drops A's receiver nor pauses the engine; A's next push works on its group."""
+    ps = list(prompts().values())
+    model = build_model(seed=0)
+    with WeightSync(model, [server.url], SyncConfig(token="owner-token", timeout_s=20)) as owner:
+        perturb(model, seed=61)
+        version = owner.push().version
+        served = server.greedy(ps, N)
+        assert served == reference(model)
+
+        # A join with the owner's rendezvous address but a wrong token, straight to the engine's route.
+        forged = {**owner.sender.join_info(0, 2).to_dict(), "token": "not-the-token", "timeout_s": 2.0}
+        with pytest.raises(urllib.error.HTTPError):
+            post(server, "/init_weight_transfer_engine", {"init_info": forged})
+
+        # Another trainer (its own rendezvous, its own valid token) while the owner is alive.
+        t = time.monotonic()
+        with pytest.raises(SyncError) as err:
+            WeightSync(build_model(seed=1), [server.url], SyncConfig(token="intruder-token", timeout_s=20))
+        took = time.monotonic() - t
+        text = str(err.value)
+        print(f"second trainer refused after {took:.2f}s: {text}")
+        assert "held by another trainer" in text and err.value.stage == "rendezvous", text
+        assert err.value.who == f"engine 0 ({server.url})", err.value.who
+        assert took < 10, took  # at once, not after the rendezvous timeout (20 s)
+        for secret in ("owner-token", "intruder-token", f":{owner.sender.rdzv.port}"):
+            assert secret not in text  # neither token, nor where the owner's rendezvous is
+
+        assert get(server, "/is_paused")["is_paused"] is False
+        assert get(server, "/weight_info")["weight_version"] == str(version)
+        assert server.greedy(ps, N) == served
+
+        epoch = owner.sender.epoch
+        perturb(model, seed=62)
+        report = owner.push()  # on the owner's current group: nothing was dropped
+        assert owner.sender.epoch == epoch and report.version == version + 1
+        assert server.greedy(ps, N) == reference(model)
+
+
+def test_one_owner_at_a_time_and_versions_never_go_backwards(server):
+    ps = list(prompts().values())
+    a_model = build_model(seed=0)
+    with WeightSync(a_model, [server.url], SyncConfig(timeout_s=30)) as a:
+        for seed in (71, 72, 73):
+            perturb(a_model, seed=seed)
+            top = a.push().version
+        # The owner re-joins (a new epoch, as after a failure or with more engines): still its engine.
+        epoch, a.stale = a.sender.epoch, True
+        perturb(a_model, seed=74)
+        top = a.push().version
+        assert a.sender.epoch == epoch + 1
+        with pytest.raises(SyncError) as err:
+            WeightSync(build_model(seed=1), [server.url], SyncConfig(timeout_s=30))
+        assert "held by another trainer" in str(err.value), str(err.value)
+        assert get(server, "/weight_info")["weight_version"] == str(top)
+        assert server.greedy(ps, N) == reference(a_model)
+
+    # The owner closed: a new trainer takes the engine, and its version continues (never goes backwards).
+    b_model = build_model(seed=0)
+    perturb(b_model, seed=75)
+    with WeightSync(b_model, [server.url], SyncConfig(timeout_s=30)) as b:
+        report = b.push()
+        assert report.version == top + 1, (report.version, top)
+        assert get(server, "/weight_info")["weight_version"] == str(top + 1)
+        assert server.greedy(ps, N) == reference(b_model)
+
+    # Going back only when asked for: an explicit version (a new job restarting its step count), with a warning.
+    with WeightSync(b_model, [server.url], SyncConfig(timeout_s=30)) as c:
+        with pytest.warns(UserWarning, match="goes back"):
+            c.push(version=1)
+        assert get(server, "/weight_info")["weight_version"] == "1"
+        assert c.push().version == 2
+
+
+def test_unreachable_engines_fail_the_construction_naming_each(server):
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    with pytest.raises(SyncError) as err:
+        WeightSync(build_model(seed=0), [server.url, *dead], SyncConfig(timeout_s=20))
+    text = str(err.value)
+    print(text)
+    assert "2 of 3 engine(s) cannot be reached" in text, text
+    for i, url in enumerate(dead, start=1):
+        assert f"engine {i} ({url}): get_world_size failed" in text and f"engine {i} ({url})" in err.value.who
+    assert "Connection refused" in text and server.url not in text
+    with pytest.raises(SyncError) as err:
+        WeightSync(build_model(seed=0), [dead[0]], SyncConfig(timeout_s=20))
+    assert f"engine 0 ({dead[0]}): get_world_size failed" in str(err.value), str(err.value)
+    # The live engine was never joined (so it is free) and never paused.
+    assert get(server, "/is_paused")["is_paused"] is False
+    with WeightSync(build_model(seed=0), [server.url], SyncConfig(timeout_s=20)) as sync:
+        sync.push()
+
+
+def test_an_update_that_touched_no_weight_resumes_the_engine(server):
+    """The engine is released between pushes (an operator's POST /shutdown_weight_transfer_engine): the trainer's
+    next push fails before any weight is applied ("update_weights before init_weight_transfer_engine"), and the
+    engine is resumed on its old weights instead of being left paused; the push after that re-joins and works."""
+    ps = list(prompts().values())
+    model = build_model(seed=0)
+    with WeightSync(model, [server.url], SyncConfig(timeout_s=10)) as sync:
+        perturb(model, seed=81)
+        sync.push()
+        served, version = server.greedy(ps, N), get(server, "/weight_info")["weight_version"]
+        post(server, "/shutdown_weight_transfer_engine")
+        perturb(model, seed=82)
+        with pytest.raises(SyncError) as err:
+            sync.push()
+        assert "update_weights before init_weight_transfer_engine" in str(err.value), str(err.value)
+        assert "the engine was resumed" in str(err.value)
+        assert get(server, "/is_paused")["is_paused"] is False
+        assert get(server, "/weight_info")["weight_version"] == version
+        assert server.greedy(ps, N) == served
+        report = sync.push()
+        assert get(server, "/weight_info")["weight_version"] == str(report.version)
+        assert server.greedy(ps, N) == reference(model)

@@ -8,7 +8,9 @@ decoding on the trainer's weights.
 """
 from __future__ import annotations
 
+import json
 import threading
+import urllib.request
 
 import pytest
 
@@ -75,6 +77,7 @@ def test_push_during_generation_keeps_the_request(server):
     prompt, n = [7, 8, 9], 500
     model = build_model(seed=0)
     with WeightSync(model, [server.url]) as sync:
+        first = sync.engine_version + 1  # versions continue from what the engine served (earlier tests' trainers)
         # On a loaded machine the 500 tokens can be done before the pause reaches the server; then the update did
         # not land mid-request and the attempt proves nothing, so it is tried again (at most 3 times).
         for attempt in range(3):
@@ -90,18 +93,20 @@ def test_push_during_generation_keeps_the_request(server):
             assert len(out["tokens"]) == n
             if out["tokens"] != old:  # the update landed while the request was running ...
                 break
-    assert report.version == 2 * (attempt + 1)
+    assert report.version == first + 2 * attempt + 1
     assert out["tokens"] != old, "the update never landed while a request was running"
     assert out["tokens"][:1] == old[:1]  # ... which had started under the old weights
     assert server.greedy(list(prompts().values()), N) == reference(model)
 
 
 def test_fsdp2_two_ranks_to_one_server(server):
+    with urllib.request.urlopen(server.url + "/weight_info", timeout=60) as resp:
+        before = int(json.load(resp)["weight_version"])  # the new trainer continues from it
     roles = [("trainer", r, 2, fsdp_trainer, (server.url, 31)) for r in range(2)]
     out = run_roles(roles, timeout=240)
     rank0 = out[("trainer", 0)]
-    assert rank0["report"]["version"] == 1 and out[("trainer", 1)]["report"]["version"] == 1
-    assert rank0["versions"] == {f"engine 0 ({server.url})": "1"}
+    assert rank0["report"]["version"] == out[("trainer", 1)]["report"]["version"] == before + 1
+    assert rank0["versions"] == {f"engine 0 ({server.url})": str(before + 1)}
     model = build_model(seed=0)
     missing, unexpected = model.load_state_dict(rank0["state"], strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding

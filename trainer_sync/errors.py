@@ -16,6 +16,15 @@ class RendezvousRefused(SyncError, PermissionError):
     """A peer presented the wrong token (or none) and was not let into the group."""
 
 
+class EngineHeld(SyncError):
+    """An engine refused a join because another trainer holds it and is still alive (see engines/vllm.py)."""
+
+
+# An engine's update_weights error ends with this when no worker of the engine had applied any weight of the push:
+# the engine still serves its old weights whole, so the trainer resumes it instead of leaving it paused.
+UNTOUCHED = "[trainer_sync: no weight was applied, the engine serves its old weights]"
+
+
 class HandshakeMismatch(SyncError, ValueError):
     """The trainer's tensors do not match what a receiver expects; nothing was sent."""
 

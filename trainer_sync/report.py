@@ -30,7 +30,10 @@ class SyncReport:
         return d
 
     def __str__(self) -> str:
-        return (f"v{self.version}: {self.bytes / 1e6:.1f} MB in {self.num_buckets} buckets to {self.num_receivers} "
-                f"receivers, total {self.total_s * 1e3:.1f} ms (plan {self.plan_s * 1e3:.1f}, pack "
-                f"{self.pack_s * 1e3:.1f}, transfer {self.transfer_s * 1e3:.1f}, apply {self.apply_s * 1e3:.1f}), "
+        def n(count: int, noun: str) -> str:
+            return f"{count} {noun}{'' if count == 1 else 's'}"
+
+        return (f"v{self.version}: {self.bytes / 1e6:.1f} MB in {n(self.num_buckets, 'bucket')} to "
+                f"{n(self.num_receivers, 'receiver')}, total {self.total_s * 1e3:.1f} ms (plan {self.plan_s * 1e3:.1f}, "
+                f"pack {self.pack_s * 1e3:.1f}, transfer {self.transfer_s * 1e3:.1f}, apply {self.apply_s * 1e3:.1f}), "
                 f"{self.gbps:.2f} GB/s" + (f", fallback: {self.fallback}" if self.fallback else ""))

@@ -20,7 +20,12 @@ Failure rules: a refused handshake (names / shapes / dtypes) raises HandshakeMis
 engines never touched their models, so they are resumed on their old weights. Any other failure raises SyncError
 naming the engine and the stage; an engine whose update did not complete stays paused (its model may be half
 updated) until a later push succeeds, and that push first rebuilds the bridging group (a new epoch) with every
-engine.
+engine. An engine that says its update failed before any weight was applied (errors.UNTOUCHED) is resumed at once.
+
+Ownership and versions: an engine has one owner (engines/vllm.py refuses another trainer's join while the owner is
+alive). The weight version an engine reports never goes backwards by default: ``push()`` without a version continues
+from the highest version any engine reports (a trainer taking over an engine that served version 3 pushes 4). Only
+an explicit ``push(version=v)`` (the training-loop hooks pass the global step) may set a lower one, with a warning.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .config import SyncConfig
-from .errors import HandshakeMismatch, RendezvousRefused, SyncError
+from .errors import UNTOUCHED, HandshakeMismatch, RendezvousRefused, SyncError
 from .report import SyncReport
 from .sender import Sender
 from .engines.clients import EngineCallError, EngineClient, make_client
@@ -89,6 +94,9 @@ class WeightSync:
         self.clients: list[EngineClient] = [make_client(e, i, self.config.timeout_s) for i, e in enumerate(engines)] \
             if self.rank == 0 else []
         self.num_receivers = 0
+        # The highest weight version the engines reported at the last connect (every rank): push() continues above.
+        self.engine_version = 0
+        self._constructing = True  # an unreachable engine fails the construction; later it leaves the membership
         self.receiver_names: list[str] = []  # rank 0: receiver rank -> "engine i (...) worker w", for errors
         self.stale = True  # the bridging group must be (re)built before the next push; same value on every rank
         # Membership (rank 0): the version each engine acknowledged, and engines that joined by catch-up and enter
@@ -101,6 +109,7 @@ class WeightSync:
         except BaseException:
             self.sender.close()
             raise
+        self._constructing = False
         # TensorBoard charts of every push (SyncConfig.tb_dir; trainer rank 0 only): trainer_sync/metrics.py.
         self.metrics: SyncMetrics | None = SyncMetrics.for_rank(self.rank, self.config.tb_dir)
 
@@ -131,42 +140,67 @@ class WeightSync:
 
     # --- bridging group ---------------------------------------------------------------------------------------
     def _count_receivers(self) -> dict:
-        """Rank 0: every engine's worker count, and the first receiver rank of each engine."""
-        offsets, total, alive = [], 0, []
+        """Rank 0: every engine's worker count, the first receiver rank of each engine, and the highest weight
+        version they report.
+
+        At construction an engine that does not answer is a configuration error: every such engine is named, with
+        its error. Later, one that stopped or died leaves the membership (a warning) and the others carry on."""
+        offsets, total, alive, gone = [], 0, [], []
         self.receiver_names = []
         for c in self.clients:
             try:
                 n = c.world_size()
             except EngineCallError as e:
-                # An engine that stopped or died leaves the membership; the others carry on (a new epoch).
-                warnings.warn(f"trainer_sync: dropping {c.name} from the membership: {e.detail}")
-                self.served.pop(c.name, None)
+                gone.append(str(e))  # "engine i (url): get_world_size failed: ..."
+                if not self._constructing:
+                    warnings.warn(f"trainer_sync: dropping {c.name} from the membership: {e.detail}")
+                    self.served.pop(c.name, None)
                 continue
             alive.append(c)
             offsets.append(total)
             total += n
             self.receiver_names += [f"{c.name} worker {w}" for w in range(n)]
+        if gone and self._constructing:
+            raise SyncError(f"trainer_sync: {len(gone)} of {len(self.clients)} engine(s) cannot be reached:\n  " +
+                            "\n  ".join(gone), "rendezvous", ", ".join(g.split(": ", 1)[0] for g in gone))
         if not alive:
-            raise SyncError("trainer_sync: no engine answers; every engine left the membership", "rendezvous",
-                            ", ".join(c.name for c in self.clients))
+            raise SyncError("trainer_sync: no engine answers; every engine left the membership:\n  " +
+                            "\n  ".join(gone), "rendezvous", ", ".join(c.name for c in self.clients))
         self.clients = alive
-        return {"num_receivers": total, "offsets": offsets}
+        return {"num_receivers": total, "offsets": offsets, "engine_version": self._engine_version()}
+
+    def _engine_version(self) -> int:
+        """Rank 0: the highest integer weight version the engines report (0 if none does)."""
+        best = 0
+        for c in self.clients:
+            try:
+                best = max(best, int(c.weight_version()))
+            except (EngineCallError, ValueError):  # not a counter (vLLM's default, a name): nothing to continue
+                pass
+        return best
 
     def _connect(self) -> None:
         """Form a new bridging group with every worker of every engine (all ranks; rank 0 calls the engines)."""
         plan = self._agree(self._count_receivers)
         self._raise(plan)
         n = plan["num_receivers"]
+        self.engine_version = plan["engine_version"]
         calls: list[tuple[EngineClient, _Background]] = []
         if self.rank == 0:
             # Join infos are made before connect() opens the new epoch they name.
             infos = [self.sender.join_info(off, n).to_dict() for off in plan["offsets"]]
             calls = [(c, _Background(lambda c=c, i=i: c.init(i))) for c, i in zip(self.clients, infos)]
+        connected = threading.Event()
+        if calls:
+            threading.Thread(target=self._abort_on_refusal, args=(calls, self.sender.epoch + 1, connected),
+                             daemon=True).start()
         error: BaseException | None = None
         try:
             self.sender.connect(n)
         except Exception as e:  # noqa: BLE001 - reported together with the engines' side below
             error = e
+        finally:
+            connected.set()
 
         def joined() -> dict:
             problems = []
@@ -194,6 +228,22 @@ class WeightSync:
             raise error
         self.num_receivers = n
         self.stale = False
+
+    def _abort_on_refusal(self, calls: list, epoch: int, connected: threading.Event) -> None:
+        """Rank 0: an engine whose join fails before the group formed (held by another trainer, say) aborts this
+        epoch's rendezvous at once, so that every member fails now instead of after the timeout."""
+        pending = list(calls)
+        while pending and not connected.is_set():
+            for c, call in list(pending):
+                if call.wait(0):
+                    pending.remove((c, call))
+                    if call.error is not None:
+                        try:
+                            self.sender.rdzv.store.set(f"ts/e{epoch}/abort", f"{c.name} did not join: {call.error}")
+                        except Exception:  # noqa: BLE001 - the rendezvous then ends by its timeout
+                            pass
+                        return
+            connected.wait(0.02)
 
     # --- one push ---------------------------------------------------------------------------------------------
     def _begin(self) -> dict:
@@ -245,6 +295,10 @@ class WeightSync:
                     if refused:  # expected: the engine refused the plan before touching its model
                         c.resume()
                         continue
+                    if UNTOUCHED in str(call.error):  # failed before any weight was applied: old weights, whole
+                        c.resume()
+                        problems.append((failed_stage, c.name, f"{call.error}; the engine was resumed"))
+                        continue
                     problems.append((failed_stage, c.name, f"{call.error}; the engine stays paused (its model may "
                                      "be half updated) until a push succeeds"))
                     continue
@@ -290,12 +344,23 @@ class WeightSync:
         Call on every trainer rank together. Returns the report (``total_s`` covers the whole push, engine calls
         included) once every engine serves the new weights; raises HandshakeMismatch (nothing sent, engines still
         serving their old weights) or SyncError (naming the engine and the stage).
+
+        Versions never go backwards unless asked: without ``version`` the push is numbered after both this trainer's
+        last push and the highest version an engine reported when the group formed (an engine taken over from an
+        earlier trainer continues its count). An explicit ``version`` must be newer than this trainer's last push;
+        below what an engine serves it is applied as asked (a new job restarting its step count), with a warning.
         """
         t0 = time.perf_counter()
-        version = self.sender.version + 1 if version is None else int(version)
+        if version is None:
+            version = max(self.sender.version, self.engine_version) + 1
+        version = int(version)
         if version <= self.sender.version:
             raise ValueError(f"trainer_sync: version {version} is not newer than the last pushed "
                              f"({self.sender.version})")
+        if version <= self.engine_version and self.rank == 0:
+            warnings.warn(f"trainer_sync: pushing version {version} as asked, though an engine served version "
+                          f"{self.engine_version} before this trainer: its reported version goes back (push() "
+                          f"without a version would continue from {self.engine_version + 1})")
         try:
             return self._push(version, t0)
         except SyncError as e:
@@ -350,6 +415,7 @@ class WeightSync:
             self.stale = True
             raise error
         report = dataclasses.replace(report, total_s=time.perf_counter() - t0)
+        self.engine_version = version  # every engine serves it now
         if self.metrics is not None:
             self.metrics.log(report)
         return report

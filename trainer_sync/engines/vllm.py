@@ -9,6 +9,11 @@ Lifecycle (driven by the trainer, see trainer_sync/sync.py), per worker:
   init   ``init_weight_transfer_engine(join_info)``: join the bridging group as receiver
          ``receiver_rank + worker rank`` (each engine gets its own first rank; every TP/PP worker and every engine
          of a data-parallel fleet joins the same group), announcing what the served checkpoint holds.
+         One owner at a time: while the trainer that holds the engine is alive (its rendezvous store answers),
+         a join from another trainer is refused (EngineHeld) and changes nothing; the owner itself may re-join
+         (a new epoch) at any time. The current receiver is replaced only once a new join passed the rendezvous,
+         so a refused join (wrong token, say) leaves the owner's group working. The owner releases the engine by
+         ``shutdown_weight_transfer_engine`` (WeightSync.close does) or by dying.
   start  ``start_weight_update``: nothing touches the model yet.
   update ``update_weights({})``: take one push. The handshake runs first; only once the trainer's plan is accepted
          does the first batch switch the model into vLLM's layerwise reload. So a refused push (names, shapes or
@@ -30,7 +35,7 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferUpdateInfo
 
 from ..codec import scale_name
-from ..errors import HandshakeMismatch
+from ..errors import UNTOUCHED, EngineHeld, HandshakeMismatch
 from ..receiver import Receiver
 from ..sender import JoinInfo
 from .checkpoint import expected_tensors, find_checkpoint_dir
@@ -87,6 +92,7 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         self.receiver: Receiver | None = None
         self.reloading = False  # layerwise reload initialized on this worker and not yet finalized
         self.last = None  # ReceiveResult of the last push
+        self.touched = False  # this worker applied a weight of the current update (see _report)
         self.tied = tied_modules(model)
         # This worker's vLLM update session is open (start_weight_update ran, finish_weight_update did not, and
         # vLLM did not close it on a raise): see _close_abandoned_session.
@@ -118,7 +124,6 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         return exp
 
     def init_transfer_engine(self, init_info: JoinInfo) -> None:
-        self._close_abandoned_session()
         error = None
         try:
             self._join(init_info)
@@ -132,14 +137,45 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
             raise ValueError(f"trainer_sync: worker {self.worker_index()} of an engine starting at receiver rank "
                              f"{init_info.receiver_rank} is rank {rank}, outside the {init_info.num_receivers} "
                              f"receivers the trainer expects (count every engine's TP*PP*DP workers)")
-        self.shutdown()  # a re-init (new epoch after a failure, or more engines) replaces the old group
+        self._check_owner(init_info.host, init_info.port)
         info = dataclasses.replace(init_info, receiver_rank=rank)
         # gloo carries bytes through host memory: receive there and let load_weights copy to the device.
         device = self.device if info.backend == "nccl" else torch.device("cpu")
         expected = self.expected()
         receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected))
-        receiver.connect()
-        self.receiver = receiver
+        try:
+            receiver.connect()
+        except BaseException:
+            receiver.close()  # the current receiver (if any) stays: a refused join changes nothing
+            raise
+        # Passed the rendezvous: a re-init (new epoch after a failure, more engines, or a new owner after the
+        # last one closed or died) replaces the old group, and closes an update session the old owner left open.
+        old, self.receiver = self.receiver, receiver
+        if old is not None:
+            old.close()
+        self._close_abandoned_session()
+
+    def _check_owner(self, host: str, port: int) -> None:
+        """Refuse a join from another trainer while the one that holds this engine is alive.
+
+        The owner is the trainer whose rendezvous the current receiver joined. A join naming the same rendezvous
+        (host:port) comes from the owner, or from whoever took that address after the owner died; it goes on to
+        the rendezvous, which checks the token. Any other join is refused while the owner's store still answers
+        on the receiver's connection (a dead owner's connection fails at once, even if a new store took its port).
+        Nothing about the owner is said beyond that it exists: its address and token stay private.
+        """
+        r = self.receiver
+        if r is None or r.rdzv is None or r.rdzv.store is None or (r.info.host, r.info.port) == (host, port):
+            return
+        try:
+            r.rdzv.store.check(["trainer_sync/owner-alive"])
+        except Exception:  # noqa: BLE001 - the owner's store is gone: it closed or died, the engine is free
+            logger.warning("trainer_sync: the trainer that held this engine is gone; a new trainer takes it")
+            return
+        raise EngineHeld("trainer_sync: this engine is held by another trainer, which is still alive; it accepts "
+                         "a new trainer once that one releases it (WeightSync.close(), or POST "
+                         "/shutdown_weight_transfer_engine on the engine) or dies. Nothing was changed on the engine",
+                         stage="rendezvous")
 
     def dequantize_to(self, info: JoinInfo, expected: dict | None) -> torch.dtype | None:
         """FP8 on the wire (the trainer's ``wire_dtype="fp8"``), two cases:
@@ -156,39 +192,47 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
             getattr(self.model_config, "quantization", None) == "fp8"
         return None if block_fp8 else self.model_config.dtype
 
-    def _report(self, error: BaseException | None) -> None:
+    def _report(self, error: BaseException | None, touched: bool | None = None) -> None:
         """Raise ``error`` (or a sibling worker's) from exactly one worker of this engine: the last one.
 
         vLLM 0.32's multiprocess executor reads the workers' replies in rank order and stops at the first failure,
         leaving the other workers' replies queued: every later RPC to that engine then gets the previous call's
         reply. So the workers first agree (over vLLM's own CPU groups) on what failed, and only the last worker,
         whose reply is read last, raises, naming every failed worker.
+
+        ``touched`` (an update): whether this worker applied any weight of it. When no worker of the engine did, the
+        error raised ends with ``UNTOUCHED``, telling the trainer that the engine still serves its old weights whole.
         """
         pc = self.parallel_config
         mine = None if error is None else f"{type(error).__name__}: {error}"
         failures = {pc.rank: mine} if mine else {}
+        any_touched = bool(touched)
         if pc.world_size > 1:
             import torch.distributed as dist
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
-            items = [(pc.rank, mine)]
+            items = [(pc.rank, mine, bool(touched))]
             for group in (get_tp_group(), get_pp_group()):  # TP x PP = every worker of this engine
                 if group.world_size > 1:
                     gathered: list = [None] * group.world_size
                     dist.all_gather_object(gathered, items, group=group.cpu_group)
                     items = [item for part in gathered for item in part]
-            failures = {r: m for r, m in items if m}
+            failures = {r: m for r, m, _ in items if m}
+            any_touched = any(t for _, _, t in items)
         if not failures:
             return
         if pc.rank != pc.world_size - 1:
             logger.error("trainer_sync: worker %d failed (reported by the engine's last worker): %s", pc.rank, mine)
             return
-        if error is not None and len(failures) == 1:
+        untouched = touched is not None and not any_touched and not isinstance(error, HandshakeMismatch)
+        if error is not None and (len(failures) == 1 or all(m == mine for m in failures.values())):
+            # One failure, or the same everywhere (a refused handshake: every worker checks the same plan).
+            if untouched:
+                raise RuntimeError(f"{mine} {UNTOUCHED}") from error
             raise error
         lines = "\n  ".join(f"worker {r}: {m}" for r, m in sorted(failures.items()))
-        if error is not None and all(m == mine for m in failures.values()):
-            raise error  # the same failure everywhere (a refused handshake: every worker checks the same plan)
-        raise RuntimeError(f"trainer_sync: {len(failures)} of {pc.world_size} workers failed:\n  {lines}")
+        raise RuntimeError(f"trainer_sync: {len(failures)} of {pc.world_size} workers failed:\n  {lines}" +
+                           (f"\n{UNTOUCHED}" if untouched else ""))
 
     # --- one update -------------------------------------------------------------------------------------------
     def start_weight_update(self) -> None:
@@ -197,8 +241,16 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         self.in_session = True
 
     def receive_weights(self, update_info: TrainerSyncUpdateInfo) -> None:
+        self.touched = False
         if self.receiver is None and not update_info.catchup:
-            raise RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine")
+            # Through _report (one worker raises) and marked untouched: the trainer resumes the engine.
+            return self._end_update(RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine "
+                                                 "(no trainer holds this engine)"))
+        if update_info.catchup:
+            try:
+                self._check_owner(update_info.catchup["host"], update_info.catchup["port"])
+            except EngineHeld as e:
+                return self._end_update(e)
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
         error = None
@@ -219,8 +271,11 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
                 self._finalize()
             except Exception:  # noqa: BLE001 - the original error is the one worth reporting
                 logger.exception("trainer_sync: resetting the layerwise reload after a failed push failed too")
+        self._end_update(error)
+
+    def _end_update(self, error: BaseException | None) -> None:
         try:
-            self._report(error)
+            self._report(error, self.touched)
         except BaseException:
             self.in_session = False  # vLLM ends the session of a worker whose update_weights raised
             raise
@@ -243,6 +298,7 @@ class TrainerSyncWeightTransferEngine(WeightTransferEngine):
         Layerwise reload buffers a layer's tensors until its last one arrives, and the receiver reuses its buffers
         two rounds later, so each tensor is copied out first (once, even when tied names share it).
         """
+        self.touched = True
         if not self.reloading:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 

@@ -110,7 +110,9 @@ class Rendezvous:
         if me == Member("trainer", 0):
             nonce = secrets.token_hex(16)
             self.store.set(nonce_key, nonce)
-            missing = wait_keys(self.store, [base + "auth/" + m.key for m in others], self.timeout_s)
+            # Polls the abort key: WeightSync aborts the epoch when an engine's join fails before it got here.
+            missing = wait_keys(self.store, [base + "auth/" + m.key for m in others], self.timeout_s,
+                                abort_key=abort_key)
             if missing:
                 names = ", ".join(str(m) for m in others if base + "auth/" + m.key in missing)
                 msg = f"trainer_sync rendezvous (epoch {epoch}): {names} did not join within {self.timeout_s:g}s"
