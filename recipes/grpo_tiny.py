@@ -37,7 +37,8 @@ Where things run
   would adopt the trainer's default process group (both ranks) as its own world and wait for rank 1 forever.
 
 Charts: sync latency per stage, bytes, GB/s, version (under sync/) and the reward/loss (under train/) go to the
-Accelerate TensorBoard tracker in <out>/tb/grpo: `tensorboard --logdir <out>/tb`.
+Accelerate TensorBoard tracker in <out>/tb/grpo (<out>: runs/grpo-tiny/<config>-<date-time> unless --out says
+otherwise): `tensorboard --logdir runs/grpo-tiny` shows every run and config side by side.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     ap.add_argument("--every", type=int, default=1, help="push after every k-th optimizer step")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/grpo-tiny", help="checkpoint of the initial policy and TensorBoard logs")
+    ap.add_argument("--out", default=None, help="checkpoint of the initial policy and TensorBoard logs (default: "
+                    "runs/grpo-tiny/<config>-<date-time>, one folder per run and config)")
     ap.add_argument("--engine-url", default=None, help="use this running `vllm serve` instead of starting an engine")
     ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
                     help="hf: no vLLM; trainer rank 0 samples from a plain transformers copy of the policy that a "
@@ -271,6 +273,10 @@ def grpo_loss(model, prompt_ids, completions, rewards, group: int, device=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out is None:
+        from trainer_sync.metrics import run_dir
+
+        args.out = run_dir(os.path.join("runs", "grpo-tiny"))  # the same folder on every rank of this launch
     import torch
     import torch.distributed as dist
     from accelerate import Accelerator

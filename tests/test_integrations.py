@@ -257,6 +257,30 @@ def test_trainer_callback_pushes_every_k_global_steps(tmp_path, fresh_accelerate
     assert sync.versions == [2, 4, 6] and cb.versions == [2, 4, 6]  # at global steps, not micro-batches
 
 
+def test_lazy_trainer_callback_builds_the_sync_from_the_trained_model(tmp_path, fresh_accelerate):
+    """WeightSyncCallback.lazy: the WeightSync is built once, in on_train_begin, from the model the Trainer trains
+    (what FSDP2 / ZeRO-3 configs need: the model is sharded or partitioned inside train()), then pushes as usual."""
+    from transformers import Trainer, TrainingArguments
+
+    from trainer_sync.integrations.transformers import WeightSyncCallback
+
+    built = []
+
+    def build(model):
+        built.append(model)
+        return RecordingSync()
+
+    cb = WeightSyncCallback.lazy(build, every=2)
+    assert cb.sync is None
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    model = _Regression()
+    trainer = Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[cb])
+    assert not built  # nothing before train()
+    trainer.train()
+    assert built == [model] and cb.sync.versions == [2, 4] and cb.versions == [2, 4]
+
+
 def test_trainer_callback_error_policy(tmp_path, fresh_accelerate):
     from transformers import Trainer, TrainingArguments
 
@@ -307,6 +331,46 @@ def test_zero3_recipe_pushes_from_the_deepspeed_engine(tmp_path):
     assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["4"], res["check"]
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_trl_recipe_end_to_end(tmp_path):
+    """recipes/grpo_trl.py under `accelerate launch` with the CPU config: real TRL GRPOTrainer on 2 gloo ranks, its
+    rollouts from the vLLM-CPU engine the recipe starts, sync.callback (lazy) pushing after every step. The reward
+    moves, every step's weights reach the engine as its version, the engine's greedy tokens equal HF transformers' on
+    the trained parameters, and without --out the run lands in runs/grpo-trl/cpu-2rank-<date-time>, one folder for
+    both ranks, with TRL's and trainer_sync's TensorBoard scalars."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("trl")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    summary = tmp_path / "summary.json"
+    # WARNING, not TRL's default ERROR for vLLM: so the check below that the harmless lines are quiet means something
+    env = dict(os.environ, PYTHONWARNINGS="ignore", VLLM_LOGGING_LEVEL="WARNING",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "cpu.yaml"), str(root / "recipes" / "grpo_trl.py"),
+           "--steps", "6", "--summary-json", str(summary), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    res = json.loads(summary.read_text())
+    assert res["versions"] == [1, 2, 3, 4, 5, 6] and [r["version"] for r in res["history"]] == res["versions"]
+    assert res["distributed_type"] == "MULTI_CPU" and res["source"] == "ModuleSource"
+    rewards = [r["reward"] for r in res["history"]]
+    assert rewards[-1] > rewards[0] + 0.1, rewards  # the rollouts come from the pushed weights: the reward moves
+    assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["6"], res["check"]
+    runs = list((tmp_path / "runs" / "grpo-trl").iterdir())
+    assert [r.name.startswith("cpu-2rank-") for r in runs] == [True] and Path(res["out"]) == runs[0]
+    from trainer_sync.metrics import read_scalars
+
+    assert len(read_scalars(str(runs[0] / "tb" / "sync"))["sync/total_s"]) == 6
+    assert "Failed to load weights" not in proc.stdout + proc.stderr
+    assert "Chat template warmup failed" not in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_recipe_without_vllm(tmp_path):
     """`--engine hf` (machines without vLLM): rank 0's transformers copy, fed by a Receiver, serves the rollouts; the
@@ -349,12 +413,19 @@ def lm_batch(i, vocab=256):
 
 
 def assert_engine_serves(llm, model):
-    from models import hf_greedy, prompts
+    """The engine's greedy tokens equal HF transformers' on ``model``'s parameters: loaded into a fresh copy of the
+    test model, never ``model`` itself, whose forward a trainer may have wrapped (TRL's default bf16=True leaves
+    ``trainer.model.forward`` in CPU autocast after train(): bf16-rounded logits, while the engine serves the float32
+    parameters exactly)."""
+    from models import build_model, hf_greedy, prompts
     from vllm_engines import llm_greedy
 
-    model.eval()
+    fresh = build_model(seed=1, vocab=model.config.vocab_size)
+    missing, unexpected = fresh.load_state_dict({n: p.detach().float() for n, p in model.state_dict().items()},
+                                                strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied to the embedding
     ps = list(prompts().values())
-    assert llm_greedy(llm, ps, N) == [hf_greedy(model, p, N) for p in ps]
+    assert llm_greedy(llm, ps, N) == [hf_greedy(fresh, p, N) for p in ps]
 
 
 @pytest.mark.vllm
@@ -487,5 +558,8 @@ def test_trl_grpo_trainer_with_callback_into_engine(engine, tmp_path, fresh_acce
         assert trainer.state.global_step == 4
         assert cb.versions == [2, 4] and engine.get_weight_version() == "4"
         assert any(not torch.equal(a, p) for a, p in zip(initial, model.parameters()))  # GRPO changed the policy
+        # The trap this comparison avoids: TRL's bf16=True (its default, also with use_cpu) leaves the trained
+        # model's forward wrapped in autocast, so comparing against model(...) compares bf16 logits.
+        assert args.bf16 and "forward" in vars(model)
         assert_engine_serves(engine, model)
 

@@ -198,3 +198,34 @@ def test_recipe_run_leaves_consistent_charts(tmp_path):
         assert all(stages["total_s"] >= stages[st] for st in STAGES), stages
     assert [step for step, _ in s["train/reward"]] == list(range(1, 7))  # the run's own scalars beside them
     assert_layout(res["tb_dir"])
+
+
+@pytest.mark.slow  # two subprocesses importing trainer_sync (torch): ~10 s on this box
+def test_run_dir_is_per_config_and_shared_by_the_ranks_of_one_launch(monkeypatch, tmp_path):
+    """One folder per run and config (TensorBoard shows runs side by side); under torchrun every rank derives the
+    same folder from the launcher's start time, without talking to the others."""
+    import subprocess
+    import sys
+
+    from trainer_sync.metrics import launch_name, run_dir
+
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert launch_name() == "cpu-2rank"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert launch_name() == "fsdp2"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert launch_name() == "zero3" and run_dir("runs/x").startswith("runs/x/zero3-")
+    # Two "ranks" started a second apart by one parent get one folder.
+    code = "import time, sys; time.sleep(float(sys.argv[1])); from trainer_sync.metrics import run_dir; " \
+           "print(run_dir('r', 'cpu-2rank'))"
+    env = {k: v for k, v in os.environ.items()}
+    env.update(LOCAL_RANK="0")
+    procs = [subprocess.Popen([sys.executable, "-c", code, d], env=env, stdout=subprocess.PIPE, text=True)
+             for d in ("0", "1.2")]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert outs[0] == outs[1] and outs[0].startswith("r/cpu-2rank-"), outs

@@ -2,6 +2,7 @@
 
     trainer-sync demo [recipe options]   the CPU GRPO recipe: 2 trainer ranks (accelerate launch, gloo, FSDP2) and a
                                          vLLM-CPU engine, a push after every step (recipes/grpo_tiny.py --help)
+    trainer-sync demo --trl [options]    the same with TRL's GRPOTrainer + sync callback (recipes/grpo_trl.py)
     trainer-sync bench [options]         the CPU benchmark (benchmarks/bench_core.py)
 """
 from __future__ import annotations
@@ -16,14 +17,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "grpo_tiny.py"
+RECIPE_TRL = ROOT / "recipes" / "grpo_trl.py"
 CPU_CONFIG = ROOT / "recipes" / "accelerate" / "cpu.yaml"
 
 
-def demo(rest: list[str], verbose: bool = False) -> int:
-    if not RECIPE.exists():
-        print(f"trainer-sync demo: {RECIPE} not found (the demo runs from a source checkout)", file=sys.stderr)
+def demo(rest: list[str], verbose: bool = False, trl: bool = False) -> int:
+    recipe = RECIPE_TRL if trl else RECIPE
+    if not recipe.exists():
+        print(f"trainer-sync demo: {recipe} not found (the demo runs from a source checkout)", file=sys.stderr)
         return 2
-    out = ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
+    out = ROOT / "runs" / time.strftime(("demo-trl-" if trl else "demo-") + "%Y%m%d-%H%M%S")
     if "--out" not in rest:
         rest = ["--out", str(out), *rest]
     env = dict(os.environ)
@@ -34,9 +37,12 @@ def demo(rest: list[str], verbose: bool = False) -> int:
         env.setdefault("PYTHONWARNINGS", "ignore")
         env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         env.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator auto-detection warning
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), str(RECIPE), *rest]
-    print("trainer_sync demo: GRPO on a tiny policy, 2 trainer ranks (FSDP2 on CPU, gloo) + a vLLM-CPU engine,\n"
-          "weights pushed into the engine after every optimizer step.\n$ " + " ".join(cmd[2:]), flush=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), str(recipe), *rest]
+    what = ("TRL's GRPOTrainer on a tiny policy, 2 trainer ranks (DDP on CPU, gloo) + a vLLM-CPU engine serving the\n"
+            "rollouts, weights pushed by sync.callback() after every optimizer step." if trl else
+            "GRPO on a tiny policy, 2 trainer ranks (FSDP2 on CPU, gloo) + a vLLM-CPU engine,\n"
+            "weights pushed into the engine after every optimizer step.")
+    print(f"trainer_sync demo: {what}\n$ " + " ".join(cmd[2:]), flush=True)
     t0 = time.perf_counter()
     rc = subprocess.call(cmd, env=env, cwd=str(ROOT))
     print(f"trainer_sync demo: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {time.perf_counter() - t0:.0f} s",
@@ -44,15 +50,17 @@ def demo(rest: list[str], verbose: bool = False) -> int:
     return rc
 
 
-def demo_help() -> int:
-    print("usage: trainer-sync demo [--verbose] [recipe options]\n\n"
+def demo_help(trl: bool = False) -> int:
+    recipe = RECIPE_TRL if trl else RECIPE
+    print("usage: trainer-sync demo [--verbose] [--trl] [recipe options]\n\n"
           "GRPO on CPU: 2 trainer ranks (accelerate launch, gloo, FSDP2) + a vLLM-CPU engine, a push after every\n"
-          "optimizer step. --verbose keeps vLLM's and the libraries' log lines; every other option goes to\n"
-          f"{RECIPE.relative_to(ROOT)}, whose options are:\n", flush=True)
-    if not RECIPE.exists():
-        print(f"({RECIPE} not found: the demo runs from a source checkout)")
+          "optimizer step. --trl: the same with TRL's GRPOTrainer and sync's TrainerCallback (recipes/grpo_trl.py).\n"
+          "--verbose keeps vLLM's and the libraries' log lines; every other option goes to\n"
+          f"{recipe.relative_to(ROOT)}, whose options are:\n", flush=True)
+    if not recipe.exists():
+        print(f"({recipe} not found: the demo runs from a source checkout)")
         return 2
-    return subprocess.call([sys.executable, str(RECIPE), "--help"], cwd=str(ROOT))
+    return subprocess.call([sys.executable, str(recipe), "--help"], cwd=str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="GRPO on CPU: 2 trainer ranks + a vLLM engine, a push every step",
                        add_help=False)
     d.add_argument("--verbose", action="store_true", help="keep vLLM's and the libraries' log lines")
+    d.add_argument("--trl", action="store_true", help="TRL's GRPOTrainer + sync.callback() (recipes/grpo_trl.py)")
     sub.add_parser("bench", help="run the CPU benchmark")
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "demo":
         if "-h" in rest or "--help" in rest:
-            return demo_help()
-        return demo(rest, args.verbose)
+            return demo_help(args.trl)
+        return demo(rest, args.verbose, args.trl)
     script = ROOT / "benchmarks" / "bench_core.py"
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")

@@ -138,3 +138,41 @@ def has_custom_layout(log_dir: str) -> bool:
             if "custom_scalars__config__" in acc.Tags().get("tensors", []):
                 return True
     return False
+
+
+# --- one folder per run and per launch config (TensorBoard shows runs side by side) ---------------------------------
+def launch_name() -> str:
+    """A short name for how this process was launched, from the environment ``accelerate launch`` / torchrun set:
+    ``zero3`` (DeepSpeed ZeRO stage 3), ``fsdp2`` (Accelerate FSDP version 2), else ``cpu-2rank`` / ``gpu-4rank``
+    (plain or DDP ranks, or one process)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "zero" + env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp" + env.get("FSDP_VERSION", "1")
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available() and env.get("ACCELERATE_USE_CPU", "").lower() != "true"
+    except ImportError:
+        gpu = False
+    return f"{'gpu' if gpu else 'cpu'}-{env.get('WORLD_SIZE', '1')}rank"
+
+
+def run_dir(root: str, name: str | None = None) -> str:
+    """``root/<launch name>-<YYYYmmdd-HHMMSS>``: one folder per run and config, so that ``tensorboard --logdir root``
+    shows runs side by side. Every rank of one launch gets the same folder without talking to the others: under
+    torchrun / ``accelerate launch`` the time is the start time of the launcher (the ranks' common parent)."""
+    import time
+
+    stamp = time.time()
+    if "LOCAL_RANK" in os.environ:  # a rank started by torchrun's agent: its start time is the same for all ranks
+        try:
+            with open(f"/proc/{os.getppid()}/stat") as f:
+                ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+            with open("/proc/stat") as f:
+                btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+            stamp = btime + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, StopIteration, IndexError):
+            pass  # not Linux: the ranks' own clocks (the same second, nearly always)
+    return os.path.join(root, f"{name or launch_name()}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}")

@@ -67,6 +67,8 @@ def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group. vLLM may call it several times per process: idempotent."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+    from .quiet_logs import install
+    install()  # known-harmless vLLM warnings of every push / start-up become DEBUG (see quiet_logs.py)
     if BACKEND not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(BACKEND, __name__, "TrainerSyncWeightTransferEngine")
 
