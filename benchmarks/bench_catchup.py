@@ -18,13 +18,19 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.catchup import pull_latest
-from trainer_sync.local_cluster import free_port, run_roles
+from tests.helpers.cluster import free_port, run_roles
 from trainer_sync.pipeline import BufferPool
 from trainer_sync.sender import JoinInfo
 
-from bench_core import build, parse_args
+from benchmarks.bench_core import build, parse_args
 
 
 def trainer(rank, world, port, tensors, mb, iters):

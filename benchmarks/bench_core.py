@@ -21,8 +21,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.local_cluster import free_port, run_roles
+from tests.helpers.cluster import free_port, run_roles
 from trainer_sync.pipeline import _broadcast
 from trainer_sync.sender import JoinInfo
 from trainer_sync.transport.group import make_group

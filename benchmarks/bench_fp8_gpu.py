@@ -25,13 +25,14 @@ import torch
 # Import the codec without running trainer_sync/__init__.py (which pulls in the transport, engines, ...): the GPU
 # image has torch and Triton but not every dependency of the package.
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, _ROOT)  # benchmarks.shapes
 if "trainer_sync" not in sys.modules:
     _pkg = types.ModuleType("trainer_sync")
     _pkg.__path__ = [os.path.join(_ROOT, "trainer_sync")]
     sys.modules["trainer_sync"] = _pkg
 
 from trainer_sync.codec import Fp8Rules, quantize_fp8_blocks  # noqa: E402
-from shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from benchmarks.shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 class Timer:

@@ -37,12 +37,11 @@ import torch
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, "tests"))  # ipc_roles: the host stand-in for --device cpu
 
 GB = 1e9
 
 
-from shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from benchmarks.shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def log(*a) -> None:
@@ -142,7 +141,7 @@ def stats(xs: list[float]) -> dict:
 def trainer(rank, world, args) -> dict:
     device = torch.device(args["device"])
     if device.type == "cpu":
-        import ipc_roles
+        from tests.helpers import ipc_roles
 
         ipc_roles.use_standin()
     from trainer_sync import Sender, SyncConfig
@@ -302,7 +301,7 @@ def checkpoint_engine_trainer(model, params, device, ctl, args) -> dict:
 def receiver(rank, world, args) -> dict:
     device = torch.device(args["device"])
     if device.type == "cpu":
-        import ipc_roles
+        from tests.helpers import ipc_roles
 
         ipc_roles.use_standin()
     from trainer_sync import Receiver
@@ -377,7 +376,7 @@ def main() -> None:
     ap.add_argument("--ce-steps", type=int, default=4, help="checkpoint-engine RL steps (the first is warm-up)")
     ap.add_argument("--partial", help="also write the trainer's results to this file after each phase")
     a = ap.parse_args()
-    from trainer_sync.local_cluster import free_port, run_roles
+    from tests.helpers.cluster import free_port, run_roles
 
     args = {"device": a.device, "small": a.small, "layers": a.layers, "reps": a.reps, "warmup": a.warmup,
             "ce_steps": a.ce_steps, "partial": a.partial, "port": free_port(), "ctl_port": free_port(), "ce_port": free_port()}

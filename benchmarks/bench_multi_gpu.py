@@ -48,11 +48,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_sync import Receiver, Sender, SyncConfig  # noqa: E402
-from trainer_sync.local_cluster import free_port, outcomes  # noqa: E402
+from tests.helpers.cluster import free_port, outcomes  # noqa: E402
 from trainer_sync.pipeline import BufferPool, receive  # noqa: E402
 from trainer_sync.plan import BucketPlan, LocalPiece, itemsize  # noqa: E402
 from trainer_sync.sender import JoinInfo  # noqa: E402
-from trainer_sync.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
+from benchmarks.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
 from trainer_sync.sources import make_source  # noqa: E402
 from trainer_sync.sources.fsdp import local_tensor  # noqa: E402
 from trainer_sync.tp import llama_layout, make_tp_groups, plan_tp, send_tp, shard_bounds, wait_limit  # noqa: E402

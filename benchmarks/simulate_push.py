@@ -1,4 +1,4 @@
-"""Print the push-time simulator's estimates as JSON (trainer_sync/simulate.py holds the model and its assumptions).
+"""Print the push-time simulator's estimates as JSON (benchmarks/simulate.py holds the model and its assumptions).
 
     python benchmarks/simulate_push.py                      # the report: 1T on 256 GPUs + the x2/x4/x8 bench configs
     python benchmarks/simulate_push.py --model qwen3_8b --gpus 4 --tp 4 --trainer-gpus 4
@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainer_sync.simulate import (KIMI_K2_FP8, QWEN3_8B, QWEN3_32B, CeRates, Hardware, SyncRates, Workload,
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.simulate import (KIMI_K2_FP8, QWEN3_8B, QWEN3_32B, CeRates, Hardware, SyncRates, Workload,
                                    compare, simulate_checkpoint_engine, simulate_trainer_sync)
 
 MODELS = {"qwen3_8b": QWEN3_8B, "qwen3_32b": QWEN3_32B, "kimi_k2_fp8": KIMI_K2_FP8}

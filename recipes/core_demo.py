@@ -11,8 +11,14 @@ import argparse
 
 import torch
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.local_cluster import free_port, run_roles
+from tests.helpers.cluster import free_port, run_roles
 
 
 def model(mb: float) -> torch.nn.Module:
