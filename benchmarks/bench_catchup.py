@@ -10,7 +10,6 @@ checkpoint-engine publishes its P2P path at 1.1-2.2x its broadcast; the aim here
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from datetime import timedelta
@@ -31,6 +30,7 @@ from trainer_sync.pipeline import BufferPool
 from trainer_sync.sender import JoinInfo
 
 from benchmarks.bench_core import build, parse_args
+from benchmarks.common import emit
 
 
 def trainer(rank, world, port, tensors, mb, iters):
@@ -82,9 +82,9 @@ def main() -> None:
                     + [("receiver", 0, 1, receiver, common), ("joiner", 0, 1, joiner, common)], timeout=1800)
     push = statistics.median(max(a, b) for a, b in zip(res[("trainer", 0)], res[("trainer", 1)]))
     pull = statistics.median(res[("joiner", 0)])
-    print(json.dumps({"benchmark": "catchup_cpu_gloo", "trainer_ranks": 2, "tensors": args.tensors,
+    emit({"benchmark": "catchup_cpu_gloo", "trainer_ranks": 2, "tensors": args.tensors,
                       "bytes": int(args.mb * 2**20), "broadcast_push_s": round(push, 4),
-                      "p2p_catchup_s": round(pull, 4), "catchup_vs_push": round(pull / push, 3)}))
+                      "p2p_catchup_s": round(pull, 4), "catchup_vs_push": round(pull / push, 3)})
 
 
 if __name__ == "__main__":

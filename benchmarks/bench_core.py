@@ -13,9 +13,7 @@ Each figure is the median of --iters runs after a warm-up. Prints one JSON objec
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from datetime import timedelta
 
 import torch
@@ -28,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: the checkout root on the path 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_sync import Receiver, Sender, SyncConfig
+from benchmarks.common import emit, timed
 from tests.helpers.cluster import free_port, run_roles
 from trainer_sync.pipeline import _broadcast
 from trainer_sync.sender import JoinInfo
@@ -46,12 +45,7 @@ def baseline_group(port: int, rank: int, size: int):
 
 
 def _timed(fn, iters: int) -> list[float]:
-    out = []
-    for _ in range(iters + 1):  # first is warm-up
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out[1:]
+    return timed(fn, reps=iters, warmup=1)  # the first call is a warm-up
 
 
 def trainer(rank, world, n, port, raw_port, tensors, mb, iters):
@@ -122,8 +116,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     rows = [run(n, args) for n in (1, 2)]
-    print(json.dumps({"benchmark": "core_cpu_gloo", "trainer_ranks": 2, "tensors": args.tensors,
-                      "bytes": int(args.mb * 2**20), "results": rows}))
+    emit({"benchmark": "core_cpu_gloo", "trainer_ranks": 2, "tensors": args.tensors,
+                      "bytes": int(args.mb * 2**20), "results": rows})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ of every distinct shape, and the GPU's torch ops with the CPU's on one tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ if "trainer_sync" not in sys.modules:
     sys.modules["trainer_sync"] = _pkg
 
 from trainer_sync.codec import Fp8Rules, quantize_fp8_blocks  # noqa: E402
+from benchmarks.common import emit, timed  # noqa: E402
 from benchmarks.shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
@@ -43,22 +43,7 @@ class Timer:
 
     def __call__(self, fn, warmup: int, iters: int) -> tuple[float, float]:
         """Median and min seconds of ``fn()`` over ``iters`` timed runs after ``warmup`` runs."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(iters):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
+        times = timed(fn, "cuda" if self.cuda else "cpu", reps=iters, warmup=warmup)
         return statistics.median(times), min(times)
 
     def sync(self):
@@ -199,7 +184,7 @@ def main(argv=None) -> dict:
     if "gbps" in results.get(default, {}):
         out["ratio_vs_d2d"] = results[default]["ratio_vs_d2d"]
         out["goal_50pct_met"] = results[default]["ratio_vs_d2d"] >= 0.5
-    print(json.dumps(out, default=str))
+    emit(out, default=str)
     return out
 
 

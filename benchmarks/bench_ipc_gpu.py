@@ -41,6 +41,7 @@ sys.path.insert(0, _ROOT)
 GB = 1e9
 
 
+from benchmarks.common import stats, sync, timed  # noqa: E402
 from benchmarks.shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
@@ -99,29 +100,6 @@ class Ctl:
         return json.loads(self.store.get(key))
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, reps: int, warmup: int) -> list[float]:
-    """Seconds per call: CUDA events on a GPU, perf_counter elsewhere."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-    return out
 
 
 def save_partial(args, res) -> None:
@@ -130,10 +108,6 @@ def save_partial(args, res) -> None:
         with open(args["partial"], "w") as f:
             json.dump(res, f)
 
-
-def stats(xs: list[float]) -> dict:
-    return {"median_s": round(statistics.median(xs), 6), "min_s": round(min(xs), 6), "max_s": round(max(xs), 6),
-            "samples_s": [round(x, 6) for x in xs]}
 
 
 # ---- trainer process ------------------------------------------------------------------------------------------

@@ -15,16 +15,32 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+
+
+def source_checkout() -> Path | None:
+    """The source checkout whose ``recipes/`` and ``benchmarks/`` the commands run: ``$TRAINER_SYNC_SOURCE``, else
+    the folder above this package (an editable install or a run from the checkout), else the current directory.
+    None when none of them has both folders (a wheel installs the library only)."""
+    here = Path(__file__).resolve().parent.parent
+    for cand in (os.environ.get("TRAINER_SYNC_SOURCE"), here, Path.cwd()):
+        if cand and (Path(cand) / "recipes").is_dir() and (Path(cand) / "benchmarks").is_dir():
+            return Path(cand).resolve()
+    return None
+
+
+ROOT = source_checkout() or Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "grpo_tiny.py"
 RECIPE_TRL = ROOT / "recipes" / "grpo_trl.py"
 CPU_CONFIG = ROOT / "recipes" / "accelerate" / "cpu.yaml"
+NO_CHECKOUT = ("trainer-sync {cmd}: {path} not found. The recipes and benchmarks are not part of the installed "
+               "package: run from a source checkout of trainer_sync (its root holds recipes/ and benchmarks/), or "
+               "point TRAINER_SYNC_SOURCE at one.")
 
 
 def demo(rest: list[str], verbose: bool = False, trl: bool = False) -> int:
     recipe = RECIPE_TRL if trl else RECIPE
     if not recipe.exists():
-        print(f"trainer-sync demo: {recipe} not found (the demo runs from a source checkout)", file=sys.stderr)
+        print(NO_CHECKOUT.format(cmd="demo", path=recipe), file=sys.stderr)
         return 2
     out = ROOT / "runs" / time.strftime(("demo-trl-" if trl else "demo-") + "%Y%m%d-%H%M%S")
     if "--out" not in rest:
@@ -58,7 +74,7 @@ def demo_help(trl: bool = False) -> int:
           "--verbose keeps vLLM's and the libraries' log lines; every other option goes to\n"
           f"{recipe.relative_to(ROOT)}, whose options are:\n", flush=True)
     if not recipe.exists():
-        print(f"({recipe} not found: the demo runs from a source checkout)")
+        print(NO_CHECKOUT.format(cmd="demo", path=recipe), file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, str(recipe), "--help"], cwd=str(ROOT))
 
@@ -78,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             return demo_help(args.trl)
         return demo(rest, args.verbose, args.trl)
     script = ROOT / "benchmarks" / "bench_core.py"
+    if not script.exists():
+        print(NO_CHECKOUT.format(cmd="bench", path=script), file=sys.stderr)
+        return 2
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
