@@ -27,7 +27,7 @@ from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.catchup import pull_latest
 from tests.helpers.cluster import free_port, run_roles
 from trainer_sync.pipeline import BufferPool
-from trainer_sync.sender import JoinInfo
+from trainer_sync.protocol import JoinInfo
 
 from benchmarks.bench_core import build, parse_args
 from benchmarks.common import emit

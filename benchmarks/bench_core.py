@@ -29,7 +29,7 @@ from trainer_sync import Receiver, Sender, SyncConfig
 from benchmarks.common import emit, timed
 from tests.helpers.cluster import free_port, run_roles
 from trainer_sync.pipeline import _broadcast
-from trainer_sync.sender import JoinInfo
+from trainer_sync.protocol import JoinInfo
 from trainer_sync.transport.group import make_group
 
 

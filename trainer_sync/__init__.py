@@ -4,7 +4,8 @@ from .errors import HandshakeMismatch, RendezvousRefused, SyncError
 from .plan import BucketPlan, Expected
 from .receiver import Receiver
 from .report import SyncReport
-from .sender import JoinInfo, Sender
+from .protocol import JoinInfo
+from .sender import Sender
 from .sync import WeightSync
 
 __all__ = ["SyncConfig", "WeightSync", "Sender", "Receiver", "JoinInfo", "SyncReport", "SyncError",

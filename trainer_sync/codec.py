@@ -49,11 +49,12 @@ from typing import Callable, Iterable
 
 import torch
 
+from .protocol import SCALE_SUFFIX  # noqa: F401 - the scale tensor's name suffix, shared with planning
+
 BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_SCALE = 2.0 ** -126  # smallest normal float32: the scale of all-zero (and tiny) blocks
-SCALE_SUFFIX = "_scale_inv"
 FP8_NAME = "float8_e4m3fn"
 
 
@@ -91,6 +92,17 @@ class Fp8Rules:
 
     def eligible(self, name: str, shape: Iterable[int], dtype: str | torch.dtype | None = None) -> bool:
         return fp8_eligible(name, shape, dtype, rules=self)
+
+    def to_dict(self) -> dict:
+        """JSON-able (JoinInfo.fp8_rules): the trainer's rules travel to the receivers."""
+        return {"include_embeddings": self.include_embeddings, "include_lm_head": self.include_lm_head,
+                "exclude": list(self.exclude), "min_numel": self.min_numel}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Fp8Rules | None":
+        return None if d is None else cls(bool(d.get("include_embeddings", False)),
+                                          bool(d.get("include_lm_head", False)), tuple(d.get("exclude", ())),
+                                          int(d.get("min_numel", 1)))
 
 
 def fp8_eligible(name: str, shape: Iterable[int], dtype: str | torch.dtype | None = None, *,
@@ -339,7 +351,7 @@ class Fp8Arrival:
     dtype the receiver expected for each weight (``dtype`` where it stated none)."""
 
     def __init__(self, expected, dtype: torch.dtype = torch.bfloat16, rules: Fp8Rules | None = None):
-        from .plan import Expected
+        from .protocol import Expected
 
         self.dtype = dtype
         self.dequant_to: dict[str, str | None] = {}

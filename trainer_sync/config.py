@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the codec is a layer above; a config only names its rules
+    from .codec import Fp8Rules
 
 TOKEN_ENV = "TRAINER_SYNC_TOKEN"
 
@@ -32,6 +36,9 @@ class SyncConfig:
     # engine has learned and proven those places on one push through vLLM's layerwise reload (only for models whose
     # layers do nothing after loading: unquantized, on GPU; engines/placement.py); "layerwise" always reloads.
     engine_apply: str = "auto"
+    # Which tensors go block-FP8 when wire_dtype is "fp8" (codec.Fp8Rules; None: its defaults: 2-D linear weights,
+    # no embeddings, no lm_head, no norms/gates). Sent to the receivers in their JoinInfo, so both sides agree.
+    fp8_rules: "Fp8Rules | None" = None
     # torch.distributed backend of the bridging group: None picks nccl for CUDA tensors and gloo otherwise.
     backend: str | None = None
     # Rendezvous: the TCPStore lives on trainer rank 0. Port 0 picks a free port (shared with the other trainer ranks
@@ -82,6 +89,9 @@ class SyncConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"SyncConfig.{name} must be > 0, got {value}")
+        if self.fp8_rules is not None and not hasattr(self.fp8_rules, "eligible"):
+            raise TypeError(f"SyncConfig.fp8_rules must be a trainer_sync.codec.Fp8Rules or None, got "
+                            f"{type(self.fp8_rules).__name__}")
         if self.pause_mode not in ("keep", "wait", "abort"):
             raise ValueError(f"SyncConfig.pause_mode must be keep, wait or abort, got {self.pause_mode!r}")
 

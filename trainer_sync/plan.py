@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
+
+from .protocol import SCALE_SUFFIX, Expected  # noqa: F401 - Expected: planning checks against it
 
 ALIGN = 256
 
@@ -272,20 +274,6 @@ def plan_buckets(
     return BucketPlan(tensors, tuple(buckets), num_senders, bucket_bytes)
 
 
-@dataclass(frozen=True)
-class Expected:
-    """What a receiver expects to get: tensor name -> (shape, dtype). A dtype of None accepts any dtype."""
-
-    tensors: dict[str, tuple[tuple[int, ...], str | None]] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps({n: [list(s), d] for n, (s, d) in self.tensors.items()})
-
-    @classmethod
-    def from_json(cls, text: str) -> "Expected":
-        return cls({n: (tuple(s), d) for n, (s, d) in json.loads(text).items()})
-
-
 def wants_block_fp8(expected: list[Expected]) -> bool:
     """``wire_dtype="auto"``: whether the receivers serve a block-FP8 model (float8 ``x.weight`` with a
     ``x.weight_scale_inv``), so that the trainer sends fp8 + scales in checkpoint format. Only when every receiver
@@ -293,7 +281,7 @@ def wants_block_fp8(expected: list[Expected]) -> bool:
     stated = [e for e in expected if e.tensors]
 
     def fp8(e: Expected) -> bool:
-        return any(d is not None and d.startswith("float8") and n + "_scale_inv" in e.tensors
+        return any(d is not None and d.startswith("float8") and n + SCALE_SUFFIX in e.tensors
                    for n, (_, d) in e.tensors.items())
 
     return bool(stated) and all(fp8(e) for e in stated)

@@ -13,11 +13,11 @@ from typing import Callable
 
 import torch
 
-from .codec import Fp8Arrival
+from .codec import Fp8Arrival, Fp8Rules
 from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from .pipeline import Batch, BufferPool, gc_paused, receive
-from .plan import BucketPlan, Expected, PlanCache
-from .sender import JoinInfo
+from .plan import BucketPlan, PlanCache
+from .protocol import Expected, JoinInfo
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
@@ -39,7 +39,9 @@ class Receiver:
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
         # dequantize_fp8: a bf16/fp32 engine opted in to fp8 on the wire; weights are dequantized on arrival into
         # the dtype ``expected`` names (else this one). Without it, fp8 weights and scales pass through as sent.
-        self.fp8 = Fp8Arrival(expected, dequantize_fp8) if dequantize_fp8 is not None else None
+        # The trainer's Fp8Rules come with the join info: both sides pick the same tensors.
+        self.fp8 = Fp8Arrival(expected, dequantize_fp8, Fp8Rules.from_dict(self.info.fp8_rules)) \
+            if dequantize_fp8 is not None else None
         self.expected = self.fp8.wire_expected if self.fp8 and self.fp8.wire_expected else expected
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda", torch.cuda.current_device()) if self.info.backend == "nccl" else torch.device("cpu")

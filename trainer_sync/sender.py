@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,39 +17,15 @@ from .catchup import CatchUpServer, Snapshot
 from .config import SyncConfig
 from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from .pipeline import BufferPool, gc_paused, send
-from .plan import Expected, LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
+from .plan import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
     plan_buckets, resolve_wire_dtypes, wants_block_fp8
+from .protocol import Expected, JoinInfo
 from .report import SyncReport
 from .sources import Source, make_source
 from .sources.fp8 import Fp8Source
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
-
-
-@dataclass(frozen=True)
-class JoinInfo:
-    """Everything a receiver needs to join: passed to engines as their init info (JSON-able)."""
-
-    host: str
-    port: int
-    token: str = field(repr=False)  # never printed or logged
-    epoch: int
-    num_trainers: int
-    num_receivers: int
-    receiver_rank: int
-    backend: str
-    timeout_s: float
-    bucket_timeout_s: float | None = None
-    push_timeout_s: float | None = None
-    # The trainer's SyncConfig.wire_dtype: "fp8" tells an engine serving a bf16/fp32 model to dequantize on arrival.
-    wire_dtype: str = "auto"
-    # The trainer's SyncConfig.engine_apply: "auto" lets a vLLM engine copy pushes straight into place once it proved
-    # that safe for its model (engines/placement.py); "layerwise" keeps vLLM's layerwise reload for every push.
-    engine_apply: str = "auto"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _share_from_rank0(values: list, world: int) -> list:
@@ -70,7 +45,8 @@ class Sender:
         self.source = model if isinstance(model, Source) else make_source(model, self.config.rename, rank=rank,
                                                                            world=world)
         if self.config.wire_dtype == "fp8" and not isinstance(self.source, Fp8Source):
-            self.source = Fp8Source(self.source)  # eligible weights go block-quantized (codec.py, sources/fp8.py)
+            # eligible weights (config.fp8_rules) go block-quantized (codec.py, sources/fp8.py)
+            self.source = Fp8Source(self.source, self.config.fp8_rules)
         self.rank, self.world = self.source.rank, self.source.world
         cfg = self.config
         if cfg.mode == "ipc":
@@ -111,7 +87,8 @@ class Sender:
         cfg = self.config
         return JoinInfo(self.rdzv.host, self.rdzv.port, self.rdzv.token, self.epoch + 1, self.world, n,
                         receiver_rank, self.backend, cfg.timeout_s, cfg.bucket_timeout_s, cfg.push_timeout_s,
-                        cfg.wire_dtype, cfg.engine_apply)
+                        cfg.wire_dtype, cfg.engine_apply,
+                        None if cfg.fp8_rules is None else cfg.fp8_rules.to_dict())
 
     def connect(self, num_receivers: int) -> None:
         """Form the bridging group of a new epoch with ``num_receivers`` receivers (blocks until they join)."""
@@ -147,7 +124,7 @@ class Sender:
         self._wait(["wire/fp8"], "the wire dtype", lambda k: "trainer rank 0")
         fp8 = self.bridge.get_json("wire/fp8")
         if fp8 and not isinstance(self.source, Fp8Source):
-            self.source = Fp8Source(self.source)
+            self.source = Fp8Source(self.source, self.config.fp8_rules)
             self._auto_wrapped = True
         elif not fp8 and self._auto_wrapped:
             self.source = self.source.inner

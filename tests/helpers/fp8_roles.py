@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.sender import JoinInfo
+from trainer_sync.protocol import JoinInfo
 
 from .roles import receive_pushes
 

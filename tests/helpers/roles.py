@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.sender import JoinInfo
+from trainer_sync.protocol import JoinInfo
 
 
 def info(port, j, n, m, token="tok", epoch=0, timeout=20.0):

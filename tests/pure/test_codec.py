@@ -322,3 +322,25 @@ def test_arrival_expectations_and_dtypes():
                                          "b.weight_scale_inv": ((1, 1), "float32")}
     assert arr._dtype("a.weight") == torch.float32 and arr._dtype("b.weight") == torch.bfloat16
     assert Fp8Arrival(None).wire_expected is None
+
+
+def test_fp8_rules_come_from_the_config_through_the_join_info():
+    """SyncConfig.fp8_rules reaches the receiver in its JoinInfo: both sides pick the same tensors for FP8."""
+    from trainer_sync import Receiver, SyncConfig
+    from trainer_sync.protocol import JoinInfo
+
+    rules = Fp8Rules(include_lm_head=True, exclude=(r"layers\.1\.",))
+    assert Fp8Rules.from_dict(rules.to_dict()) == rules and Fp8Rules.from_dict(None) is None
+    cfg = SyncConfig(wire_dtype="fp8", fp8_rules=rules)
+    info = JoinInfo("127.0.0.1", 1, "t", 0, 1, 1, 0, "gloo", 5.0, wire_dtype="fp8",
+                    fp8_rules=cfg.fp8_rules.to_dict())
+    expected = {"lm_head.weight": ((256, 128), "bfloat16"), "layers.0.w.weight": ((256, 128), "bfloat16"),
+                "layers.1.w.weight": ((256, 128), "bfloat16")}
+    rx = Receiver(info.to_dict(), expected, device="cpu", dequantize_fp8=torch.bfloat16)
+    wire = rx.expected.tensors
+    assert wire["lm_head.weight"][1] == FP8_NAME and wire["layers.0.w.weight"][1] == FP8_NAME
+    assert wire["layers.1.w.weight"][1] == "bfloat16" and "layers.1.w.weight_scale_inv" not in wire
+    default = Receiver(dict(info.to_dict(), fp8_rules=None), expected, device="cpu", dequantize_fp8=torch.bfloat16)
+    assert default.expected.tensors["lm_head.weight"][1] == "bfloat16"
+    with pytest.raises(TypeError):
+        SyncConfig(fp8_rules={"include_lm_head": True})

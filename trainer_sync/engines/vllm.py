@@ -38,7 +38,7 @@ from ..codec import scale_name
 from ..plan import dtype_of
 from ..errors import UNTOUCHED, EngineHeld, HandshakeMismatch
 from ..receiver import Receiver
-from ..sender import JoinInfo
+from ..protocol import JoinInfo
 from . import compat
 from .checkpoint import expected_tensors, find_checkpoint_dir
 from .placement import DirectApply
