@@ -55,7 +55,7 @@ from trainer_sync.protocol import JoinInfo  # noqa: E402
 from benchmarks.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
 from trainer_sync.sources import make_source  # noqa: E402
 from trainer_sync.sources.fsdp import local_tensor  # noqa: E402
-from trainer_sync.tp import llama_layout, make_tp_groups, plan_tp, send_tp, shard_bounds, wait_limit  # noqa: E402
+from trainer_sync.experimental.tp import llama_layout, make_tp_groups, plan_tp, send_tp, shard_bounds, wait_limit  # noqa: E402
 
 SHAPES = {
     "qwen3_8b": dict(layers=36, hidden=4096, heads=32, kv=8, head_dim=128, inter=12288, vocab=151936),

@@ -24,7 +24,7 @@ class SyncConfig:
     # on CPU gloo the rate is flat above a few MB, so any value above that is fine.
     bucket_mb: float = 256.0
     # "auto": the dtype each receiver expects (so an fp32 master copy is cast to the engine's bf16 while packing);
-    # "model": the trainer's own dtype; or an explicit dtype; "fp8": block-quantized e4m3 (see codec.py).
+    # "model": the trainer's own dtype; or an explicit dtype; "fp8": block-quantized e4m3 (see codec/fp8.py).
     wire_dtype: str = "auto"
     # "broadcast" for a static cluster; "ipc" when engines share GPUs with trainer ranks; "auto" picks per hop: CUDA
     # IPC between a trainer rank and a receiver on one GPU, the bridging group otherwise (transport/layout.py).

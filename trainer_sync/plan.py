@@ -302,7 +302,7 @@ def resolve_wire_dtypes(
         if wire_dtype == "model" or not floating:
             out[name] = dtype
         elif wire_dtype in ("auto", "fp8"):
-            # "fp8": the source (sources/fp8.py) already presents eligible weights as float8 + float32 scales; the
+            # "fp8": the source (codec/fp8_source.py) already presents eligible weights as float8 + float32 scales; the
             # rest goes as in "auto". A cast to or from float8 is never implicit (it needs scales): keep the dtype
             # and let the handshake name the mismatch.
             wanted = {e.tensors[name][1] for e in expected if name in e.tensors and e.tensors[name][1]}

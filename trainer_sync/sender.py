@@ -22,7 +22,7 @@ from .plan import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, item
 from .protocol import Expected, JoinInfo
 from .report import SyncReport
 from .sources import Source, make_source
-from .sources.fp8 import Fp8Source
+from .codec.fp8_source import Fp8Source
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
@@ -45,7 +45,7 @@ class Sender:
         self.source = model if isinstance(model, Source) else make_source(model, self.config.rename, rank=rank,
                                                                            world=world)
         if self.config.wire_dtype == "fp8" and not isinstance(self.source, Fp8Source):
-            # eligible weights (config.fp8_rules) go block-quantized (codec.py, sources/fp8.py)
+            # eligible weights (config.fp8_rules) go block-quantized (codec/)
             self.source = Fp8Source(self.source, self.config.fp8_rules)
         self.rank, self.world = self.source.rank, self.source.world
         cfg = self.config
@@ -114,7 +114,7 @@ class Sender:
     def _auto_fp8(self) -> None:
         """``wire_dtype="auto"``: send block-FP8 (fp8 + scales, checkpoint format) when the receivers of this epoch
         serve a block-FP8 model, as they said when they joined; else the dtypes they expect. Rank 0 reads their
-        expectations and decides; every rank wraps or unwraps its source the same way (sources/fp8.py)."""
+        expectations and decides; every rank wraps or unwraps its source the same way (codec/fp8_source.py)."""
         if self.rank == 0:
             self._wait([f"expected/{j}" for j in range(self.num_receivers)], "expectations",
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")

@@ -15,7 +15,7 @@ from trainer_sync.codec import (FP8_NAME, Fp8Arrival, Fp8Dequantizer, Fp8Rules, 
 from tests.helpers.fp8_roles import TinyLM
 from trainer_sync.plan import Expected, check_plan, plan_buckets
 from trainer_sync.sources import ModuleSource
-from trainer_sync.sources.fp8 import Fp8Source
+from trainer_sync.codec.fp8_source import Fp8Source
 
 # ---------------------------------------------------------------------------------------------- numpy reference
 

@@ -7,7 +7,7 @@ import pytest
 from trainer_sync.plan import LocalPiece
 from benchmarks.simulate import (GB, KIMI_K2_FP8, QWEN3_8B, CeRates, Hardware, SyncRates, Workload, compare,
                                    pipeline_seconds, simulate_checkpoint_engine, simulate_trainer_sync)
-from trainer_sync.tp import llama_layout, plan_tp
+from trainer_sync.experimental.tp import llama_layout, plan_tp
 
 CONFIGS = [  # (num_gpus, tp, trainer_gpus): one node, colocated; one node, separate; several nodes, both
     (4, 4, 4), (2, 2, 2), (4, 2, 0), (8, 8, 0), (16, 16, 0), (64, 8, 16), (256, 16, 0), (256, 16, 64)]

@@ -13,7 +13,7 @@ import torch
 
 from trainer_sync.pipeline import Assembler, pack_bucket
 from trainer_sync.plan import Expected, LocalPiece, PlanError, check_plan, dtype_name
-from trainer_sync.tp import (REPLICATED, ShardSource, Split, Strided, TpLayout, gather_strided, llama_layout,
+from trainer_sync.experimental.tp import (REPLICATED, ShardSource, Split, Strided, TpLayout, gather_strided, llama_layout,
                              loader_tensor, plan_tp, shard_bounds, shard_expected, tp_ranges)
 
 H, HEADS, KV, HD, INTER, VOCAB, LAYERS = 64, 8, 2, 8, 96, 1000, 2

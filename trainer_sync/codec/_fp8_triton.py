@@ -1,9 +1,9 @@
-"""Fused Triton kernel for the FP8 block codec (CUDA only; imported lazily by codec.py).
+"""Fused Triton kernel for the FP8 block codec (CUDA only; imported lazily by codec/fp8.py).
 
 One program per 128x128 block: load the block once (bf16/fp16/fp32), amax in registers, scale_inv, IEEE division
 (``div_rn``: Triton's plain ``/`` on float32 is an approximate division on NVIDIA GPUs), round-to-nearest-even cast to
 e4m3fn, store. 3 bytes of traffic per bf16 element (read 2, write 1) where the torch ops need about 5. The bits are
-those of codec.py's definition; benchmarks/bench_fp8_gpu.py checks them against the torch ops on the GPU.
+those of fp8.py's definition; benchmarks/bench_fp8_gpu.py checks them against the torch ops on the GPU.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from .fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 
 @triton.jit

@@ -29,10 +29,10 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from ..codec import (BLOCK, FP8_NAME, SCALE_SUFFIX, Fp8Rules, block_amax, quantize_fp8_blocks,
+from .fp8 import (BLOCK, FP8_NAME, SCALE_SUFFIX, Fp8Rules, block_amax, quantize_fp8_blocks,
                      quantize_with_scales, scale_name, scale_shape, scales_from_amax)
 from ..plan import LocalPiece
-from .base import Source
+from ..sources.base import Source
 
 
 def _is_dtensor(t) -> bool:

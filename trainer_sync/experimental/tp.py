@@ -48,7 +48,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .plan import ALIGN, Bucket, BucketPlan, Expected, LocalPiece, PlanError, itemsize, merge_pieces, plan_buckets
+from ..plan import ALIGN, Bucket, BucketPlan, Expected, LocalPiece, PlanError, itemsize, merge_pieces, plan_buckets
 
 # vLLM's DEFAULT_VOCAB_PADDING_SIZE (vllm/model_executor/layers/vocab_parallel_embedding.py).
 VOCAB_PAD = 64
@@ -466,11 +466,11 @@ def wait_limit(timeout):
     """
     import inspect
 
-    from . import pipeline
+    from .. import pipeline
 
     if "deadline" not in inspect.signature(pipeline._wait).parameters:
         return timeout
-    from .errors import Deadline
+    from ..errors import Deadline
 
     return timeout if isinstance(timeout, Deadline) else Deadline(float(timeout))
 
@@ -482,7 +482,7 @@ def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffer
     Receivers of tp rank t run ``pipeline.receive(tp_plan.groups[t].plan, {src: group}, ...)`` unchanged.
     Returns ``pipeline.StageTimes``.
     """
-    from .pipeline import StageTimes, _broadcast, _wait, pack_bucket
+    from ..pipeline import StageTimes, _broadcast, _wait, pack_bucket
 
     limit = wait_limit(timeout_s)
     times = StageTimes()
@@ -563,7 +563,7 @@ def make_tp_groups(store, role: str, rank: int, num_trainers: int, receiver_tp: 
     """
     import torch.distributed as dist
 
-    from .transport.group import make_group
+    from ..transport.group import make_group
 
     members = {t: [j for j, tj in enumerate(receiver_tp) if tj == t] for t in sorted(set(receiver_tp))}
     if role == "trainer":

@@ -19,7 +19,7 @@ Exact definition (every backend gives these bits; tests check them against an in
   that clamp anyway (Triton's saturating cast) give the same bits.
 * dequantize: ``fl_dtype(fl32(float(q) * scale_inv))``.
 
-Error bound (derived; checked per element in tests/test_codec.py). With ``s = scale_inv`` and ``v = w / s`` (exact),
+Error bound (derived; checked per element in tests/pure/test_codec.py). With ``s = scale_inv`` and ``v = w / s`` (exact),
 e4m3fn has 3 mantissa bits: for ``|v| >= 2**-6`` (normal range) the grid spacing at ``v`` is ``2**(e-3)`` with
 ``e = floor(log2|v|)``, below it the subnormal spacing ``2**-9``. Round-to-nearest is off by at most half a spacing,
 the float32 division and the float32 product add at most ``2**-24`` relative each, so::
@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .protocol import SCALE_SUFFIX  # noqa: F401 - the scale tensor's name suffix, shared with planning
+from ..protocol import SCALE_SUFFIX  # noqa: F401 - the scale tensor's name suffix, shared with planning
 
 BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
@@ -351,7 +351,7 @@ class Fp8Arrival:
     dtype the receiver expected for each weight (``dtype`` where it stated none)."""
 
     def __init__(self, expected, dtype: torch.dtype = torch.bfloat16, rules: Fp8Rules | None = None):
-        from .protocol import Expected
+        from ..protocol import Expected
 
         self.dtype = dtype
         self.dequant_to: dict[str, str | None] = {}
