@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.trainer_sync-installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast layers bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m trainer_sync.cli demo
 
-test: $(STAMP)
+# The package's layers import only downwards (ARCHITECTURE.md); tests/pure/test_layers.py checks every import.
+layers: $(STAMP)
+	$(BIN)/python -m pytest -q tests/pure/test_layers.py
+
+test: layers
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 test-fast: $(STAMP)

@@ -1,12 +1,15 @@
-"""trainer_sync: move fresh policy weights from an RL trainer into running inference engines, fast and whole."""
+"""trainer_sync: move fresh policy weights from an RL trainer into running inference engines, fast and whole.
+
+The map of the package (source -> plan -> codec -> transport -> pipeline -> sender/receiver -> engines -> control)
+is ARCHITECTURE.md."""
 from .config import SyncConfig
+from .engines.clients import EngineClient  # stdlib only: no vLLM import
 from .errors import HandshakeMismatch, RendezvousRefused, SyncError
-from .plan import BucketPlan, Expected
+from .protocol import JoinInfo
 from .receiver import Receiver
 from .report import SyncReport
-from .protocol import JoinInfo
 from .sender import Sender
 from .sync import WeightSync
 
 __all__ = ["SyncConfig", "WeightSync", "Sender", "Receiver", "JoinInfo", "SyncReport", "SyncError",
-           "HandshakeMismatch", "RendezvousRefused", "BucketPlan", "Expected"]
+           "HandshakeMismatch", "RendezvousRefused", "EngineClient"]
