@@ -4,12 +4,20 @@ from __future__ import annotations
 
 class SyncError(RuntimeError):
     """A push or receive failed. ``stage`` is one of rendezvous, handshake, transfer, apply, finish; ``who`` names the
-    peer at fault (``"receiver 1"``, ``"trainer rank 0"``, ``"engine http://host:8000"``) where it is known."""
+    peer at fault (``"receiver 1"``, ``"trainer rank 0"``, ``"engine http://host:8000"``) where it is known.
 
-    def __init__(self, message: str, stage: str = "", who: str = ""):
+    As data, never to be parsed back out of the text: ``members``, every peer the error names (``who`` is them
+    joined for people); ``receivers``, the receiver ranks among them (a refused token, a mismatched plan); ``dead``,
+    the engines WeightSync found dead while the push failed (they left the membership)."""
+
+    def __init__(self, message: str, stage: str = "", who: str = "", *, members: list[str] | None = None,
+                 receivers: list[int] | None = None, dead: list[str] | None = None):
         super().__init__(message)
         self.stage = stage
         self.who = who
+        self.members: list[str] = list(members) if members is not None else ([who] if who else [])
+        self.receivers: list[int] = list(receivers or [])
+        self.dead: list[str] = list(dead or [])
 
 
 class RendezvousRefused(SyncError, PermissionError):
@@ -28,9 +36,9 @@ UNTOUCHED = "[trainer_sync: no weight was applied, the engine serves its old wei
 class HandshakeMismatch(SyncError, ValueError):
     """The trainer's tensors do not match what a receiver expects; nothing was sent."""
 
-    def __init__(self, mismatches: list[str]):
+    def __init__(self, mismatches: list[str], receivers: list[int] | None = None):
         super().__init__("trainer_sync handshake failed, nothing was sent:\n  " + "\n  ".join(mismatches),
-                         stage="handshake")
+                         stage="handshake", receivers=receivers)
         self.mismatches = list(mismatches)
 
 

@@ -66,8 +66,9 @@ class Verdict:
 
     ``error``/``stage``/``who``: the failure every rank raises (empty: none). ``members``: the engines the failure
     names, as data. ``dead``: engines that died and leave the membership. ``refused``: the handshake's mismatch
-    lines (the push was refused, nothing was sent). ``changed``: the membership changed (a new epoch is due).
-    ``data``: the step's result (receiver counts, offsets, the engines' version)."""
+    lines (the push was refused, nothing was sent), ``receivers``: the receiver ranks that refused. ``changed``: the
+    membership changed (a new epoch is due). ``data``: the step's result (receiver counts, offsets, the engines'
+    version)."""
 
     error: str = ""
     stage: str = ""
@@ -75,6 +76,7 @@ class Verdict:
     members: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     refused: list[str] | None = None
+    receivers: list[int] = field(default_factory=list)
     changed: bool = False
     data: dict = field(default_factory=dict)
 

@@ -100,7 +100,7 @@ class Receiver:
                             stage="handshake", who="trainer rank 0")
         msg = self.bridge.get_json(f"{p}plan")
         if "error" in msg:
-            raise HandshakeMismatch(msg["error"])
+            raise HandshakeMismatch(msg["error"], msg.get("receivers"))
         plan = self._plans.parse(msg["plan"])
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
         try:

@@ -168,11 +168,14 @@ class Sender:
             plan = plan_buckets(pieces, self.world, fit.bucket_bytes, wire, self.source.aliases)
         except PlanError as e:
             return {"error": [str(e)]}
+        refused_by = []
         for j, exp in enumerate(self._expected):
             if exp.tensors:
-                errors += check_plan(plan, exp, f"receiver {j}")
+                found = check_plan(plan, exp, f"receiver {j}")
+                errors += found
+                refused_by += [j] if found else []
         if errors:
-            return {"error": errors}
+            return {"error": errors, "receivers": refused_by}
         msg = {"plan": plan.to_json(), "num_buffers": fit.num_buffers, "fallback": fit.fallback, "version": version}
         self._last_plan = (raw, msg)
         return msg
@@ -219,7 +222,7 @@ class Sender:
         self._wait([f"{p}plan"], "plan", lambda k: "trainer rank 0", deadline, abort_key)
         msg = bridge.get_json(f"{p}plan")
         if "error" in msg:
-            raise HandshakeMismatch(msg["error"])
+            raise HandshakeMismatch(msg["error"], msg.get("receivers"))
         plan = self._plans.parse(msg["plan"])
         t_plan = time.perf_counter() - t0
         group = bridge.groups.get(self.rank)  # None when every receiver is on this rank's GPU

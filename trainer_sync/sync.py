@@ -44,6 +44,7 @@ from .report import SyncReport
 from .sender import Sender
 from .engines.clients import EngineCallError, EngineClient, make_client
 from .metrics import SyncMetrics
+from .protocol import Verdict
 
 # vLLM call -> the stage a failure of it is reported under.
 _STAGE = {"get_world_size": "rendezvous", "init_weight_transfer_engine": "rendezvous", "pause": "pause",
@@ -103,6 +104,7 @@ class WeightSync:
         self.engine_version = 0
         self._constructing = True  # an unreachable engine fails the construction; later it leaves the membership
         self.receiver_names: list[str] = []  # rank 0: receiver rank -> "engine i (...) worker w", for errors
+        self.receiver_engines: list[str] = []  # rank 0: receiver rank -> the name of its engine
         self.stale = True  # the bridging group must be (re)built before the next push; same value on every rank
         # Membership (rank 0): the version each engine acknowledged, and engines that joined by catch-up and enter
         # the broadcast group at the next push (add_engine may run in another thread while training goes on).
@@ -119,19 +121,19 @@ class WeightSync:
         self.metrics: SyncMetrics | None = SyncMetrics.for_rank(self.rank, self.config.tb_dir)
 
     # --- agreement between trainer ranks ------------------------------------------------------------------------
-    def _agree(self, fn: Callable[[], dict | None]) -> dict:
-        """Run ``fn`` on rank 0 and give its verdict (a small dict) to every rank.
+    def _agree(self, fn: Callable[[], Verdict | None]) -> Verdict:
+        """Run ``fn`` on rank 0 and give its verdict (protocol.Verdict) to every rank.
 
         Any exception in ``fn`` becomes an error verdict, so rank 0 always reaches the broadcast.
         """
-        out: dict | None = None
+        out: Verdict | None = None
         if self.rank == 0:
             try:
-                out = fn() or {}
+                out = fn() or Verdict()
             except SyncError as e:
-                out = {"error": str(e), "stage": e.stage, "who": e.who}
+                out = Verdict(str(e), e.stage, e.who, members=list(e.members), dead=list(e.dead))
             except Exception as e:  # noqa: BLE001 - becomes the error every rank raises
-                out = {"error": f"{type(e).__name__}: {e}", "stage": "", "who": ""}
+                out = Verdict(f"{type(e).__name__}: {e}")
         if self.world > 1:
             box = [out]
             dist.broadcast_object_list(box, src=0)
@@ -139,24 +141,25 @@ class WeightSync:
         return out
 
     @staticmethod
-    def _raise(verdict: dict, cause: BaseException | None = None) -> None:
-        if "error" in verdict:
-            raise SyncError(verdict["error"], verdict.get("stage", ""), verdict.get("who", "")) from cause
+    def _raise(verdict: Verdict, cause: BaseException | None = None) -> None:
+        if verdict.failed:
+            raise SyncError(verdict.error, verdict.stage, verdict.who, members=verdict.members or None,
+                            dead=verdict.dead) from cause
 
     # --- bridging group ---------------------------------------------------------------------------------------
-    def _count_receivers(self) -> dict:
+    def _count_receivers(self) -> Verdict:
         """Rank 0: every engine's worker count, the first receiver rank of each engine, and the highest weight
         version they report.
 
         At construction an engine that does not answer is a configuration error: every such engine is named, with
         its error. Later, one that stopped or died leaves the membership (a warning) and the others carry on."""
         offsets, total, alive, gone = [], 0, [], []
-        self.receiver_names = []
+        self.receiver_names, self.receiver_engines = [], []
         for c in self.clients:
             try:
                 n = c.world_size()
             except EngineCallError as e:
-                gone.append(str(e))  # "engine i (url): get_world_size failed: ..."
+                gone.append(e)  # str(e): "engine i (url): get_world_size failed: ..."
                 if not self._constructing:
                     warnings.warn(f"trainer_sync: dropping {c.name} from the membership: {e.detail}")
                     self.served.pop(c.name, None)
@@ -165,14 +168,17 @@ class WeightSync:
             offsets.append(total)
             total += n
             self.receiver_names += [f"{c.name} worker {w}" for w in range(n)]
+            self.receiver_engines += [c.name] * n
         if gone and self._constructing:
             raise SyncError(f"trainer_sync: {len(gone)} of {len(self.clients)} engine(s) cannot be reached:\n  " +
-                            "\n  ".join(gone), "rendezvous", ", ".join(g.split(": ", 1)[0] for g in gone))
+                            "\n  ".join(str(e) for e in gone), "rendezvous", ", ".join(e.engine for e in gone),
+                            members=[e.engine for e in gone])
         if not alive:
             raise SyncError("trainer_sync: no engine answers; every engine left the membership:\n  " +
-                            "\n  ".join(gone), "rendezvous", ", ".join(c.name for c in self.clients))
+                            "\n  ".join(str(e) for e in gone), "rendezvous", ", ".join(c.name for c in self.clients),
+                            members=[c.name for c in self.clients])
         self.clients = alive
-        return {"num_receivers": total, "offsets": offsets, "engine_version": self._engine_version()}
+        return Verdict(data={"num_receivers": total, "offsets": offsets, "engine_version": self._engine_version()})
 
     def _engine_version(self) -> int:
         """Rank 0: the highest integer weight version the engines report (0 if none does)."""
@@ -188,12 +194,12 @@ class WeightSync:
         """Form a new bridging group with every worker of every engine (all ranks; rank 0 calls the engines)."""
         plan = self._agree(self._count_receivers)
         self._raise(plan)
-        n = plan["num_receivers"]
-        self.engine_version = plan["engine_version"]
+        n = plan.data["num_receivers"]
+        self.engine_version = plan.data["engine_version"]
         calls: list[tuple[EngineClient, _Background]] = []
         if self.rank == 0:
             # Join infos are made before connect() opens the new epoch they name.
-            infos = [self.sender.join_info(off, n).to_dict() for off in plan["offsets"]]
+            infos = [self.sender.join_info(off, n).to_dict() for off in plan.data["offsets"]]
             epoch = infos[0]["epoch"] if infos else self.sender.epoch + 1
             calls = [(c, _Background(lambda c=c, i=i: c.init(i),
                                      on_error=lambda e, c=c, epoch=epoch: self.sender.abort_epoch(
@@ -205,7 +211,7 @@ class WeightSync:
         except Exception as e:  # noqa: BLE001 - reported together with the engines' side below
             error = e
 
-        def joined() -> dict:
+        def joined() -> Verdict:
             problems = []
             for c, call in calls:
                 if not call.wait(self.config.timeout_s + 30):
@@ -214,16 +220,15 @@ class WeightSync:
                     problems.append((c.name, str(call.error)))
             if isinstance(error, RendezvousRefused):
                 # The trainer knows who was refused (receiver ranks); say which engine that is, first.
-                ranks = [int(w.split()[1]) for w in error.who.split(", ") if w.split()[1:2] and w.split()[1].isdigit()]
-                owners = list(dict.fromkeys(self.receiver_names[j].rsplit(" worker ", 1)[0] for j in ranks
-                                            if j < len(self.receiver_names)))
+                owners = list(dict.fromkeys(self.receiver_engines[j] for j in error.receivers
+                                            if j < len(self.receiver_engines)))
                 problems.insert(0, (", ".join(owners), f"trainer rank 0: {error} ({', '.join(owners)})"))
             elif error is not None and not problems:
                 problems.append(("", f"trainer rank 0: {error}"))
             if problems:
-                return {"error": "trainer_sync could not connect the engines:\n  " +
-                        "\n  ".join(p for _, p in problems), "stage": "rendezvous", "who": problems[0][0]}
-            return {}
+                return Verdict("trainer_sync could not connect the engines:\n  " + "\n  ".join(p for _, p in problems),
+                               "rendezvous", problems[0][0], members=[w for w, _ in problems if w])
+            return Verdict()
 
         verdict = self._agree(joined)
         self._raise(verdict, error)
@@ -233,7 +238,7 @@ class WeightSync:
         self.stale = False
 
     # --- one push ---------------------------------------------------------------------------------------------
-    def _begin(self) -> dict:
+    def _begin(self) -> Verdict:
         """Rank 0: pause and start every engine; on any failure undo what was done and report it."""
         paused: list[EngineClient] = []
         started: list[EngineClient] = []
@@ -262,11 +267,11 @@ class WeightSync:
                 warnings.warn(f"trainer_sync: dropping {e.engine} from the membership: {e.detail}")
                 self.clients = [c for c in self.clients if c.name not in dead]
                 self.served.pop(e.engine, None)
-            return {"error": str(e), "stage": _stage(e), "who": e.engine, "stale": True, "dead": dead}
-        return {}
+            return Verdict(str(e), _stage(e), e.engine, members=[e.engine], dead=dead)
+        return Verdict()
 
     def _end(self, version: int, updates: list[tuple[EngineClient, _Background]], error: BaseException | None
-             ) -> dict:
+             ) -> Verdict:
         """Rank 0: finish, reset and resume every engine that received the whole push; leave the others paused."""
         refused = isinstance(error, HandshakeMismatch)
         failed_stage = getattr(error, "stage", "") or "transfer"
@@ -300,9 +305,9 @@ class WeightSync:
             problems.append((failed_stage, getattr(error, "who", "") or "trainer rank 0", f"trainer rank 0: {error}"))
         if problems:
             dead = [c.name for c in self.clients if c.name in {w for _, w, _ in problems} and not self._alive(c)]
-            return {"error": "trainer_sync push failed:\n  " + "\n  ".join(m for _, _, m in problems),
-                    "stage": problems[0][0], "who": problems[0][1], "stale": True, "dead": dead}
-        return {"refused": list(error.mismatches)} if refused else {}
+            return Verdict("trainer_sync push failed:\n  " + "\n  ".join(m for _, _, m in problems), problems[0][0],
+                           problems[0][1], members=list(dict.fromkeys(w for _, w, _ in problems)), dead=dead)
+        return Verdict(refused=list(error.mismatches), receivers=list(error.receivers)) if refused else Verdict()
 
     @staticmethod
     def _alive(c: EngineClient) -> bool:
@@ -351,7 +356,7 @@ class WeightSync:
         try:
             return self._push(version, t0)
         except SyncError as e:
-            dead = getattr(e, "dead", [])
+            dead = e.dead
             if not dead:
                 raise
         # Engines died during the transfer. They are out of the membership; the engines that are left did not get
@@ -365,15 +370,15 @@ class WeightSync:
 
     def _push(self, version: int, t0: float) -> SyncReport:
         changed = self._agree(self._admit_joined)
-        if changed.get("changed"):
+        if changed.changed:
             self.stale = True
         if self.stale:
             self._connect()
         begun = self._agree(self._begin)
-        while "error" in begun and begun.get("dead"):  # engines gone since the last push: a new epoch without them
+        while begun.failed and begun.dead:  # engines gone since the last push: a new epoch without them
             self._connect()
             begun = self._agree(self._begin)
-        if "error" in begun:
+        if begun.failed:
             self.stale = True
             self._raise(begun)
         seq = self.sender.seq  # the number of the push below: an engine whose update call fails aborts it
@@ -385,20 +390,17 @@ class WeightSync:
         except Exception as e:  # noqa: BLE001 - rank 0's verdict below decides what every rank raises
             error = e
         verdict = self._agree(lambda: self._end(version, updates, error))
-        if "error" in verdict:
+        if verdict.failed:
             self.stale = True
-            dead = verdict.get("dead") or []
+            dead = verdict.dead
             if self.rank == 0 and dead:
                 self.clients = [c for c in self.clients if c.name not in dead]
                 for name in dead:
                     self.served.pop(name, None)
-            try:
-                self._raise(verdict, error)
-            except SyncError as e:
-                e.dead = dead
-                raise
-        if "refused" in verdict:
-            refused = error if isinstance(error, HandshakeMismatch) else HandshakeMismatch(verdict["refused"])
+            self._raise(verdict, error)  # SyncError.dead: the engines that left
+        if verdict.refused is not None:
+            refused = error if isinstance(error, HandshakeMismatch) else \
+                HandshakeMismatch(verdict.refused, verdict.receivers)
             raise self._name_engines(refused)
         if error is not None:
             self.stale = True
@@ -411,11 +413,10 @@ class WeightSync:
 
     def _name_engines(self, err: HandshakeMismatch) -> HandshakeMismatch:
         """Say which engines refused: the mismatch lines name receiver ranks, and rank 0 knows whose they are."""
-        ranks = sorted({int(head.split()[1]) for head in (m.split(":", 1)[0] for m in err.mismatches)
-                        if head.startswith("receiver ") and head.split()[1].isdigit()})
-        owners = [f"receiver {j} = {self.receiver_names[j]}" for j in ranks if j < len(self.receiver_names)]
+        ranks = sorted(j for j in set(err.receivers) if j < len(self.receiver_names))
+        owners = [f"receiver {j} = {self.receiver_names[j]}" for j in ranks]
         if owners:
-            err.who = ", ".join(dict.fromkeys(o.split(" = ", 1)[1].rsplit(" worker ", 1)[0] for o in owners))
+            err.who = ", ".join(dict.fromkeys(self.receiver_engines[j] for j in ranks))
             err.args = (f"{err.args[0]}\n  (refused by {'; '.join(owners)})",)
         return err
 
@@ -458,12 +459,12 @@ class WeightSync:
             self.served[c.name] = version
         return c.name
 
-    def _admit_joined(self) -> dict:
+    def _admit_joined(self) -> Verdict:
         """Rank 0: engines that caught up enter the membership now (the group is rebuilt: a new epoch)."""
         with self._joined_lock:
             joined, self._joined = self._joined, []
         self.clients += joined
-        return {"changed": bool(joined)}
+        return Verdict(changed=bool(joined))
 
     def membership(self) -> dict:
         """Rank 0: the epoch of the bridging group and, per engine, the version it serves."""

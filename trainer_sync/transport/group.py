@@ -143,7 +143,8 @@ class Rendezvous:
                 wait_keys(self.store, [base + "seen/" + m.key for m in others if str(m) in refused], min(5.0, self.timeout_s))
                 msg = f"trainer_sync rendezvous (epoch {epoch}) refused {', '.join(refused)}: wrong token"
                 self.store.set(abort_key, msg)
-                raise RendezvousRefused(msg, stage="rendezvous", who=", ".join(refused))
+                raise RendezvousRefused(msg, stage="rendezvous", who=", ".join(refused),
+                                        receivers=[m.rank for m in others if m.role == "receiver" and str(m) in refused])
         else:
             if wait_keys(self.store, [nonce_key], self.timeout_s):
                 raise SyncError(f"{me}: trainer rank 0 opened no rendezvous epoch {epoch} within "
