@@ -9,7 +9,7 @@ from .protocol import JoinInfo
 from .receiver import Receiver
 from .report import SyncReport
 from .sender import Sender
-from .sync import WeightSync
+from .control import WeightSync
 
 __all__ = ["SyncConfig", "WeightSync", "Sender", "Receiver", "JoinInfo", "SyncReport", "SyncError",
            "HandshakeMismatch", "RendezvousRefused", "EngineClient"]

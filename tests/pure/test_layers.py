@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("engines", ["engines", "metrics"]),
     # Training-loop hooks know WeightSync only by its push(); WeightSync.attach()/callback() hand out these hooks.
     ("integrations", ["integrations"]),
-    ("control", ["control", "sync"]),
+    ("control", ["control"]),
     ("entry points", ["cli", "experimental", "__init__"]),
 ]
 # Imports against the order that are known and not yet cut (each must still exist: remove it here once it is gone).

@@ -38,13 +38,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .config import SyncConfig
-from .errors import UNTOUCHED, HandshakeMismatch, RendezvousRefused, SyncError
-from .report import SyncReport
-from .sender import Sender
-from .engines.clients import EngineCallError, EngineClient, make_client
-from .metrics import SyncMetrics
-from .protocol import Verdict
+from ..config import SyncConfig
+from ..errors import UNTOUCHED, HandshakeMismatch, RendezvousRefused, SyncError
+from ..report import SyncReport
+from ..sender import Sender
+from ..engines.clients import EngineCallError, EngineClient, make_client
+from ..metrics import SyncMetrics
+from ..protocol import Verdict
 
 # vLLM call -> the stage a failure of it is reported under.
 _STAGE = {"get_world_size": "rendezvous", "init_weight_transfer_engine": "rendezvous", "pause": "pause",
@@ -505,13 +505,13 @@ class WeightSync:
         naming the engine and stage) or "warn" (warn and keep training). ``accelerator``: log the TensorBoard
         charts into its TensorBoard tracker when ``config.tb_dir`` is unset. See trainer_sync/integrations/.
         """
-        from .integrations import attach
+        from ..integrations import attach
 
         return attach(self, target, every, on_error=on_error, start_step=start_step, accelerator=accelerator)
 
     def callback(self, every: int = 1, *, on_error: str = "raise"):
         """A ``transformers.TrainerCallback`` pushing at every ``every``-th global step (HF Trainer, TRL trainers)."""
-        from .integrations.transformers import WeightSyncCallback
+        from ..integrations.transformers import WeightSyncCallback
 
         return WeightSyncCallback(self, every, on_error=on_error)
 
