@@ -3,7 +3,7 @@
 * ``JoinInfo``: what an engine is given to join the bridging group (its init info, JSON over vLLM's RPC).
 * ``Expected``: what a receiver says it expects (tensor name -> shape, dtype), published when it joins.
 * ``Verdict``: what trainer rank 0 decided about one step of a push (WeightSync's agreement), the same on every rank.
-* ``keys``: the names of every key in the bridging group's store, in one place.
+* ``Keys``: the names of every key in the bridging group's store, in one place.
 * ``SCALE_SUFFIX``: the block-FP8 scale tensor's name suffix (a wire fact that planning and the codec share).
 
 Only the standard library (and ``Fp8Rules``'s JSON form, plain data): a vLLM worker imports this to join without
@@ -85,7 +85,7 @@ class Verdict:
         return bool(self.error)
 
 
-class keys:
+class Keys:
     """Names of the keys in the bridging group's store (one epoch's PrefixStore). ``p`` is a push's prefix."""
 
     LAYOUT = "layout"  # transport/layout.py: who gets which buckets by CUDA IPC

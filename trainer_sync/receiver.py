@@ -17,7 +17,7 @@ from .codec import Fp8Arrival, Fp8Rules
 from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from .pipeline import Batch, BufferPool, gc_paused, receive
 from .plan import BucketPlan, PlanCache
-from .protocol import Expected, JoinInfo
+from .protocol import Expected, JoinInfo, Keys
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
@@ -76,7 +76,7 @@ class Receiver:
             self.device = dev
             self.pool = BufferPool(dev)
             self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, srcs, i.num_receivers, dev, i.timeout_s)
-        self.bridge.set_json(f"expected/{i.receiver_rank}", self.expected.to_json() if self.expected else None)
+        self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
 
     def receive(self, on_batch: Callable[[Batch], None], on_plan: Callable[[BucketPlan], None] | None = None
                 ) -> ReceiveResult:
@@ -90,15 +90,15 @@ class Receiver:
     def _receive(self, on_batch: Callable[[Batch], None], on_plan=None) -> ReceiveResult:
         if self.bridge is None:
             raise SyncError(f"{self.me}: receive() before connect()", stage="handshake")
-        p = f"p{self.seq}/"
+        p = Keys.push(self.seq)
         self.seq += 1
         self._open = True
-        store, abort_key = self.bridge.store, f"{p}abort"
-        if wait_keys(store, [f"{p}plan"], self.info.timeout_s, abort_key=abort_key, stage="handshake",
+        store, abort_key = self.bridge.store, Keys.abort(p)
+        if wait_keys(store, [Keys.plan(p)], self.info.timeout_s, abort_key=abort_key, stage="handshake",
                      max_pause_s=1e-3):
             raise SyncError(f"{self.me}: no push from the trainer within {self.info.timeout_s:g}s",
                             stage="handshake", who="trainer rank 0")
-        msg = self.bridge.get_json(f"{p}plan")
+        msg = self.bridge.get_json(Keys.plan(p))
         if "error" in msg:
             raise HandshakeMismatch(msg["error"], msg.get("receivers"))
         plan = self._plans.parse(msg["plan"])
@@ -121,7 +121,7 @@ class Receiver:
         except Exception as e:
             self._give_up(p, e, traceback.format_exc(limit=3))
             raise
-        self.bridge.set_json(f"{p}done/{self.me.rank}", {"apply_s": times.apply, "transfer_s": times.transfer,
+        self.bridge.set_json(Keys.done(p, self.me.rank), {"apply_s": times.apply, "transfer_s": times.transfer,
                                                          **self.note})
         self._open = False
         self.version = msg["version"]
@@ -132,9 +132,9 @@ class Receiver:
         and the other receivers stop waiting at once instead of at their timeout."""
         text = f"{type(error).__name__}: {error}"
         try:
-            self.bridge.set_json(f"{p}done/{self.me.rank}", {"error": text, "trace": trace})
-            if not isinstance(error, Aborted) and not self.bridge.store.check([f"{p}abort"]):
-                self.bridge.store.set(f"{p}abort", f"{self.me}: {text}")
+            self.bridge.set_json(Keys.done(p, self.me.rank), {"error": text, "trace": trace})
+            if not isinstance(error, Aborted) and not self.bridge.store.check([Keys.abort(p)]):
+                self.bridge.store.set(Keys.abort(p), f"{self.me}: {text}")
         except torch.distributed.DistError:
             pass  # the trainer's store is gone: nobody is left to tell, and the original error is what matters
 
@@ -143,9 +143,9 @@ class Receiver:
         push in progress, or the next one if none started, unless this receiver already reported it."""
         if self.bridge is None:
             return
-        p = f"p{max(self.seq - 1, 0)}/" if self._open else f"p{self.seq}/"
+        p = Keys.push(max(self.seq - 1, 0)) if self._open else Keys.push(self.seq)
         try:
-            if not self.bridge.store.check([f"{p}done/{self.me.rank}"]):
+            if not self.bridge.store.check([Keys.done(p, self.me.rank)]):
                 self._give_up(p, error)
         except torch.distributed.DistError:
             pass  # the trainer is gone: nobody is waiting

@@ -19,7 +19,7 @@ from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from .pipeline import BufferPool, gc_paused, send
 from .plan import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
     plan_buckets, resolve_wire_dtypes, wants_block_fp8
-from .protocol import Expected, JoinInfo
+from .protocol import Expected, JoinInfo, Keys
 from .report import SyncReport
 from .sources import Source, make_source
 from .codec.fp8_source import Fp8Source
@@ -116,13 +116,13 @@ class Sender:
         serve a block-FP8 model, as they said when they joined; else the dtypes they expect. Rank 0 reads their
         expectations and decides; every rank wraps or unwraps its source the same way (codec/fp8_source.py)."""
         if self.rank == 0:
-            self._wait([f"expected/{j}" for j in range(self.num_receivers)], "expectations",
+            self._wait([Keys.expected(j) for j in range(self.num_receivers)], "expectations",
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")
-            self._expected = [Expected.from_json(self.bridge.get_json(f"expected/{j}") or "{}")
+            self._expected = [Expected.from_json(self.bridge.get_json(Keys.expected(j)) or "{}")
                               for j in range(self.num_receivers)]
-            self.bridge.set_json("wire/fp8", wants_block_fp8(self._expected))
-        self._wait(["wire/fp8"], "the wire dtype", lambda k: "trainer rank 0")
-        fp8 = self.bridge.get_json("wire/fp8")
+            self.bridge.set_json(Keys.WIRE_FP8, wants_block_fp8(self._expected))
+        self._wait([Keys.WIRE_FP8], "the wire dtype", lambda k: "trainer rank 0")
+        fp8 = self.bridge.get_json(Keys.WIRE_FP8)
         if fp8 and not isinstance(self.source, Fp8Source):
             self.source = Fp8Source(self.source, self.config.fp8_rules)
             self._auto_wrapped = True
@@ -145,14 +145,14 @@ class Sender:
     def _plan(self, p: str, version: int) -> dict:
         """Rank 0: merge every rank's pieces, plan, check against the receivers; publish the verdict."""
         cfg, bridge = self.config, self.bridge
-        self._wait([f"{p}pieces/{r}" for r in range(self.world)], "metadata",
+        self._wait([Keys.pieces(p, r) for r in range(self.world)], "metadata",
                    lambda k: f"trainer rank {k.rsplit('/', 1)[1]}")
         if self._expected is None:
-            self._wait([f"expected/{j}" for j in range(self.num_receivers)], "expectations",
+            self._wait([Keys.expected(j) for j in range(self.num_receivers)], "expectations",
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")
-            self._expected = [Expected.from_json(bridge.get_json(f"expected/{j}") or "{}")
+            self._expected = [Expected.from_json(bridge.get_json(Keys.expected(j)) or "{}")
                               for j in range(self.num_receivers)]
-        raw = [bridge.store.get(f"{p}pieces/{r}") for r in range(self.world)]
+        raw = [bridge.store.get(Keys.pieces(p, r)) for r in range(self.world)]
         if self._last_plan is not None and self._last_plan[0] == raw:
             return {**self._last_plan[1], "version": version}  # same tensors as last push: same plan
         pieces, errors = [], []
@@ -203,24 +203,24 @@ class Sender:
         cfg, bridge = self.config, self.bridge
         t0 = time.perf_counter()
         deadline = Deadline(cfg.timeout_s, cfg.push_timeout_s)
-        p = f"p{self.seq}/"
+        p = Keys.push(self.seq)
         self.seq += 1
         # Anyone who gives up on this push (a receiver whose apply failed, WeightSync for an engine whose update
         # call failed) writes why under this key; every wait below stops on it (Sender.abort_push).
-        abort_key = f"{p}abort"
+        abort_key = Keys.abort(p)
         store = bridge.store
 
         def aborted() -> str | None:
             return abort_reason(store, abort_key)
 
         bad = self.source.nonfinite() if cfg.check_finite else []
-        bridge.set_json(f"{p}pieces/{self.rank}", {
+        bridge.set_json(Keys.pieces(p, self.rank), {
             "pieces": [[x.name, list(x.shape), x.dtype, x.start, x.numel] for x in self.source.pieces()],
             "nonfinite": bad})
         if self.rank == 0:
-            bridge.set_json(f"{p}plan", self._plan(p, version))
-        self._wait([f"{p}plan"], "plan", lambda k: "trainer rank 0", deadline, abort_key)
-        msg = bridge.get_json(f"{p}plan")
+            bridge.set_json(Keys.plan(p), self._plan(p, version))
+        self._wait([Keys.plan(p)], "plan", lambda k: "trainer rank 0", deadline, abort_key)
+        msg = bridge.get_json(Keys.plan(p))
         if "error" in msg:
             raise HandshakeMismatch(msg["error"], msg.get("receivers"))
         plan = self._plans.parse(msg["plan"])
@@ -251,9 +251,9 @@ class Sender:
         if failed is not None:  # handled outside the except block: its traceback would keep the group alive
             del bridge, group
             raise self._name_stalled(p, failed)
-        self._wait([f"{p}done/{j}" for j in range(self.num_receivers)], "acknowledgement",
+        self._wait([Keys.done(p, j) for j in range(self.num_receivers)], "acknowledgement",
                    lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline, abort_key)
-        acks = [bridge.get_json(f"{p}done/{j}") for j in range(self.num_receivers)]
+        acks = [bridge.get_json(Keys.done(p, j)) for j in range(self.num_receivers)]
         failed = [f"receiver {j}: {a['error']}" for j, a in enumerate(acks) if "error" in a]
         if failed:
             raise SyncError("trainer_sync push failed on the receiving side:\n  " + "\n  ".join(failed),
@@ -278,7 +278,7 @@ class Sender:
         bridge = self.bridge
         if bridge is not None:
             try:
-                bridge.store.set(f"p{seq}/abort", reason)
+                bridge.store.set(Keys.abort(Keys.push(seq)), reason)
             except Exception:  # noqa: BLE001 - the store is gone: the push fails on its own then
                 pass
 
@@ -298,7 +298,7 @@ class Sender:
         """
         store = self.bridge.store
         self.close_group(in_background=True)
-        keys = [f"{p}done/{j}" for j in range(self.num_receivers)]
+        keys = [Keys.done(p, j) for j in range(self.num_receivers)]
         silent = wait_keys(store, keys, min(5.0, self.config.timeout_s))
         if not silent:
             return SyncError(error, stage="transfer")
@@ -308,10 +308,10 @@ class Sender:
 
     def _forget(self, seq: int) -> None:
         """Drop a finished push's keys so that the store stays small over thousands of pushes."""
-        p = f"p{seq}/"
-        for key in [f"{p}plan"] + [f"{p}pieces/{r}" for r in range(self.world)] + \
-                   [f"{p}done/{j}" for j in range(self.num_receivers)] + \
-                   [f"{p}ipc/{r}" for r, local in enumerate(self.bridge.layout.local) if local]:
+        p = Keys.push(seq)
+        for key in [Keys.plan(p)] + [Keys.pieces(p, r) for r in range(self.world)] + \
+                   [Keys.done(p, j) for j in range(self.num_receivers)] + \
+                   [Keys.ipc(p, r) for r, local in enumerate(self.bridge.layout.local) if local]:
             self.bridge.store.delete_key(key)
 
     def close_group(self, in_background: bool = False) -> None:

@@ -62,6 +62,7 @@ from ..errors import Deadline, SyncError
 from ..pipeline import Batch, BufferPool, StageTimes, _broadcast, _round_names, _wait, pack_bucket, \
     receive as receive_rounds, send as send_wire
 from ..plan import Bucket, BucketPlan, dtype_name
+from ..protocol import Keys
 from .group import Member, wait_keys
 
 _NUM_EVENTS = 2  # one per bucket buffer; num_buffers is 1 or 2
@@ -359,7 +360,7 @@ class IpcSender:
                             start=self._announced)
         self._release(live)
         manifest.update(new={str(k): v for k, v in self._new.items()}, live=sorted(live))
-        self.store.set(f"{p}ipc/{self.rank}", json.dumps(manifest, separators=(",", ":")))
+        self.store.set(Keys.ipc(p, self.rank), json.dumps(manifest, separators=(",", ":")))
         self._new = {}
         if direct is None:
             return self._send_staged(plan, source, mine_by_round, num_buffers, group, deadline)
@@ -468,7 +469,7 @@ class IpcReceiver:
         self.reusable = True  # this push's batches can be replayed next push (all direct, nothing assembled)
 
     def _manifests(self, p: str) -> dict[int, dict]:
-        keys = [f"{p}ipc/{r}" for r in self.srcs]
+        keys = [Keys.ipc(p, r) for r in self.srcs]
         missing = wait_keys(self.store, keys, self.timeout_s)
         if missing:
             raise SyncError(f"{self.me}: no IPC manifest from {', '.join(missing)} within {self.timeout_s:g}s",

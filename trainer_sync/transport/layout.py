@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..errors import SyncError
+from ..protocol import Keys
 from .group import Member, wait_keys
 
-LAYOUT_KEY = "layout"
+LAYOUT_KEY = Keys.LAYOUT
 
 
 @dataclass(frozen=True)
