@@ -4,11 +4,8 @@ import torch
 
 from tests.helpers import fp8_roles
 from tests.helpers.cluster import free_port, run_roles
+from tests.helpers.tensors import bits
 from trainer_sync.codec import dequantize_fp8_blocks, fp8_eligible, quantize_fp8_blocks, scale_name
-
-
-def bits(t):
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.dtype.itemsize]).numpy()
 
 
 def check_delivery(want: dict, got: dict, mode: str, dtype):

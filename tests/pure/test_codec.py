@@ -13,6 +13,7 @@ from trainer_sync.codec import (FP8_NAME, Fp8Arrival, Fp8Dequantizer, Fp8Rules, 
                                 fp8_eligible, fp8_wire_expected, fp8_wire_nbytes, quantize_fp8_blocks,
                                 quantize_with_scales, scale_name, scale_shape)
 from tests.helpers.fp8_roles import TinyLM
+from tests.helpers.tensors import bits
 from trainer_sync.plan import Expected, check_plan, plan_buckets
 from trainer_sync.sources import ModuleSource
 from trainer_sync.codec.fp8_source import Fp8Source
@@ -70,11 +71,6 @@ def ref_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
     u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bits(t: torch.Tensor) -> np.ndarray:
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.dtype.itemsize]
-    return t.contiguous().view(view).numpy()
 
 
 # ---------------------------------------------------------------------------------------------- inputs
