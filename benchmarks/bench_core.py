@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: the checkout root on the path 
 from trainer_sync import Receiver, Sender, SyncConfig
 from benchmarks.common import emit, timed
 from tests.helpers.cluster import free_port, run_roles
-from trainer_sync.pipeline import _broadcast
+from trainer_sync.pipeline import broadcast_bucket
 from trainer_sync.protocol import JoinInfo
 from trainer_sync.transport.group import make_group
 
@@ -59,12 +59,12 @@ def trainer(rank, world, n, port, raw_port, tensors, mb, iters):
     if rank == 0:  # baselines: a single root holding everything, as TRL / OpenRLHF do
         store, pg = baseline_group(raw_port, 0, 1 + n)
         flat = torch.cat([p.detach().reshape(-1) for p in model.values()])
-        result["raw"] = _timed(lambda: _broadcast(pg, flat).wait(), iters)
+        result["raw"] = _timed(lambda: broadcast_bucket(pg, flat).wait(), iters)
         params = [p.detach() for p in model.values()]
 
         def one_by_one():
             for p in params:
-                _broadcast(pg, p).wait()
+                broadcast_bucket(pg, p).wait()
                 pg.barrier().wait()
         result["one_by_one"] = _timed(one_by_one, iters)
         pg.shutdown()
@@ -82,11 +82,11 @@ def receiver(j, n, m, port, raw_port, tensors, mb, iters):
     store, pg = baseline_group(raw_port, 1 + j, 1 + n)
     flat = torch.empty(sum(p.numel() for p in sink.values()))
     for _ in range(iters + 1):
-        _broadcast(pg, flat).wait()
+        broadcast_bucket(pg, flat).wait()
     params = list(sink_by_name.values())
     for _ in range(iters + 1):
         for p in params:
-            _broadcast(pg, p).wait()
+            broadcast_bucket(pg, p).wait()
             pg.barrier().wait()
     pg.shutdown()
     return None

@@ -48,14 +48,16 @@ def gc_paused():
             gc.enable()
 
 
-def _broadcast(group, tensor: torch.Tensor):
+def broadcast_bucket(group, tensor: torch.Tensor):
+    """Start one bucket's broadcast from the group's rank 0 (the trainer rank that owns the group)."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
     return group.broadcast([tensor], opts)
 
 
-def _wait(work, deadline: Deadline, what: str, who: str) -> None:
+def wait_work(work, deadline: Deadline, what: str, who: str) -> None:
+    """Wait for one bucket's Work within ``deadline``, polling ``deadline.check()`` when it can be aborted."""
     timeout_s = deadline.left(what, "transfer", who)
     if deadline.abort is not None and not work.is_completed():
         # Poll instead of blocking, asking every few ms whether another member gave up (Deadline.check).
@@ -115,13 +117,13 @@ def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers:
     def retire() -> None:
         bucket, work = inflight.popleft()
         t = time.perf_counter()
-        _wait(work, deadline, f"bucket {bucket.index} (round {bucket.round})",
+        wait_work(work, deadline, f"bucket {bucket.index} (round {bucket.round})",
               f"trainer rank {source.rank} -> receivers")
         times.transfer += time.perf_counter() - t
 
     failure = None
     try:
-        for rnd, names in enumerate(_round_names(plan)):
+        for rnd, names in enumerate(round_names(plan)):
             bucket = mine[rnd]
             if bucket is not None and len(inflight) == num_buffers:
                 retire()  # its buffer is the one we are about to refill
@@ -132,7 +134,7 @@ def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers:
                 buf = buffers[rnd % num_buffers]
                 pack_bucket(bucket, plan, source, starts, buf)
                 times.pack += time.perf_counter() - t
-                inflight.append((bucket, _broadcast(group, buf[:bucket.nbytes])))
+                inflight.append((bucket, broadcast_bucket(group, buf[:bucket.nbytes])))
                 if on_packed is not None:
                     on_packed(bucket, buf[:bucket.nbytes])
         while inflight:
@@ -148,7 +150,8 @@ def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers:
     return times
 
 
-def _round_names(plan: BucketPlan) -> list[list[str]]:
+def round_names(plan: BucketPlan) -> list[list[str]]:
+    """The tensor names of each round of ``plan``."""
     return [sorted({s.name for b in rnd for s in b.slots}) for rnd in plan.rounds()]
 
 
@@ -198,7 +201,7 @@ def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, 
     point-to-point catch-up posts a recv instead). ``local`` (an ``IpcReceiver``, transport/ipc.py) takes the buckets
     of the trainer ranks on this receiver's own GPU (``local.srcs``): they come by CUDA IPC, not over the wire, and
     are applied in their own round while that round's wire buckets are still arriving."""
-    post = post or (lambda b, buf: _broadcast(groups[b.src], buf))
+    post = post or (lambda b, buf: broadcast_bucket(groups[b.src], buf))
     srcs = set(local.srcs) if local is not None else set()
     times = StageTimes()
     rounds = plan.rounds()
@@ -239,7 +242,7 @@ def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, 
             local.consumed()  # its staged buffers may be re-packed once the copies just queued have run
         t = time.perf_counter()
         for b, _, work in posted:
-            _wait(work, deadline, f"bucket {b.index} (round {b.round})", f"trainer rank {b.src} -> {me}")
+            wait_work(work, deadline, f"bucket {b.index} (round {b.round})", f"trainer rank {b.src} -> {me}")
         times.transfer += time.perf_counter() - t
         prev = posted or None
     if prev is not None:

@@ -468,7 +468,7 @@ def wait_limit(timeout):
 
     from .. import pipeline
 
-    if "deadline" not in inspect.signature(pipeline._wait).parameters:
+    if "deadline" not in inspect.signature(pipeline.wait_work).parameters:
         return timeout
     from ..errors import Deadline
 
@@ -482,7 +482,7 @@ def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffer
     Receivers of tp rank t run ``pipeline.receive(tp_plan.groups[t].plan, {src: group}, ...)`` unchanged.
     Returns ``pipeline.StageTimes``.
     """
-    from ..pipeline import StageTimes, _broadcast, _wait, pack_bucket
+    from ..pipeline import StageTimes, broadcast_bucket, wait_work, pack_bucket
 
     limit = wait_limit(timeout_s)
     times = StageTimes()
@@ -497,7 +497,7 @@ def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffer
     def retire() -> None:
         t, bucket, work = inflight.popleft()
         t0 = time.perf_counter()
-        _wait(work, limit, f"tp {t} bucket {bucket.index} (round {bucket.round})",
+        wait_work(work, limit, f"tp {t} bucket {bucket.index} (round {bucket.round})",
               f"trainer rank {source.rank} -> tp rank {t} receivers")
         times.transfer += time.perf_counter() - t0
 
@@ -514,7 +514,7 @@ def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffer
             k += 1
             pack_bucket(bucket, tp_plan.groups[t].plan, src, starts[t], buf)
             times.pack += time.perf_counter() - t0
-            inflight.append((t, bucket, _broadcast(groups[t], buf[:bucket.nbytes])))
+            inflight.append((t, bucket, broadcast_bucket(groups[t], buf[:bucket.nbytes])))
     while inflight:
         retire()
     return times

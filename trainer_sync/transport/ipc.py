@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Deadline, SyncError
-from ..pipeline import Batch, BufferPool, StageTimes, _broadcast, _round_names, _wait, pack_bucket, \
+from ..pipeline import Batch, BufferPool, StageTimes, broadcast_bucket, round_names, wait_work, pack_bucket, \
     receive as receive_rounds, send as send_wire
 from ..plan import Bucket, BucketPlan, dtype_name
 from ..protocol import Keys
@@ -381,7 +381,7 @@ class IpcSender:
         wire: dict[int, tuple[Bucket, object]] = {}  # buffer -> its broadcast to the other GPUs' receivers
         failure = None
         try:
-            for rnd, names in enumerate(_round_names(plan)):
+            for rnd, names in enumerate(round_names(plan)):
                 bucket = mine_by_round[rnd]
                 with source.gathering(names):
                     if bucket is None:
@@ -391,7 +391,7 @@ class IpcSender:
                     t = time.perf_counter()
                     if s in wire:  # the wire must be done with the buffer too
                         b, work = wire.pop(s)
-                        _wait(work, deadline, f"bucket {b.index} (round {b.round})", self.who)
+                        wait_work(work, deadline, f"bucket {b.index} (round {b.round})", self.who)
                     if g >= nb:  # buffer s last held bucket g - nb: every local receiver must have queued its copies
                         what = f"ipc buffer {s} for bucket {bucket.index}"
                         for j in self.local:
@@ -407,10 +407,10 @@ class IpcSender:
                     self._announced = g + 1
                     times.pack += time.perf_counter() - t
                     if group is not None:
-                        wire[s] = (bucket, _broadcast(group, buf[:bucket.nbytes]))
+                        wire[s] = (bucket, broadcast_bucket(group, buf[:bucket.nbytes]))
             t = time.perf_counter()
             for b, work in wire.values():
-                _wait(work, deadline, f"bucket {b.index} (round {b.round})", self.who)
+                wait_work(work, deadline, f"bucket {b.index} (round {b.round})", self.who)
             times.transfer += time.perf_counter() - t
         except SyncError as e:
             failure = (type(e), str(e), e.stage, e.who)
