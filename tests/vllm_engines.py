@@ -73,7 +73,8 @@ def llm_worker(llm):
 class Server:
     """``vllm serve`` in a subprocess of its own session (so that stopping it stops its engine process too)."""
 
-    def __init__(self, model_dir: str, port: int, log_path: str, tensor_parallel_size: int = 1):
+    def __init__(self, model_dir: str, port: int, log_path: str, tensor_parallel_size: int = 1,
+                 engine_args: dict | None = None):
         self.model_dir, self.url, self.log_path = model_dir, f"http://127.0.0.1:{port}", log_path
         self.world_size = tensor_parallel_size
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -87,9 +88,10 @@ class Server:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
                "--host", "127.0.0.1", "--weight-transfer-config", json.dumps(BACKEND),
                "--tensor-parallel-size", str(tensor_parallel_size)]
-        for k, v in ENGINE_ARGS.items():
+        for k, v in (ENGINE_ARGS if engine_args is None else engine_args).items():
             flag = "--" + k.replace("_", "-")
-            cmd += [flag] if v is True else [flag, str(v)]
+            if v is not False:
+                cmd += [flag] if v is True else [flag, v if isinstance(v, str) else json.dumps(v)]
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
