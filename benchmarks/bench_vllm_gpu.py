@@ -51,7 +51,7 @@ def config_dir(small: bool) -> str:
                 head_dim=32) if small else \
         dict(hidden_size=4096, intermediate_size=12288, vocab_size=151936, num_attention_heads=32,
              num_key_value_heads=8, head_dim=128)
-    cfg = Qwen3Config(num_hidden_layers=36, tie_word_embeddings=False, max_position_embeddings=4096,
+    cfg = Qwen3Config(architectures=["Qwen3ForCausalLM"], num_hidden_layers=36, tie_word_embeddings=False, max_position_embeddings=4096,
                       dtype="bfloat16", **dims)
     path = tempfile.mkdtemp(prefix="qwen3-shape-")
     cfg.save_pretrained(path)
