@@ -356,6 +356,10 @@ class WeightSync:
             dead = getattr(e, "dead", [])
             if not dead:
                 raise
+            first = e
+        if not self._agree(lambda: {"left": len(self.clients)})["left"]:
+            raise SyncError(f"trainer_sync: {', '.join(dead)} died during the transfer of version {version}; no "
+                            f"engine is left in the membership:\n  {first}", "transfer", ", ".join(dead)) from None
         # Engines died during the transfer. They are out of the membership; the engines that are left did not get
         # this version whole, so it goes again to them alone on a new group, and then the failure is reported.
         warnings.warn(f"trainer_sync: {', '.join(dead)} died during the push of version {version}; pushing it again "
