@@ -89,6 +89,7 @@ _WORD_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MASK64 = (1 << 64) - 1
 _ROW = 1024  # checksum row length (64-bit words)
 _MIX = 0x9E3779B97F4A7C15
+_MIX2 = 0xC2B2AE3D27D4EB4F
 
 assert _HEADER.size <= HEADER_BYTES
 if sys.byteorder != "little":  # the gap bytes are cut out of int32 words
@@ -190,10 +191,12 @@ def default_word(t: torch.Tensor) -> int:
 
 
 def _checksum_parts(w: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """[sum, row-weighted sum] (int64, wrapping modulo 2**64; a device tensor, nothing synchronized) of the bytes of
-    ``w`` read as little-endian 64-bit words, the last one zero-padded, for bytes that sit at byte ``offset`` (a
-    multiple of 8) of a bucket. Word ``i`` of the bucket weighs ``i // 1024 + 1`` in the second sum, so the parts of
-    segments add up to the parts of their bucket when the bytes between them are zeros."""
+    """[sum, row-weighted sum, column-weighted sum] (int64, wrapping modulo 2**64; a device tensor, nothing
+    synchronized) of the bytes of ``w`` read as little-endian 64-bit words, the last one zero-padded, for bytes that
+    sit at byte ``offset`` (a multiple of 8) of a bucket. Word ``i`` of the bucket is in row ``i // 1024`` and column
+    ``i % 1024``; it weighs row + 1 in the second sum and column + 1 in the third, so two words trade places unseen
+    only if they are the same word, and the parts of segments add up to the parts of their bucket when the bytes
+    between them are zeros. Two passes over the bytes (row sums, column sums)."""
     if offset % 8:
         raise DeltaError(f"delta: checksummed segments must start at 8-byte offsets, not {offset}")
     raw = w.reshape(-1).view(torch.uint8)
@@ -204,22 +207,27 @@ def _checksum_parts(w: torch.Tensor, offset: int = 0) -> torch.Tensor:
         last[:raw.numel() % 8] = raw[whole * 8:]
         q = torch.cat([q, last.view(torch.int64)])
     n, R, start = q.numel(), _ROW, offset // 8
-    head = min((-start) % R, n)
-    head_sum = q[:head].sum()
-    rest = q[head:]
+    dev = q.device
+
+    def ramp(lo: int, hi: int) -> torch.Tensor:
+        return torch.arange(lo + 1, hi + 1, device=dev, dtype=torch.int64)
+
+    head = min((-start) % R, n)  # words before the first row boundary
     first = (start + head) // R
-    rows = rest.numel() // R
-    body = rest[:rows * R].view(rows, R).sum(1)
-    weights = torch.arange(first + 1, first + rows + 1, device=q.device, dtype=torch.int64)
-    tail = rest[rows * R:].sum()
-    total = head_sum + body.sum() + tail
-    weighted = head_sum * (start // R + 1) + (body * weights).sum() + tail * (first + rows + 1)
-    return torch.stack([total, weighted])
+    rows = (n - head) // R
+    tail = n - head - rows * R
+    hq, body, tq = q[:head], q[head:head + rows * R].view(rows, R), q[head + rows * R:]
+    h_col, t_row = start % R, first + rows
+    rs, hs, ts = body.sum(1), hq.sum(), tq.sum()
+    total = hs + rs.sum() + ts
+    by_row = hs * (start // R + 1) + (rs * ramp(first, first + rows)).sum() + ts * (t_row + 1)
+    by_col = (hq * ramp(h_col, h_col + head)).sum() + (body.sum(0) * ramp(0, R)).sum() + (tq * ramp(0, tail)).sum()
+    return torch.stack([total, by_row, by_col])
 
 
 def _mix(parts) -> int:
-    total, weighted = (int(x) & _MASK64 for x in parts)
-    return (total + weighted * _MIX) & _MASK64
+    total, by_row, by_col = (int(x) & _MASK64 for x in parts)
+    return (total + by_row * _MIX + by_col * _MIX2) & _MASK64
 
 
 def checksum(t: torch.Tensor, word: int | None = None) -> int:
@@ -311,10 +319,11 @@ class DeltaStats:
 
 
 def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, kinds=(FULL, BITMASK, INDICES),
-           base: int | None = None, target: int | None = None) -> tuple[torch.Tensor, DeltaStats]:
+           widths=GAP_WIDTHS, base: int | None = None, target: int | None = None) -> tuple[torch.Tensor, DeltaStats]:
     """Encode ``new`` against ``prev`` (same shape/bytes, any dtype, CPU or CUDA): the smallest allowed encoding as a
-    flat uint8 tensor on ``new``'s device, and its stats. ``base``/``target``: checksums already known (the sender
-    keeps the last target as the next base), else computed here."""
+    flat uint8 tensor on ``new``'s device, and its stats. ``kinds``/``widths`` restrict the choice (tests, or a
+    receiver that takes only full buckets); ``base``/``target``: checksums already known (the sender keeps the last
+    target as the next base), else computed here."""
     if word is None:
         word = default_word(new)
     a, b = words(prev, word), words(new, word)
@@ -332,13 +341,13 @@ def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, ki
     counted = torch.cat([torch.count_nonzero(mask).view(1)] + parts).tolist()  # one synchronization
     changed, rest = int(counted[0]), counted[1:]
     if base is None:
-        base, rest = _mix(rest[:2]), rest[2:]
+        base, rest = _mix(rest[:3]), rest[3:]
     if target is None:
-        target = _mix(rest[:2])
+        target = _mix(rest[:3])
     sizes = encoded_sizes(n, changed, word)
     others = [v for k, v in sizes.items() if k[0] in kinds and k[0] != INDICES]
     pos = gaps = None
-    if INDICES in kinds and (not others or sizes[(INDICES, 1)] < min(others)):
+    if INDICES in kinds and (not others or min(sizes[(INDICES, w)] for w in widths) < min(others)):
         # Indices may win (their lower bound, without fillers, beats the others): count the fillers per width.
         pos = torch.nonzero(mask).view(-1)
         gaps = _gaps(pos)
@@ -346,7 +355,7 @@ def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, ki
         sizes = encoded_sizes(n, changed, word, dict(zip(GAP_WIDTHS, fill)))
     elif INDICES in kinds:
         sizes = {k: v for k, v in sizes.items() if k[0] != INDICES}  # cannot win: not counted
-    allowed = {k: v for k, v in sizes.items() if k[0] in kinds}
+    allowed = {k: v for k, v in sizes.items() if k[0] in kinds and (k[0] != INDICES or k[1] in widths)}
     if not allowed:
         raise DeltaError(f"delta: no encoding allowed (kinds={kinds})")
     kind, width = choose(allowed)
@@ -482,7 +491,7 @@ def apply_segments(segments: list[tuple[int, torch.Tensor]], buf: torch.Tensor, 
 def segments_checksum(views: list[tuple[int, torch.Tensor]]) -> int:
     """The checksum of a bucket holding these ``(word_offset, words)`` segments and zeros elsewhere."""
     if not views:
-        return _mix([0, 0])
+        return _mix([0, 0, 0])
     device = views[0][1].device
     return _mix(torch.stack([_checksum_parts(v, off * v.element_size()).to(device)
                              for off, v in views]).sum(0).tolist())
