@@ -205,10 +205,17 @@ def test_corrupt_buffers():
         D.decode_into(prev.clone(), bad)
     with pytest.raises(D.DeltaError):
         D.decode_into(prev.clone(), buf[:-2])  # truncated
-    bad = buf.clone()
-    bad[-1] ^= 0xFF  # a value flipped: the result is not the target
-    with pytest.raises(D.DeltaError):
-        D.decode_into(prev.clone(), bad)
+    for at in (-1, D.HEADER_BYTES + 3):  # a value flipped, a gap changed: the result would not be the target
+        bad = buf.clone()
+        bad[at] ^= 0x10
+        dest = prev.clone()
+        with pytest.raises(D.DeltaError):
+            D.decode_into(dest, bad)
+        assert torch.equal(bits(dest), bits(prev)), "a corrupt sparse delta wrote something"
+    dense, _ = D.encode(prev, changed_copy(prev, 0.3), kinds=(D.BITMASK,))
+    dense[-1] ^= 0x10
+    with pytest.raises(D.DeltaError):  # many changes: checked after writing
+        D.decode_into(prev.clone(), dense)
     with pytest.raises(D.DeltaError):
         D.decode_into(bf16(5001), buf)  # another size
 
@@ -236,12 +243,23 @@ def test_segments(frac):
             D.apply_segments(list(zip(offs, [t.clone() for t in dests])), buf)  # already at the target
 
 
-def test_precomputed_checksums_are_used():
-    prev = bf16(3000)
-    new = changed_copy(prev, 0.01)
-    buf, _ = D.encode(prev, new, base=D.checksum(prev), target=D.checksum(new))
+@pytest.mark.parametrize("kind", ALL)
+@pytest.mark.parametrize("dtype,word", [(torch.bfloat16, 2), (torch.bfloat16, 1), (torch.float32, 4),
+                                        (torch.float64, 8), (torch.float32, 2)])
+def test_target_sums_follow_from_the_changes(kind, dtype, word):
+    # The sender computes the new checksum from the base and the changed words only; it must equal a full pass.
+    prev = torch.randn(5 * 1024 + 3).to(dtype)
+    new = changed_copy(prev, 0.05)
+    base = D.sums(D.words(prev, word))
+    buf, st = D.encode(prev, new, word=word, kinds=(kind,), base=base)
+    assert st.target == D.sums(D.words(new, word))
     h = D.Header.unpack(buf)
-    assert h.base == D.checksum(prev) and h.target == D.checksum(new)
+    assert h.base == base.mixed == D.checksum(prev) and h.target == D.checksum(new)
+    nxt = changed_copy(new, 0.05, seed=5)  # the kept target is the next push's base
+    buf2, _ = D.encode(new, nxt, word=word, kinds=(kind,), base=st.target)
+    dest = new.clone()
+    D.decode_into(dest, buf2)
+    assert torch.equal(bits(dest), bits(nxt))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
