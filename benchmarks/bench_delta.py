@@ -72,7 +72,7 @@ def run_lr(args, lr: float, batches) -> dict:
     new = torch.zeros_like(prev)
     receiver = prev.cpu().clone()  # the engine's copy, updated only through the deltas (applied on CPU)
     receiver_dev = prev.clone() if dev.type == "cuda" else None
-    targets = [D.checksum(prev[a:z]) for a, z in buckets]
+    targets = [D.sums(prev[a:z]) for a, z in buckets]  # the sender keeps each bucket's sums (next base)
     names = [n for n, _ in model.named_parameters()]
     steps = []
     for step in range(args.steps):
@@ -108,7 +108,7 @@ def run_lr(args, lr: float, batches) -> dict:
                 D.decode_into(receiver_dev[a:z], gbuf, verify=args.verify)
                 torch.cuda.synchronize()
                 rec["apply_gpu_s"] += time.perf_counter() - t
-            targets[i] = D.Header.unpack(buf).target
+            targets[i] = st.target
             rec["changed"] += st.changed
             rec["bytes"] += st.nbytes
             kind = D.KIND_NAMES[st.kind]
