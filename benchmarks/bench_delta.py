@@ -33,7 +33,7 @@ def build_model(args):
                          num_key_value_heads=max(1, args.hidden // args.head_dim // 3), head_dim=args.head_dim,
                          max_position_embeddings=2 * args.seq, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.to(args.device)
 
 
@@ -86,7 +86,7 @@ def run_lr(args, lr: float, batches) -> dict:
             torch.cuda.synchronize()
         step_s = time.perf_counter() - t
         wire_values(model, offsets, total, new)
-        rec = {"step": step + 1, "loss": round(float(loss), 4), "train_s": step_s, "changed": 0, "bytes": 0,
+        rec = {"step": step + 1, "loss": round(float(loss.detach()), 4), "train_s": step_s, "changed": 0, "bytes": 0,
                "kinds": {}, "encode_cpu_s": 0.0, "apply_cpu_s": 0.0}
         prev_cpu, new_cpu = (prev.cpu(), new.cpu()) if dev.type == "cuda" else (prev, new)
         if dev.type == "cuda":
