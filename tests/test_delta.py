@@ -273,3 +273,26 @@ def test_cuda_roundtrip_matches_cpu(frac):
     dest = prev.cuda()
     D.decode_into(dest, gbuf)
     assert torch.equal(bits(dest.cpu()), bits(new))
+
+
+def test_cache_versions_cap_and_abandon():
+    c = D.DeltaCache(cap_bytes=3000)
+    a, b = bf16(500), bf16(700, seed=2)  # 1000 and 1400 bytes
+    assert c.store("a", a) and c.store("b", b)
+    assert c.base("a", 1000, 1) is None  # not acknowledged yet
+    c.commit(1)
+    data, s = c.base("a", 1000, 1)
+    assert torch.equal(data, bits(a)) and s == D.sums(a)
+    assert c.base("a", 1000, 2) is None and c.base("a", 998, 1) is None
+    assert not c.store("c", bf16(400))  # 800 more bytes would pass the cap: never cached
+    assert not c.store("c", bf16(400)) and c.nbytes == 2400
+    a2 = changed_copy(a, 0.1)
+    buf, st = D.encode(data, a2, base=s)
+    c.store("a", a2, st.target)  # push 2 overwrites "a", then fails
+    c.abandon()
+    assert c.base("a", 1000, 1) is None and c.base("b", 1400, 1) is not None  # "a" goes full next time
+    c.store("a", a2)
+    c.commit(2)
+    assert c.base("a", 1000, 2)[1] == st.target
+    c.clear()
+    assert c.nbytes == 0 and c.store("c", bf16(400))
