@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("protocol", ["errors", "config", "report", "protocol"]),
     ("plan", ["plan"]),
     ("sources", ["sources"]),
-    ("codec", ["codec"]),
+    ("codec", ["codec", "delta"]),  # delta.py: delta-push encoding (wire format)
     ("transport", ["transport"]),
     ("pipeline", ["pipeline"]),
     ("per-rank", ["sender", "receiver", "catchup"]),

@@ -52,7 +52,9 @@ class Membership:
         best = 0
         for c in self.clients:
             try:
-                best = max(best, int(c.weight_version()))
+                v = c.weight_version()
+                if v is not None:  # None: a vLLM without weight versions (0.26)
+                    best = max(best, int(v))
             except (EngineCallError, ValueError):  # not a counter (vLLM's default, a name): nothing to continue
                 pass
         return best

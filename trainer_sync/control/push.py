@@ -139,6 +139,11 @@ class PushMachine:
             dead = e.dead
             if not dead:
                 raise
+            first = e
+        if not self._agree(lambda: Verdict(data={"left": len(self.clients)})).data["left"]:
+            raise SyncError(f"trainer_sync: {', '.join(dead)} died during the transfer of version {version}; no "
+                            f"engine is left in the membership:\n  {first}", "transfer", ", ".join(dead),
+                            members=list(dead)) from None
         # Engines died during the transfer. They are out of the membership; the engines that are left did not get
         # this version whole, so it goes again to them alone on a new group, and then the failure is reported.
         warnings.warn(f"trainer_sync: {', '.join(dead)} died during the push of version {version}; pushing it again "

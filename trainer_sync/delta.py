@@ -1,0 +1,662 @@
+"""Delta pushes: send only the wire elements that changed since the version a receiver serves (issue 16).
+
+Why it pays
+-----------
+RL fine-tuning moves fp32 master weights by ~1e-6..1e-5 a step while the engine serves bf16, whose spacing near
+typical weight magnitudes is ~2**-8 relative: most bf16 elements are bit-identical between consecutive versions
+(benchmarks/bench_delta.py measures the fraction over real AdamW steps). A bucket whose new wire values differ from
+the previous ones in a fraction ``f`` of its ``n`` elements (``word`` bytes each) can travel as
+
+* ``FULL``    every value:                                   ``n * word`` bytes;
+* ``BITMASK`` one bit per element + the changed values:      ``n / 8 + f n word`` (best for 1/16 < f < 7/8 in bf16);
+* ``INDICES`` gap-coded positions (1, 2 or 4 bytes each) + the changed values: ``~ f n (w + word)`` (best for small f).
+
+``encode`` picks the smallest (``encoded_sizes`` / ``choose``: the pure rule, ties to the simpler form), always
+plus a 48-byte header. Everything is exact: elements are compared as integer bit patterns, so -0.0 vs 0.0 and NaN
+payloads are changes like any other, and applying a delta reproduces the new bits exactly.
+
+Format (little-endian; sections start at 8-byte offsets)::
+
+    header  "TD" fmt kind word gapw pad2 | n (i64) | count (i64) | base (u64) | target (u64) | nbytes (u64)
+    meta    BITMASK: ceil(n/8) bytes, bit i of byte j = element 8j+i changed
+            INDICES: count gaps of gapw bytes (unsigned): position_0 = gap_0, position_i = position_{i-1} + gap_i
+    values  count elements of ``word`` bytes (FULL: all n)
+
+Gap coding: a gap larger than the width allows (255 for 1 byte, 65535 for 2) is split by *fillers*: extra positions
+every ``2**(8 gapw) - 1`` elements inside the gap, whose values are the new (= old, unchanged) values, so writing
+them is a no-op. That keeps one fixed gap width per bucket, decoding one cumsum, and the cost of a few rare long gaps
+a few extra entries; ``count`` includes the fillers. The width with the fewest bytes is chosen per bucket.
+
+``base`` and ``target`` are position-weighted checksums (``checksum``) of the previous and the new values: a
+receiver whose destination does not hold the base refuses (``DeltaBaseMismatch``) before writing anything, so a
+receiver that is not at the base version can never apply a wrong delta, and with ``verify`` it checks the result.
+The checksum is three wrapping int64 sums over the bytes read as 64-bit words (plain, weighted by 8 KiB row and by
+column; ``Sums``), so the new sums follow from the old ones and the changed words alone: a sender that keeps each
+bucket's sums (``DeltaStats.target``) never re-reads a sparse bucket to checksum it, and a receiver checks a sparse
+delta's result before writing anything.
+
+Phase 2 design (the wiring; not in this module)
+-----------------------------------------------
+*Trainer-side cache.* Each trainer rank keeps the last *acknowledged* wire bytes of its own buckets (its shard
+only, after the cast to the wire dtype: bf16 for a bf16 engine, i.e. half the fp32 master's bytes of that shard),
+plus each bucket's target checksum, keyed by (plan key, bucket index) and the version they were pushed as. It is
+written after every receiver acknowledged the push (a failed push leaves the cache at the last good version: the
+packed bytes are kept in a staging copy until the acknowledgement, or the cache entry is dropped if memory is short).
+Memory: one wire-dtype copy of this rank's shard (the README says so), on the device of the pack buffers by default
+(GPU memory is what makes the diff free; ``SyncConfig.delta_cache_device="cpu"`` puts it in pinned host memory at
+the price of a D2H/H2D pass per push) and capped by ``SyncConfig.delta_cache_mb``: buckets past the cap are not
+cached and always go full. A new plan (different tensors/buckets) invalidates the cache; ``catchup.Snapshot`` can
+share the same bytes when ``keep_latest`` is on.
+
+*Which encoding, which base.* ``SyncConfig.delta`` = ``"auto"`` (default) | ``"off"``. Per push, trainer rank 0
+decides the base version ``b`` = the trainer's last acknowledged push, and per *group* (sender rank) whether delta is
+allowed: only if every receiver of that group acknowledged ``b`` (receivers report their served version and whether
+they can apply in place in the handshake) and the sender's cache holds ``b`` for that bucket. The plan message says
+``delta_base: b`` and, per sender rank, ``delta: true|false``; each sender then picks FULL/BITMASK/INDICES per bucket
+itself (all receivers of a broadcast group get the same bytes, so the choice is per sender, not per receiver). As
+the encoded size is only known after packing, each bucket travels as two broadcasts on its group: the fixed 48-byte
+header (which carries ``nbytes``) and then the body; receivers post the header receive of bucket k+1 while body k is
+in flight, so the pipeline keeps its overlap. FULL buckets keep today's raw layout (no copy into an encoded buffer).
+
+*A receiver not at the base version* (joined late, missed or failed a push, restarted, or one whose apply path needs
+whole tensors) is seen in the handshake: its group gets FULL buckets for that push (``delta: false``), and a receiver
+that still finds a checksum mismatch on a delta bucket (it applied something outside our knowledge) acknowledges
+with an error naming ``DeltaBaseMismatch``; the trainer then retries that push once with ``delta: false`` for
+everyone. Catch-up (catchup.py) always serves full versions.
+
+*Where deltas are applied in place.* Only where the destination holds exactly the received values of the last
+version: plain receivers that keep the tensors they were handed (the receive buffers or the user's own copies), and
+a vLLM engine on the fast direct path (``engines/placement.py``: once armed, each checkpoint tensor's bytes sit
+verbatim in a slice of a parameter, so ``apply_segments`` can scatter the changes straight into those slices). An
+engine on vLLM's layerwise reload (CPU engines, quantized models, not yet proven) re-processes layers and cannot
+take a delta: it says so in its expectations and its group gets FULL buckets applied with the layerwise reload.
+
+*Report.* ``SyncReport.bytes_sent`` (encoded bytes on the wire per receiver), ``bytes_full`` (what a full push
+would have sent) and ``changed_fraction`` (changed elements / elements over the delta buckets).
+"""
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+
+FULL, BITMASK, INDICES = 0, 1, 2
+KIND_NAMES = {FULL: "full", BITMASK: "bitmask", INDICES: "indices"}
+GAP_WIDTHS = (1, 2, 4)
+MAGIC = b"TD"
+FORMAT = 1
+_HEADER = struct.Struct("<2sBBBBxxqqQQQ")
+HEADER_BYTES = 48  # _HEADER.size (40) padded to a multiple of 8
+_WORD_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MASK64 = (1 << 64) - 1
+_ROW = 1024  # checksum row length (64-bit words)
+_MIX = 0x9E3779B97F4A7C15
+_MIX2 = 0xC2B2AE3D27D4EB4F
+
+assert _HEADER.size <= HEADER_BYTES
+if sys.byteorder != "little":  # the gap bytes are cut out of int32 words
+    raise ImportError("trainer_sync.delta assumes a little-endian machine")
+
+
+class DeltaError(ValueError):
+    """A delta that cannot be applied (malformed, or not for this destination)."""
+
+
+class DeltaBaseMismatch(DeltaError):
+    """The destination does not hold the values the delta was computed against (the receiver is not at the base
+    version): nothing was written; the receiver needs a full push."""
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def max_gap(width: int) -> int:
+    """The largest gap a gap of ``width`` bytes holds (4 bytes: int32, signed)."""
+    return 2 ** 31 - 1 if width == 4 else 2 ** (8 * width) - 1
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    word: int
+    gap_width: int
+    n: int  # elements of ``word`` bytes in the bucket
+    count: int  # values carried (FULL: n; INDICES: changed + fillers)
+    base: int  # checksum of the previous values
+    target: int  # checksum of the new values
+    nbytes: int  # the whole encoded buffer, header included
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES[self.kind]
+
+    def pack(self) -> bytes:
+        raw = _HEADER.pack(MAGIC, FORMAT, self.kind, self.word, self.gap_width, self.n, self.count, self.base,
+                           self.target, self.nbytes)
+        return raw + bytes(HEADER_BYTES - len(raw))
+
+    @classmethod
+    def unpack(cls, buf: torch.Tensor | bytes) -> "Header":
+        raw = bytes(buf[:HEADER_BYTES].cpu().numpy().tobytes()) if isinstance(buf, torch.Tensor) else bytes(buf)
+        if len(raw) < HEADER_BYTES:
+            raise DeltaError(f"delta buffer too short for its header ({len(raw)} < {HEADER_BYTES} bytes)")
+        magic, fmt, kind, word, gapw, n, count, base, target, nbytes = _HEADER.unpack(raw[:_HEADER.size])
+        if magic != MAGIC or fmt != FORMAT or kind not in KIND_NAMES or word not in _WORD_DTYPE:
+            raise DeltaError(f"not a trainer_sync delta buffer (magic {magic!r}, format {fmt}, kind {kind})")
+        return cls(kind, word, gapw, n, count, base, target, nbytes)
+
+
+# ------------------------------------------------------------------------------------------------ pure rule
+
+
+def encoded_sizes(n: int, changed: int, word: int, fillers: dict[int, int] | None = None) -> dict[tuple[int, int], int]:
+    """Bytes of each encoding of a bucket of ``n`` elements of ``word`` bytes with ``changed`` changed elements,
+    header included. Keys: ``(FULL, 0)``, ``(BITMASK, 0)``, ``(INDICES, gap_width)``; ``fillers[w]`` is the number
+    of filler entries gap width ``w`` needs (0 where not given)."""
+    fillers = fillers or {}
+    sizes = {(FULL, 0): HEADER_BYTES + n * word,
+             (BITMASK, 0): HEADER_BYTES + _pad8(-(-n // 8)) + changed * word}
+    for w in GAP_WIDTHS:
+        count = changed + fillers.get(w, 0)
+        sizes[(INDICES, w)] = HEADER_BYTES + _pad8(count * w) + count * word
+    return sizes
+
+
+def choose(sizes: dict[tuple[int, int], int]) -> tuple[int, int]:
+    """The smallest encoding; ties go to the simpler one (full, then bitmask, then narrower gaps)."""
+    return min(sizes, key=lambda k: (sizes[k], k))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def words(t: torch.Tensor, word: int | None = None) -> torch.Tensor:
+    """A flat integer view (``word`` bytes per element) of a contiguous tensor's bits; no copy."""
+    if not t.is_contiguous():
+        raise DeltaError("delta: tensors must be contiguous (they are viewed as raw words in place)")
+    flat = t.reshape(-1)
+    if word is None:
+        word = flat.element_size()
+    if flat.element_size() == word and flat.dtype == _WORD_DTYPE[word]:
+        return flat
+    raw = flat.view(torch.uint8)
+    if raw.numel() % word:
+        raise DeltaError(f"delta: {raw.numel()} bytes are not a whole number of {word}-byte words")
+    return raw.view(_WORD_DTYPE[word])
+
+
+def default_word(t: torch.Tensor) -> int:
+    """2 bytes (bf16/fp16 elements; also exact for fp32) when the byte count allows, else 1."""
+    nbytes = t.numel() * t.element_size()
+    return 2 if nbytes % 2 == 0 else 1
+
+
+def _checksum_parts(w: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """[sum, row-weighted sum, column-weighted sum] (int64, wrapping modulo 2**64; a device tensor, nothing
+    synchronized) of the bytes of ``w`` read as little-endian 64-bit words, the last one zero-padded, for bytes that
+    sit at byte ``offset`` (a multiple of 8) of a bucket. Word ``i`` of the bucket is in row ``i // 1024`` and column
+    ``i % 1024``; it weighs row + 1 in the second sum and column + 1 in the third, so two words trade places unseen
+    only if they are the same word, and the parts of segments add up to the parts of their bucket when the bytes
+    between them are zeros. Two passes over the bytes (row sums, column sums)."""
+    if offset % 8:
+        raise DeltaError(f"delta: checksummed segments must start at 8-byte offsets, not {offset}")
+    raw = w.reshape(-1).view(torch.uint8)
+    whole = raw.numel() // 8
+    q = raw[:whole * 8].view(torch.int64)
+    if raw.numel() % 8:
+        last = torch.zeros(8, dtype=torch.uint8, device=raw.device)
+        last[:raw.numel() % 8] = raw[whole * 8:]
+        q = torch.cat([q, last.view(torch.int64)])
+    n, R, start = q.numel(), _ROW, offset // 8
+    dev = q.device
+
+    def ramp(lo: int, hi: int) -> torch.Tensor:
+        return torch.arange(lo + 1, hi + 1, device=dev, dtype=torch.int64)
+
+    head = min((-start) % R, n)  # words before the first row boundary
+    first = (start + head) // R
+    rows = (n - head) // R
+    tail = n - head - rows * R
+    hq, body, tq = q[:head], q[head:head + rows * R].view(rows, R), q[head + rows * R:]
+    h_col, t_row = start % R, first + rows
+    rs, hs, ts = body.sum(1), hq.sum(), tq.sum()
+    total = hs + rs.sum() + ts
+    by_row = hs * (start // R + 1) + (rs * ramp(first, first + rows)).sum() + ts * (t_row + 1)
+    by_col = (hq * ramp(h_col, h_col + head)).sum() + (body.sum(0) * ramp(0, R)).sum() + (tq * ramp(0, tail)).sum()
+    return torch.stack([total, by_row, by_col])
+
+
+def _mix(parts) -> int:
+    total, by_row, by_col = (int(x) & _MASK64 for x in parts)
+    return (total + by_row * _MIX + by_col * _MIX2) & _MASK64
+
+
+class Sums(tuple):
+    """The three checksum sums (each modulo 2**64) of a bucket's bytes; ``mixed`` is the 64-bit checksum."""
+
+    def __new__(cls, parts):
+        return super().__new__(cls, tuple(int(x) & _MASK64 for x in parts))
+
+    @property
+    def mixed(self) -> int:
+        return _mix(self)
+
+    def plus(self, delta) -> "Sums":
+        return Sums(a + int(b) for a, b in zip(self, delta))
+
+
+def sums(t: torch.Tensor) -> Sums:
+    """The checksum sums of a whole bucket (one synchronization)."""
+    return Sums(_checksum_parts(words(t)).tolist())
+
+
+def _delta_parts(pos: torch.Tensor, old: torch.Tensor, new: torch.Tensor, word: int) -> torch.Tensor:
+    """How the checksum sums change when the words at ``pos`` go from ``old`` to ``new`` (O(changed), a device
+    tensor): word ``p`` is byte ``p * word``, i.e. 64-bit word ``p * word // 8`` shifted by ``8 * (p * word % 8)``
+    bits."""
+    per = 8 // word
+    if word < 8:
+        span = (1 << (8 * word)) - 1
+        d = (new.to(torch.int64) & span) - (old.to(torch.int64) & span)  # unsigned difference
+        if per > 1:
+            d <<= (pos & (per - 1)) * (8 * word)
+    else:
+        d = new - old
+    q = pos >> (per.bit_length() - 1)
+    row = (q >> 10) + 1
+    col = (q & (_ROW - 1)) + 1
+    return torch.stack([d.sum(), (d * row).sum(), (d * col).sum()])
+
+
+def _incremental(changed: int, n: int) -> bool:
+    """Whether updating the sums from the changes beats a pass over all words (measured on CPU: ~30 ns per changed
+    word against ~0.6 ns per word of a bf16 bucket for the full pass)."""
+    return changed * 48 < n
+
+
+def checksum(t: torch.Tensor, word: int | None = None) -> int:
+    """A position-weighted 64-bit checksum of a tensor's bytes: the wrapping sum of its little-endian 64-bit words
+    mixed with the sum of each 8 KiB row's sum times the row number, so changed, swapped or shifted values are all
+    seen. (``word`` is accepted for symmetry; the checksum depends on the bytes only.)"""
+    return _mix(_checksum_parts(words(t, word)).tolist())
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    n = mask.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:n] = mask
+    bits = padded.view(-1, 8)
+    out = bits[:, 0].clone()
+    for i in range(1, 8):
+        out |= bits[:, i] << i
+    return out
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:n].bool()
+
+
+_CHUNK = 1 << 24
+
+
+def _gather_changed(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
+                    word: int, incremental: bool) -> torch.Tensor | None:
+    """``out[:] = b[mask]`` in chunks (nonzero + index_select: much faster than masked_select on CPU; the chunks
+    bound the transient int64 positions to 128 MiB); returns how the checksum sums change (``_delta_parts``) when
+    ``incremental``, else None."""
+    j, total = 0, torch.zeros(3, dtype=torch.int64, device=b.device)
+    for lo in range(0, b.numel(), _CHUNK):
+        p = torch.nonzero(mask[lo:lo + _CHUNK]).view(-1)
+        k = p.numel()
+        vals = out[j:j + k]
+        torch.index_select(b[lo:lo + _CHUNK], 0, p, out=vals)
+        if incremental:
+            total += _delta_parts(p + lo, a[lo:lo + _CHUNK][p], vals, word)
+        j += k
+    return total if incremental else None
+
+
+def _gaps(pos: torch.Tensor) -> torch.Tensor:
+    """Gaps between sorted positions (the first one from 0)."""
+    return torch.diff(pos, prepend=pos.new_zeros(1))
+
+
+def _fillers(gaps: torch.Tensor, width: int) -> torch.Tensor:
+    """Filler entries each gap needs at ``width`` bytes a gap."""
+    return (gaps - 1).clamp_(min=0) // max_gap(width)
+
+
+def _filler_counts(gaps: torch.Tensor, n: int) -> dict[int, int]:
+    """Filler entries in all, per gap width (one synchronization; only gaps above 255 are divided)."""
+    if not gaps.numel():
+        return {w: 0 for w in GAP_WIDTHS}
+    long = gaps[gaps > max_gap(1)]
+    widths = [w for w in GAP_WIDTHS if n - 1 > max_gap(w)]  # a gap can exceed this width at all
+    counts = torch.stack([((long - 1) // max_gap(w)).sum() for w in widths]).tolist() if widths else []
+    out = {w: 0 for w in GAP_WIDTHS}
+    out.update(zip(widths, (int(c) for c in counts)))
+    return out
+
+
+def _with_fillers(gaps: torch.Tensor, width: int) -> torch.Tensor:
+    """Gaps with every one above ``max_gap(width)`` split into max-size gaps (fillers) and a remainder."""
+    m = max_gap(width)
+    f = _fillers(gaps, width)
+    total = int(f.sum())
+    if total == 0:
+        return gaps
+    ends = torch.cumsum(f + 1, 0) - 1
+    out = torch.full((gaps.numel() + total,), m, dtype=gaps.dtype, device=gaps.device)
+    out[ends] = gaps - f * m
+    return out
+
+
+def _gap_bytes(gaps: torch.Tensor, width: int) -> torch.Tensor:
+    return gaps.to(torch.int32).view(torch.uint8).view(-1, 4)[:, :width].reshape(-1)
+
+
+def _gaps_from_bytes(raw: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    full = torch.zeros(count, 4, dtype=torch.uint8, device=raw.device)
+    full[:, :width] = raw[:count * width].view(count, width)
+    return full.view(torch.int32).view(-1).to(torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------ encode / decode
+
+
+@dataclass(frozen=True)
+class DeltaStats:
+    n: int
+    changed: int
+    word: int
+    kind: int
+    gap_width: int
+    nbytes: int  # the encoded buffer's size
+    full_nbytes: int  # n * word (what a raw full push carries, no header)
+    target: Sums | None = None  # the new values' checksum sums (the next push's base)
+
+    @property
+    def changed_fraction(self) -> float:
+        return self.changed / self.n if self.n else 0.0
+
+
+def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, kinds=(FULL, BITMASK, INDICES),
+           widths=GAP_WIDTHS, base: Sums | None = None) -> tuple[torch.Tensor, DeltaStats]:
+    """Encode ``new`` against ``prev`` (same shape/bytes, any dtype, CPU or CUDA): the smallest allowed encoding as a
+    flat uint8 tensor on ``new``'s device, and its stats (``stats.target``: the new values' checksum sums, which the
+    sender keeps as the next push's ``base``). ``kinds``/``widths`` restrict the choice (tests, or a receiver that
+    takes only full buckets). ``base``: the previous values' sums if known (else one pass over ``prev``); the new
+    sums follow from them and the changes alone, so a sender that keeps them reads each bucket's bytes only to
+    compare them."""
+    if word is None:
+        word = default_word(new)
+    a, b = words(prev, word), words(new, word)
+    if a.numel() != b.numel():
+        raise DeltaError(f"delta: previous and new values differ in size ({a.numel()} vs {b.numel()} words)")
+    if a.device != b.device:
+        a = a.to(b.device)
+    n = b.numel()
+    mask = a != b
+    counted = torch.count_nonzero(mask).view(1)
+    if base is None:
+        counted = torch.cat([counted, _checksum_parts(a)])
+    counted = counted.tolist()  # one synchronization
+    changed = int(counted[0])
+    if base is None:
+        base = Sums(counted[1:])
+    sizes = encoded_sizes(n, changed, word)
+    others = [v for k, v in sizes.items() if k[0] in kinds and k[0] != INDICES]
+    pos = gaps = None
+    if INDICES in kinds and (not others or min(sizes[(INDICES, w)] for w in widths) < min(others)):
+        # Indices may win (their lower bound, without fillers, beats the others): count the fillers per width.
+        pos = torch.nonzero(mask).view(-1)
+        gaps = _gaps(pos)
+        sizes = encoded_sizes(n, changed, word, _filler_counts(gaps, n))
+    elif INDICES in kinds:
+        sizes = {k: v for k, v in sizes.items() if k[0] != INDICES}  # cannot win: not counted
+    allowed = {k: v for k, v in sizes.items() if k[0] in kinds and (k[0] != INDICES or k[1] in widths)}
+    if not allowed:
+        raise DeltaError(f"delta: no encoding allowed (kinds={kinds})")
+    kind, width = choose(allowed)
+    nbytes = allowed[(kind, width)]
+    out = torch.empty(nbytes, dtype=torch.uint8, device=b.device)
+    body = HEADER_BYTES
+    if kind == FULL:
+        count = n
+        out[body:].view(_WORD_DTYPE[word]).copy_(b)
+        target = sums(b) if changed else base
+    elif kind == BITMASK:
+        count = changed
+        packed = _pack_bits(mask)
+        out[body:body + packed.numel()] = packed
+        vals_at = body + _pad8(packed.numel())
+        delta = _gather_changed(a, b, mask, out[vals_at:].view(_WORD_DTYPE[word]), word, _incremental(changed, n))
+        target = base.plus(delta.tolist()) if delta is not None else sums(b)
+    else:
+        g = _with_fillers(gaps, width)
+        count = g.numel()
+        out[body:body + count * width] = _gap_bytes(g, width)
+        positions = torch.cumsum(g, 0) if count != changed else pos
+        vals_at = body + _pad8(count * width)
+        vals = out[vals_at:].view(_WORD_DTYPE[word])
+        torch.index_select(b, 0, positions, out=vals)
+        if not changed:
+            target = base
+        elif _incremental(changed, n):
+            target = base.plus(_delta_parts(pos, a[pos], b[pos], word).tolist())
+        else:
+            target = sums(b)
+    head = Header(kind, word, width, n, count, base.mixed, target.mixed, nbytes).pack()
+    out[:HEADER_BYTES] = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(out.device)
+    return out, DeltaStats(n, changed, word, kind, width, nbytes, n * word, target)
+
+
+def _values(buf: torch.Tensor, h: Header) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(bitmask bool or None, positions or None, values) of an encoded buffer."""
+    dt = _WORD_DTYPE[h.word]
+    body = HEADER_BYTES
+    if h.kind == FULL:
+        return None, None, buf[body:body + h.n * h.word].view(dt)
+    if h.kind == BITMASK:
+        nb = -(-h.n // 8)
+        mask = _unpack_bits(buf[body:body + nb], h.n)
+        at = body + _pad8(nb)
+        return mask, None, buf[at:at + h.count * h.word].view(dt)
+    if h.gap_width not in GAP_WIDTHS:
+        raise DeltaError(f"delta: gap width {h.gap_width} is not one of {GAP_WIDTHS}")
+    gaps = _gaps_from_bytes(buf[body:], h.count, h.gap_width)
+    pos = torch.cumsum(gaps, 0)
+    at = body + _pad8(h.count * h.gap_width)
+    return None, pos, buf[at:at + h.count * h.word].view(dt)
+
+
+def _check_positions(pos: torch.Tensor, n: int) -> None:
+    if pos.numel():
+        lo, hi = (int(x) for x in torch.stack([pos.min(), pos.max()]).tolist())
+        if lo < 0 or hi >= n:
+            raise DeltaError(f"delta: positions {lo}..{hi} outside the bucket's {n} words (corrupt buffer)")
+
+
+def _check_buffer(buf: torch.Tensor, h: Header) -> None:
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise DeltaError("delta: the encoded buffer must be a flat uint8 tensor")
+    if buf.numel() < h.nbytes:
+        raise DeltaError(f"delta: buffer holds {buf.numel()} bytes, its header says {h.nbytes}")
+
+
+def decode_into(dest: torch.Tensor, buf: torch.Tensor, *, verify: bool = True, header: Header | None = None) -> Header:
+    """Apply an encoded buffer IN PLACE to ``dest`` (contiguous, holding the previous values; any dtype of the same
+    bytes). Refuses with ``DeltaBaseMismatch`` when ``dest`` does not hold the base values, before writing anything.
+    ``verify`` checks the result's checksum too (``DeltaError``: a corrupt buffer): before writing when few words
+    change (from the changes alone), else with a pass over the result after writing. Cost beyond the writes: one
+    read of ``dest`` for the base check, and O(changed) or one more read for the target."""
+    h = header or Header.unpack(buf)
+    _check_buffer(buf, h)
+    d = words(dest, h.word)
+    if d.numel() != h.n:
+        raise DeltaError(f"delta: destination holds {d.numel()} words of {h.word} bytes, the delta {h.n}")
+    if buf.device != d.device:
+        buf = buf.to(d.device)
+    mask, pos, vals = _values(buf, h)
+    if h.kind == FULL:
+        if verify and sums(vals).mixed != h.target:
+            raise DeltaError("delta: the full values do not have the target checksum (corrupt buffer)")
+        d.copy_(vals)
+        return h
+    base = sums(d)
+    if base.mixed != h.base:
+        raise DeltaBaseMismatch(f"delta: the destination does not hold the base values (checksum {base.mixed:#x}, "
+                                f"the delta was made against {h.base:#x}); it needs a full push")
+    if mask is not None:
+        pos = torch.nonzero(mask).view(-1)
+    _check_positions(pos, h.n)
+    if pos.numel() != vals.numel():
+        raise DeltaError(f"delta: {pos.numel()} positions but {vals.numel()} values (corrupt buffer)")
+    early = verify and _incremental(pos.numel(), h.n)
+    if early and pos.numel():
+        got = base.plus(_delta_parts(pos, d[pos], vals, h.word).tolist()).mixed
+        if got != h.target:
+            raise DeltaError(f"delta: the result's checksum {got:#x} would not be the target {h.target:#x} "
+                             f"(corrupt buffer); nothing was written")
+    d.index_copy_(0, pos, vals)
+    if verify and not early and (got := sums(d).mixed) != h.target:
+        raise DeltaError(f"delta: the result's checksum {got:#x} is not the target {h.target:#x} (corrupt buffer): "
+                         f"the destination needs a full push")
+    return h
+
+
+def changes(buf: torch.Tensor) -> tuple[Header, torch.Tensor, torch.Tensor]:
+    """(header, positions int64, values) of an encoded buffer, for destinations that are not one flat tensor
+    (``apply_segments``). FULL gives every position."""
+    h = Header.unpack(buf)
+    _check_buffer(buf, h)
+    mask, pos, vals = _values(buf, h)
+    if mask is not None:
+        pos = torch.nonzero(mask).view(-1)
+    elif pos is None:
+        pos = torch.arange(h.n, device=buf.device)
+    return h, pos, vals
+
+
+def apply_segments(segments: list[tuple[int, torch.Tensor]], buf: torch.Tensor, *, verify: bool = True) -> Header:
+    """Apply an encoded buffer to a bucket whose words live in several tensors: ``segments`` lists
+    ``(word_offset, dest)`` (``dest`` contiguous, in place; each segment at an 8-byte offset). Words of the bucket
+    outside every segment (alignment padding) belong to nobody: they are skipped, and the checksums count them as
+    zeros, so the sender must keep its padding zero (``checksum`` of its bucket then equals ``segments_checksum`` of
+    the receiver's segments). ``DeltaBaseMismatch`` / ``DeltaError`` as in ``decode_into``, before any write."""
+    h, pos, vals = changes(buf)
+    views = sorted(((off, words(t, h.word)) for off, t in segments), key=lambda x: x[0])
+    if h.kind != FULL:
+        base = _segments_sums(views)
+        if base.mixed != h.base:
+            raise DeltaBaseMismatch(f"delta: the destination segments do not hold the base values (checksum "
+                                    f"{base.mixed:#x}, the delta was made against {h.base:#x}); they need a full push")
+    _check_positions(pos, h.n)
+    cuts = []
+    if views:
+        starts = torch.tensor([off for off, _ in views], device=pos.device)
+        ends = starts + torch.tensor([v.numel() for _, v in views], device=pos.device)
+        cuts = list(zip(views, torch.searchsorted(pos, starts).tolist(), torch.searchsorted(pos, ends).tolist()))
+    if verify and h.kind != FULL:  # before any write, from the changes (segments: the vLLM direct path)
+        delta = torch.zeros(3, dtype=torch.int64, device=pos.device)
+        for (off, v), a, z in cuts:
+            if z > a:
+                delta += _delta_parts(pos[a:z], v[(pos[a:z] - off).to(v.device)].to(pos.device), vals[a:z],
+                                      h.word)
+        got = base.plus(delta.tolist()).mixed
+        if got != h.target:
+            raise DeltaError(f"delta: the result's checksum {got:#x} would not be the target {h.target:#x} "
+                             f"(corrupt buffer, or changes outside the segments); nothing was written")
+    for (off, v), a, z in cuts:
+        if z > a:
+            v.index_copy_(0, (pos[a:z] - off).to(v.device), vals[a:z].to(v.device))
+    if verify and h.kind == FULL and _segments_sums(views).mixed != h.target:
+        raise DeltaError("delta: the segments do not have the target checksum after a full bucket (corrupt buffer)")
+    return h
+
+
+def _segments_sums(views: list[tuple[int, torch.Tensor]]) -> Sums:
+    if not views:
+        return Sums((0, 0, 0))
+    device = views[0][1].device
+    return Sums(torch.stack([_checksum_parts(v, off * v.element_size()).to(device)
+                             for off, v in views]).sum(0).tolist())
+
+
+def segments_checksum(views: list[tuple[int, torch.Tensor]]) -> int:
+    """The checksum of a bucket holding these ``(word_offset, words)`` segments and zeros elsewhere."""
+    return _segments_sums(views).mixed
+
+
+# ------------------------------------------------------------------------------------------------ trainer-side cache
+
+
+@dataclass
+class _Entry:
+    data: torch.Tensor  # the wire bytes last pushed for this bucket
+    sums: Sums
+    version: int | None  # None: overwritten by a push not yet acknowledged
+
+
+class DeltaCache:
+    """The trainer's last pushed wire bytes of its own buckets: the base of the next push's deltas (phase 2).
+
+    One copy of this rank's buckets in the wire dtype, on ``device``, admitted in the order buckets are first seen
+    until ``cap_bytes`` (None: no cap); a bucket past the cap is never cached and always travels full. A push
+    overwrites each entry as it packs (no second copy): ``commit(version)`` after every receiver acknowledged makes
+    them the base of ``version``; ``abandon()`` after a failure drops the entries that push overwrote (their bytes
+    belong to no acknowledged version), so those buckets go full next time. ``clear()`` when the plan changes."""
+
+    def __init__(self, cap_bytes: int | None = None, device: torch.device | str | None = None):
+        self.cap_bytes = cap_bytes
+        self.device = torch.device(device) if device is not None else None
+        self.entries: dict[object, _Entry] = {}
+        self.refused: set = set()  # keys past the cap
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.data.numel() for e in self.entries.values())
+
+    def base(self, key, nbytes: int, version: int) -> tuple[torch.Tensor, Sums] | None:
+        """The cached bytes and sums of bucket ``key`` if they are exactly version ``version`` and ``nbytes`` long."""
+        e = self.entries.get(key)
+        if e is None or e.version != version or e.data.numel() != nbytes:
+            return None
+        return e.data, e.sums
+
+    def store(self, key, data: torch.Tensor, sums_: Sums | None = None) -> bool:
+        """Keep ``data`` (flat bytes of any dtype, copied) as bucket ``key``'s newest, not yet acknowledged bytes;
+        False when the cap leaves no room for it."""
+        raw = data.reshape(-1).view(torch.uint8)
+        e = self.entries.get(key)
+        if e is None or e.data.numel() != raw.numel():
+            if key in self.refused:
+                return False
+            have = self.nbytes - (e.data.numel() if e is not None else 0)
+            if self.cap_bytes is not None and have + raw.numel() > self.cap_bytes:
+                self.entries.pop(key, None)
+                self.refused.add(key)
+                return False
+            e = _Entry(torch.empty(raw.numel(), dtype=torch.uint8, device=self.device or raw.device), Sums((0, 0, 0)),
+                       None)
+            self.entries[key] = e
+        e.data.copy_(raw, non_blocking=False)
+        e.sums = sums_ if sums_ is not None else sums(e.data)
+        e.version = None
+        return True
+
+    def commit(self, version: int) -> None:
+        for e in self.entries.values():
+            if e.version is None:
+                e.version = version
+
+    def abandon(self) -> None:
+        self.entries = {k: e for k, e in self.entries.items() if e.version is not None}
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.refused.clear()
