@@ -216,7 +216,7 @@ def oversized_trainer(rank: int, world: int, url: str, timeout_s: float) -> dict
     """One rank of a 2-rank trainer pushing a model wider than the one an engine WITHOUT a checkpoint serves (so no
     handshake can refuse it): vLLM's own loader fails inside the engine during the receive. Returns what this rank
     raised and how long after the push started."""
-    from models import build_model
+    from .models import build_model
     from trainer_sync import SyncConfig, SyncError, WeightSync
 
     with WeightSync(build_model(seed=0, hidden=96), [url] if rank == 0 else None,

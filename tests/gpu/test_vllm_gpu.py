@@ -22,9 +22,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.vllm,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 vllm = pytest.importorskip("vllm")
 
-from models import build_model, prompts, save_model  # noqa: E402
-from procs import free_port  # noqa: E402
-from vllm_engines import BACKEND, Server  # noqa: E402
+from tests.helpers.models import build_model, prompts, save_model  # noqa: E402
+from tests.helpers.cluster import free_port  # noqa: E402
+from tests.helpers.vllm_engines import BACKEND, Server  # noqa: E402
 
 from trainer_sync import SyncConfig, SyncError, WeightSync  # noqa: E402
 from trainer_sync.engines.clients import HttpClient  # noqa: E402
