@@ -73,7 +73,8 @@ def llm_worker(llm):
 class Server:
     """``vllm serve`` in a subprocess of its own session (so that stopping it stops its engine process too)."""
 
-    def __init__(self, model_dir: str, port: int, log_path: str, tensor_parallel_size: int = 1):
+    def __init__(self, model_dir: str, port: int, log_path: str, tensor_parallel_size: int = 1,
+                 engine_args: dict | None = None):
         self.model_dir, self.url, self.log_path = model_dir, f"http://127.0.0.1:{port}", log_path
         self.world_size = tensor_parallel_size
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -87,9 +88,10 @@ class Server:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
                "--host", "127.0.0.1", "--weight-transfer-config", json.dumps(BACKEND),
                "--tensor-parallel-size", str(tensor_parallel_size)]
-        for k, v in ENGINE_ARGS.items():
+        for k, v in (ENGINE_ARGS if engine_args is None else engine_args).items():
             flag = "--" + k.replace("_", "-")
-            cmd += [flag] if v is True else [flag, str(v)]
+            if v is not False:
+                cmd += [flag] if v is True else [flag, v if isinstance(v, str) else json.dumps(v)]
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -151,10 +153,11 @@ class Server:
 
 
 @contextmanager
-def running_server(model_dir: str, tmp_path_factory, name: str, tensor_parallel_size: int = 1):
+def running_server(model_dir: str, tmp_path_factory, name: str, tensor_parallel_size: int = 1,
+                   engine_args: dict | None = None):
     """A ready ``vllm serve`` for a module fixture, stopped afterwards (its log in a tmp dir named ``name``)."""
     srv = Server(model_dir, free_port(), str(tmp_path_factory.mktemp(name) / "vllm_serve.log"),
-                 tensor_parallel_size=tensor_parallel_size)
+                 tensor_parallel_size=tensor_parallel_size, engine_args=engine_args)
     try:
         yield srv.wait_ready()
     finally:
@@ -206,4 +209,21 @@ def mismatched_trainer(rank: int, world: int, url: str) -> dict:
             sync.push()
         except HandshakeMismatch as e:
             return {"error": type(e).__name__, "mismatches": e.mismatches, "stage": e.stage}
+    return {"error": None}
+
+
+def oversized_trainer(rank: int, world: int, url: str, timeout_s: float) -> dict:
+    """One rank of a 2-rank trainer pushing a model wider than the one an engine WITHOUT a checkpoint serves (so no
+    handshake can refuse it): vLLM's own loader fails inside the engine during the receive. Returns what this rank
+    raised and how long after the push started."""
+    from models import build_model
+    from trainer_sync import SyncConfig, SyncError, WeightSync
+
+    with WeightSync(build_model(seed=0, hidden=96), [url] if rank == 0 else None,
+                    SyncConfig(timeout_s=timeout_s, bucket_mb=0.01)) as sync:
+        t0 = time.monotonic()
+        try:
+            sync.push()
+        except SyncError as e:
+            return {"error": str(e), "who": e.who, "seconds": time.monotonic() - t0}
     return {"error": None}

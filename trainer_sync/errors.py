@@ -69,3 +69,18 @@ class Deadline:
             raise SyncError(f"{what}: the push ran out of its time budget ({who})" if who else
                             f"{what}: the push ran out of its time budget", stage=stage, who=who)
         return min(self.step_s, remaining)
+
+
+def describe(error: BaseException) -> str:
+    """``"Type: message"``; for an error without a message (a bare ``assert`` in a loader, say), where it was raised
+    and the line that raised it instead, so that whoever reads it remotely learns something."""
+    text = str(error)
+    if text:
+        return f"{type(error).__name__}: {text}"
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return type(error).__name__
+    f = frames[-1]
+    return f"{type(error).__name__} at {f.filename}:{f.lineno} in {f.name}: {f.line}"

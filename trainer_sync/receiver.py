@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .codec import Fp8Arrival
-from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
+from .errors import Aborted, Deadline, HandshakeMismatch, SyncError, describe
 from .pipeline import Batch, BufferPool, gc_paused, receive
 from .plan import BucketPlan, Expected, PlanCache
 from .sender import JoinInfo
@@ -128,7 +128,7 @@ class Receiver:
     def _give_up(self, p: str, error: BaseException, trace: str = "") -> None:
         """Acknowledge push ``p`` with ``error`` and abort it for everyone (Sender.abort_push): the trainer ranks
         and the other receivers stop waiting at once instead of at their timeout."""
-        text = f"{type(error).__name__}: {error}"
+        text = describe(error)
         try:
             self.bridge.set_json(f"{p}done/{self.me.rank}", {"error": text, "trace": trace})
             if not isinstance(error, Aborted) and not self.bridge.store.check([f"{p}abort"]):

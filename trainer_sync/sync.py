@@ -179,7 +179,9 @@ class WeightSync:
         best = 0
         for c in self.clients:
             try:
-                best = max(best, int(c.weight_version()))
+                v = c.weight_version()
+                if v is not None:  # None: a vLLM without weight versions (0.26)
+                    best = max(best, int(v))
             except (EngineCallError, ValueError):  # not a counter (vLLM's default, a name): nothing to continue
                 pass
         return best
@@ -354,6 +356,10 @@ class WeightSync:
             dead = getattr(e, "dead", [])
             if not dead:
                 raise
+            first = e
+        if not self._agree(lambda: {"left": len(self.clients)})["left"]:
+            raise SyncError(f"trainer_sync: {', '.join(dead)} died during the transfer of version {version}; no "
+                            f"engine is left in the membership:\n  {first}", "transfer", ", ".join(dead)) from None
         # Engines died during the transfer. They are out of the membership; the engines that are left did not get
         # this version whole, so it goes again to them alone on a new group, and then the failure is reported.
         warnings.warn(f"trainer_sync: {', '.join(dead)} died during the push of version {version}; pushing it again "

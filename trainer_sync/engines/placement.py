@@ -186,7 +186,7 @@ class DirectApply:
     # --- proof, on a push through the layerwise path --------------------------------------------------------
     def observe(self, batch) -> None:
         """Layerwise push: remember each received tensor's checksum (taken before vLLM touches anything)."""
-        if self.slots is None or self.armed:
+        if self.slots is None or self.armed or self.why_not is not None:
             return
         if self._proof is None:
             self._proof = []
@@ -198,7 +198,7 @@ class DirectApply:
     def verify(self) -> None:
         """After vLLM's layerwise reload finished: arm the fast path if every slice holds what was received."""
         proof, self._proof = self._proof, None
-        if self.slots is None or self.armed or not proof:
+        if self.slots is None or self.armed or self.why_not is not None or not proof:
             return
         expected = sum(len(v) for v in self.slots.values())
         if len(proof) != expected:

@@ -36,7 +36,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferUpdateInfo
 
 from ..codec import scale_name
 from ..plan import dtype_of
-from ..errors import UNTOUCHED, EngineHeld, HandshakeMismatch
+from ..errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ..receiver import Receiver
 from ..sender import JoinInfo
 from . import compat
@@ -279,7 +279,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             # Tell the trainer ranks at once (they would otherwise wait for this receiver until their timeout), then
             # reset the layerwise state so that the next push starts clean; the trainer keeps this engine paused
             # until a push succeeds.
-            error = e
+            # vLLM passes on str(error) alone: an error without a message (a bare assert in a loader) says where.
+            error = e if str(e) else RuntimeError(describe(e))
             if self.receiver is not None and not update_info.catchup:
                 self.receiver.fail(e)
             try:

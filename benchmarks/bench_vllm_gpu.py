@@ -1,0 +1,189 @@
+"""A push into a REAL vLLM engine on one GPU: trainer_sync against vLLM's own ``ipc`` backend and the copy floor.
+
+    source /tmp/gpu-stash/activate.sh && python benchmarks/bench_vllm_gpu.py > bench.json   # one H200, vLLM 0.26
+
+One GPU, two processes: this script is the trainer (a Qwen3-8B-shaped bf16 model, 399 tensors, 16.38 GB, on
+cuda:0) and it starts ``vllm.LLM`` engines with vLLM's multiprocess engine core, so the engine's worker is another
+process on the same GPU (the colocated RL layout; mode "auto" picks CUDA IPC). The engines serve the same
+architecture from a config with dummy weights (``load_format="dummy"``) and eager mode: weight sync does not
+depend on how the forward pass is compiled. Measured in one run, each the median of ``--reps`` steady-state pushes:
+
+* ``trainer_sync``: ``WeightSync.push()`` wall time on the trainer, everything included (pause -> start -> the
+  receive and apply -> finish with the version -> prefix-cache reset -> resume), with the engine applying by its
+  fast path (copies straight into place, proven on the first push), plus each engine call's own time.
+* ``trainer_sync_layerwise``: the same with ``SyncConfig(engine_apply="layerwise")`` (vLLM's layerwise reload).
+* ``vllm_ipc``: vLLM's own ``ipc`` backend into the same engine configuration, driven the way its docs show
+  (``start_weight_update`` -> ``IPCWeightTransferEngine.trainer_send_weights`` -> ``finish_weight_update``),
+  without and with pause / prefix-cache reset / resume around it.
+* ``floor``: one flat device-to-device copy of the same bytes (CUDA events).
+
+Prints one JSON object (the last line of stdout); progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(_HERE, ".."))
+
+from bench_ipc_gpu import build_module, log, shapes_for, stats, timed  # noqa: E402
+
+from trainer_sync import SyncConfig, WeightSync  # noqa: E402
+from trainer_sync.engines.clients import LlmClient  # noqa: E402
+
+BACKEND = {"backend": "trainer_sync"}
+
+
+def config_dir(small: bool) -> str:
+    """A Qwen3 config matching ``shapes_for(small)`` (vLLM serves it with dummy weights)."""
+    from transformers import Qwen3Config
+
+    dims = dict(hidden_size=64, intermediate_size=192, vocab_size=512, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=32) if small else \
+        dict(hidden_size=4096, intermediate_size=12288, vocab_size=151936, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128)
+    cfg = Qwen3Config(architectures=["Qwen3ForCausalLM"], num_hidden_layers=36, tie_word_embeddings=False, max_position_embeddings=4096,
+                      dtype="bfloat16", **dims)
+    path = tempfile.mkdtemp(prefix="qwen3-shape-")
+    cfg.save_pretrained(path)
+    return path
+
+
+def start_engine(path: str, backend: dict, mem: float):
+    from vllm import LLM
+
+    return LLM(model=path, load_format="dummy", enforce_eager=True, dtype="bfloat16", skip_tokenizer_init=True,
+               max_model_len=1024, max_num_seqs=8, gpu_memory_utilization=mem, weight_transfer_config=backend,
+               seed=0)
+
+
+class TimedClient(LlmClient):
+    """LlmClient that records how long each engine call takes (the control path's share of a push)."""
+
+    CALLS = ("pause", "start", "update", "finish", "reset_prefix_cache", "resume")
+
+    def __init__(self, llm):
+        super().__init__(llm)
+        self.times: dict[str, list[float]] = {c: [] for c in self.CALLS}
+        for c in self.CALLS:
+            setattr(self, c, self._timed(c, getattr(self, c)))
+
+    def _timed(self, name, fn):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.times[name].append(time.perf_counter() - t)
+        return run
+
+
+def bench_trainer_sync(llm, model, reps: int, apply: str) -> dict:
+    client = TimedClient(llm)
+    out = {}
+    with WeightSync(model, [client], SyncConfig(engine_apply=apply)) as sync:
+        reports = []
+        for i in range(3 + reps):
+            with torch.no_grad():  # a new version each time (the bytes must really move)
+                model.get_parameter("model.norm.weight").add_(1.0)
+            reports.append(sync.push())
+        steady = reports[3:]
+        out["push"] = stats([r.total_s for r in steady])
+        out["apply"] = stats([r.apply_s for r in steady])
+        out["engine_apply"] = [r.engine_apply for r in reports]
+        out["calls_median_s"] = {c: round(statistics.median(v[3:]), 6) for c, v in client.times.items() if v[3:]}
+        out["first_push_s"] = round(reports[0].total_s, 4)
+        out["report"] = steady[-1].to_dict()
+    return out
+
+
+def bench_vllm_ipc(llm, model, reps: int) -> dict:
+    from dataclasses import asdict
+
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+
+    llm.init_weight_transfer_engine({"init_info": {}})
+    send = {"send_mode": lambda info: llm.update_weights({"update_info": asdict(info)})}
+
+    def push(pause: bool) -> float:
+        t = time.perf_counter()
+        if pause:
+            llm.sleep(level=0, mode="keep")
+        llm.start_weight_update()
+        IPCWeightTransferEngine.trainer_send_weights(iter(list(model.named_parameters())), send)
+        llm.finish_weight_update()
+        if pause:
+            llm.reset_prefix_cache(reset_running_requests=True)
+            llm.wake_up(tags=["scheduling"])
+        return time.perf_counter() - t
+
+    out = {}
+    for pause in (False, True):
+        xs = [push(pause) for _ in range(2 + reps)][2:]
+        out["with_pause" if pause else "no_pause"] = stats(xs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (the control path alone)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--skip-vllm-ipc", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda", 0)
+    shapes = shapes_for(args.small)
+    path = config_dir(args.small)
+    model = build_module(shapes, dev, seed=0)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    res = {"machine": torch.cuda.get_device_name(0), "model": "qwen3-small" if args.small else "qwen3-8b-shaped",
+           "tensors": len(shapes), "bytes": nbytes}
+    import vllm
+
+    res["vllm"] = vllm.__version__
+    log(f"{len(shapes)} tensors, {nbytes / 1e9:.2f} GB; starting the trainer_sync engine")
+    llm = start_engine(path, BACKEND, 0.35)
+    try:
+        res["trainer_sync"] = bench_trainer_sync(llm, model, args.reps, "auto")
+        log("trainer_sync:", res["trainer_sync"]["push"]["median_s"], res["trainer_sync"]["calls_median_s"])
+        res["trainer_sync_layerwise"] = bench_trainer_sync(llm, model, max(3, args.reps // 3), "layerwise")
+        log("layerwise:", res["trainer_sync_layerwise"]["push"]["median_s"])
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    print(json.dumps(res), flush=True)
+    if not args.skip_vllm_ipc:
+        log("starting vLLM's own ipc backend")
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # its update info carries pickled CUDA IPC handles
+        try:
+            llm = start_engine(path, {"backend": "ipc"}, 0.35)
+            try:
+                res["vllm_ipc"] = bench_vllm_ipc(llm, model, args.reps)
+            finally:
+                llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # noqa: BLE001 - reported in the JSON; the other figures stand
+            res["vllm_ipc"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        log("vllm ipc:", res["vllm_ipc"])
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(flat)
+    res["floor_d2d"] = stats(timed(lambda: dst.copy_(flat), dev, 10, 3))
+    ts = res["trainer_sync"]["push"]["median_s"]
+    res["ratios"] = {"trainer_sync_over_floor": round(ts / res["floor_d2d"]["median_s"], 2)}
+    if "with_pause" in res.get("vllm_ipc", {}):
+        res["ratios"]["vllm_ipc_with_pause_over_trainer_sync"] = round(
+            res["vllm_ipc"]["with_pause"]["median_s"] / ts, 2)
+        res["ratios"]["vllm_ipc_no_pause_over_trainer_sync"] = round(res["vllm_ipc"]["no_pause"]["median_s"] / ts, 2)
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
