@@ -91,6 +91,7 @@ def run_lr(args, lr: float, batches) -> dict:
         prev_cpu, new_cpu = (prev.cpu(), new.cpu()) if dev.type == "cuda" else (prev, new)
         if dev.type == "cuda":
             rec.update(encode_gpu_s=0.0, apply_gpu_s=0.0)
+        sizes = []
         for i, (a, z) in enumerate(buckets):
             t = time.perf_counter()
             buf, st = D.encode(prev_cpu[a:z], new_cpu[a:z], base=targets[i])
@@ -109,6 +110,7 @@ def run_lr(args, lr: float, batches) -> dict:
                 torch.cuda.synchronize()
                 rec["apply_gpu_s"] += time.perf_counter() - t
             targets[i] = st.target
+            sizes.append((2 * (z - a), st.nbytes - D.HEADER_BYTES))
             rec["changed"] += st.changed
             rec["bytes"] += st.nbytes
             kind = D.KIND_NAMES[st.kind]
@@ -128,6 +130,7 @@ def run_lr(args, lr: float, batches) -> dict:
             raise AssertionError(f"lr {lr}, step {step + 1}: the GPU receiver's copy differs")
         prev, new = new, prev
         rec["changed_fraction"] = rec["changed"] / total
+        rec["sizes"] = sizes
         steps.append(rec)
         if args.verbose:
             print(json.dumps({k: v for k, v in rec.items() if k != "by_category"}), flush=True)
@@ -153,10 +156,72 @@ def run_lr(args, lr: float, batches) -> dict:
            "encode_cpu_s_per_push": round(statistics.median(r["encode_cpu_s"] for r in steps), 4),
            "apply_cpu_s_per_push": round(statistics.median(r["apply_cpu_s"] for r in steps), 4),
            "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]]}
+    if args.wire_iters:
+        full_sizes, delta_sizes = zip(*steps[-1]["sizes"])
+        wire = wire_times(list(full_sizes), list(delta_sizes), args.wire_iters)
+        enc, app = out["encode_cpu_s_per_push"], out["apply_cpu_s_per_push"]
+        out["wire_loopback_gloo_s"] = {"full": round(wire["full"], 4), "delta": round(wire["delta"], 4),
+                                       "wire_speedup": round(wire["full"] / wire["delta"], 1),
+                                       "delta_with_cpu_encode_apply": round(wire["delta"] + enc + app, 4)}
     if dev.type == "cuda":
         out["encode_gpu_s_per_push"] = round(statistics.median(r["encode_gpu_s"] for r in steps), 5)
         out["apply_gpu_s_per_push"] = round(statistics.median(r["apply_gpu_s"] for r in steps), 5)
     return out
+
+
+def _wire_role(rank: int, port: int, full_sizes: list[int], delta_sizes: list[int], iters: int, out) -> None:
+    """One of two processes: broadcast the buckets of one push over gloo, full and as deltas (two broadcasts a
+    bucket: the 48-byte header, then the body), and time it; the contents do not matter to the wire."""
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=60))
+    group = dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=60))
+    bufs = {n: torch.zeros(n, dtype=torch.uint8) for n in set(full_sizes) | set(delta_sizes) | {D.HEADER_BYTES}}
+
+    def bcast(t):
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        return group.broadcast([t], opts)
+
+    def push(sizes, header):
+        works = []
+        for n in sizes:
+            if header:
+                works.append(bcast(bufs[D.HEADER_BYTES]))
+            works.append(bcast(bufs[n]))
+        for w in works:
+            w.wait()
+
+    times = {"full": [], "delta": []}
+    for it in range(iters + 1):
+        for name, sizes, header in (("full", full_sizes, False), ("delta", delta_sizes, True)):
+            group.barrier().wait()
+            t = time.perf_counter()
+            push(sizes, header)
+            if it:
+                times[name].append(time.perf_counter() - t)
+    if rank == 0:
+        out.put({k: statistics.median(v) for k, v in times.items()})
+
+
+def wire_times(full_sizes: list[int], delta_sizes: list[int], iters: int) -> dict:
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_wire_role, args=(r, port, full_sizes, delta_sizes, iters, q)) for r in range(2)]
+    for pr in procs:
+        pr.start()
+    res = q.get(timeout=600)
+    for pr in procs:
+        pr.join()
+    return res
 
 
 def main() -> None:
@@ -178,6 +243,9 @@ def main() -> None:
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="skip the receiver's check of the result checksum (the base check always runs)")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--wire-iters", type=int, default=5,
+                    help="time the last push's buckets on the wire, full vs delta, over loopback gloo between two "
+                         "processes (median of this many; 0: skip)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -95,7 +95,8 @@ def test_fp8_push_into_bf16_engine_dequantizes_to_bf16(model_dir):
         x = torch.randn(4, deq.shape[1], dtype=torch.bfloat16)
         out = linear_weight_out(served, name, x)
         assert torch.allclose(out, x.float() @ deq.T, atol=2e-2, rtol=2e-2)
-        assert llm.get_weight_version() == "1"  # a new WeightSync counts from 0
+        # a new WeightSync continues from the version the engine serves (issue 14: versions never go backwards)
+        assert bf16.version == 1 and report.version == 2 and llm.get_weight_version() == "2"
 
 
 def test_block_fp8_checkpoint_expectations_and_auto_picks_fp8(tmp_path):

@@ -60,7 +60,8 @@ def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: s
                 return []
             except dist.DistStoreError:
                 return [k for k in keys if not store.check([k])]
-        deadline, pause = time.monotonic() + timeout_s, 1e-4
+        start = time.monotonic()
+        deadline, pause = start + timeout_s, 1e-4
         pending = list(keys)
         while True:
             pending = [k for k in pending if not store.check([k])]
@@ -71,7 +72,8 @@ def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: s
             if time.monotonic() >= deadline:
                 return pending
             time.sleep(pause)
-            pause = min(pause * 2, max_pause_s)
+            # Tight while a reply is due soon; after a second (a receiver idle between pushes) at most 100 polls/s.
+            pause = min(pause * 2, max_pause_s if time.monotonic() - start < 1.0 else max(max_pause_s, 0.01))
     except dist.DistError as e:
         raise SyncError(f"trainer_sync rendezvous store went away (trainer rank 0 stopped?): {e}",
                         stage="rendezvous", who="trainer rank 0") from e
