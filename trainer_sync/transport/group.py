@@ -46,12 +46,14 @@ def _mac(token: str, *parts: str) -> str:
 
 
 def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: str | None = None,
-              stage: str = "rendezvous", max_pause_s: float = 5e-3) -> list[str]:
+              stage: str = "rendezvous", max_pause_s: float = 5e-3, error: type[SyncError] = Aborted
+              ) -> list[str]:
     """Wait until every key exists; return the missing ones on timeout (empty list: all there).
 
     Without ``abort_key`` this is one blocking wait on the store server (no polling latency on the hot path). With
     it, it polls (backing off from 0.1 ms to ``max_pause_s``) so that it can stop early when another member gives up:
-    then it raises ``Aborted`` (at ``stage``) with the reason written under ``abort_key``.
+    then it raises ``error`` (``Aborted`` by default; the rendezvous raises a plain SyncError, as it always did) at
+    ``stage`` with the reason written under ``abort_key``.
     """
     try:
         if abort_key is None:
@@ -68,7 +70,7 @@ def wait_keys(store: dist.Store, keys: list[str], timeout_s: float, abort_key: s
             if not pending:
                 return []
             if store.check([abort_key]):
-                raise Aborted(store.get(abort_key).decode(), stage=stage)
+                raise error(store.get(abort_key).decode(), stage=stage)
             if time.monotonic() >= deadline:
                 return pending
             time.sleep(pause)
@@ -127,7 +129,7 @@ class Rendezvous:
             # With abort_key: an engine whose init failed is reported here at once (WeightSync writes it), not after
             # the timeout.
             missing = wait_keys(self.store, [base + "auth/" + m.key for m in others], self.timeout_s,
-                                abort_key=abort_key)
+                                abort_key=abort_key, error=SyncError)
             if missing:
                 names = ", ".join(str(m) for m in others if base + "auth/" + m.key in missing)
                 msg = f"trainer_sync rendezvous (epoch {epoch}): {names} did not join within {self.timeout_s:g}s"
@@ -154,7 +156,7 @@ class Rendezvous:
             nonce = self.store.get(nonce_key).decode()
             self.store.set(base + "auth/" + me.key, _mac(self.token, nonce, me.role, str(me.rank)))
             verdict_key = base + "verdict/" + me.key
-            if wait_keys(self.store, [verdict_key], self.timeout_s, abort_key=abort_key):
+            if wait_keys(self.store, [verdict_key], self.timeout_s, abort_key=abort_key, error=SyncError):
                 raise SyncError(f"{me}: no verdict from trainer rank 0 within {self.timeout_s:g}s",
                                 stage="rendezvous", who="trainer rank 0")
             verdict = self.store.get(verdict_key).decode()
