@@ -5,7 +5,7 @@ trainer_sync.engines.vllm:register``, vLLM calls ``register()`` in every process
 workers), and then ``vllm serve M --weight-transfer-config '{"backend": "trainer_sync"}'`` or
 ``LLM(model=M, weight_transfer_config={"backend": "trainer_sync"})`` uses the class below on every worker.
 
-Lifecycle (driven by the trainer, see trainer_sync/sync.py), per worker:
+Lifecycle (driven by the trainer, see trainer_sync/control/push.py), per worker:
   init   ``init_weight_transfer_engine(join_info)``: join the bridging group as receiver
          ``receiver_rank + worker rank`` (each engine gets its own first rank; every TP/PP worker and every engine
          of a data-parallel fleet joins the same group), announcing what the served checkpoint holds.
