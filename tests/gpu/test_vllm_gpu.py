@@ -6,7 +6,7 @@ GPU, as with a colocated trainer. What counts is what the engine then generates:
 FRESH engine loaded from the trainer's weights (saved as a checkpoint), after several pushes. The fast apply path
 (engines/placement.py) must take over from the second push on and stay equal.
 
-Run there: ``source /tmp/gpu-stash/activate.sh && python -m pytest -m gpu tests/test_vllm_gpu.py``.
+Run there: ``source /tmp/gpu-stash/activate.sh && python -m pytest -m gpu tests/gpu/test_vllm_gpu.py``.
 """
 from __future__ import annotations
 
