@@ -108,7 +108,14 @@ class CatchUpServer:
         store, k = self.rdzv.store, 0
         while not self._stop.is_set():
             key = f"ts/join/{k}/{'hello' if self.rank == 0 else 'decided'}"
-            if not store.check([key]):
+            try:
+                pending = store.check([key])
+            except Exception as e:  # noqa: BLE001 - the store is trainer rank 0's: it is gone when rank 0 stopped
+                if not self._stop.is_set():
+                    warnings.warn(f"trainer_sync catch-up: trainer rank {self.rank} stops serving joiners: the "
+                                  f"rendezvous store went away (trainer rank 0 stopped?): {e}")
+                return
+            if not pending:
                 self._stop.wait(POLL_S)
                 continue
             try:

@@ -410,6 +410,11 @@ def catchup_trainer(rank, world, n, port, pushes, extra_pushes_during_join=0):
         time.sleep(0.01)
     served = list(sender.catchup.served)
     sender.close()
+    # rank 0 owns the store (this frame's reference keeps it up after close): it leaves only after every rank has
+    # closed, so no rank's last store call races the server going away
+    store.set(f"test/closed/{rank}", "1")
+    if rank == 0:
+        store.wait([f"test/closed/{r}" for r in range(world)])
     return state, served, steps
 
 
