@@ -22,3 +22,34 @@ def test_joiner_after_three_pushes_gets_the_latest_version_bit_for_bit():
     assert last_version == 3 and all(torch.equal(seen[n], t) for n, t in state.items())
     # both trainer ranks served their own share, point to point
     assert served0 and served1 and served0[0]["version"] == served1[0]["version"] == 3
+
+
+def test_catchup_server_stops_with_a_warning_when_rank_0s_store_goes_away():
+    """Trainer rank 0 owns the store: when it stops first (the end of a job), another rank's catch-up thread ends
+    with a warning that says why, not with a traceback from a daemon thread (which CI once printed)."""
+    import threading
+    import time
+    import warnings
+
+    from trainer_sync.catchup import CatchUpServer, Snapshot
+    from trainer_sync.transport.group import Rendezvous
+
+    errors = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    try:
+        owner = Rendezvous("127.0.0.1", 0, "tok", is_server=True, timeout_s=5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            server = CatchUpServer(owner, 1, 2, Snapshot(), timeout_s=5)
+            time.sleep(0.1)
+            assert server._thread.is_alive()
+            owner.close()  # the last reference to rank 0's store: its server stops
+            server._thread.join(timeout=10)
+            alive = server._thread.is_alive()
+            server.close()
+    finally:
+        threading.excepthook = hook
+    assert not alive
+    assert not errors, errors
+    assert any("rendezvous store went away" in str(w.message) and "trainer rank 1" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
