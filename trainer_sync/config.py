@@ -73,6 +73,18 @@ class SyncConfig:
     # Receiver-side names: a mapping from trainer names (after unwrapping DDP/FSDP/compile prefixes) to the names
     # the engine expects. Unmapped names pass through.
     rename: dict[str, str] = field(default_factory=dict)
+    # Delta pushes (delta_send.py, delta_recv.py): "auto" sends each bucket as the smallest of full values, a
+    # changed-element bitmask + values, or changed-element indices + values, whenever every receiver holds the
+    # trainer's last acknowledged version (else the push goes full and SyncReport.full_reason says why); "off"
+    # always sends full. CUDA IPC hops always go full (a same-GPU copy gains nothing from a delta).
+    delta: str = "auto"
+    # Cap on the trainer-side cache of this rank's last pushed wire bytes (one wire-dtype copy of its shard, on the
+    # device of its parameters); buckets past the cap always go full. None: no cap.
+    delta_cache_mb: float | None = None
+    # Cap on a receiver's host mirror of the last version (one wire-dtype copy of the model per receiver, kept by
+    # receivers that hand whole tensors to their engine, e.g. vLLM's layerwise reload); a receiver whose mirror
+    # would not fit takes full pushes. None: no cap. Receivers given ``targets`` keep no mirror.
+    delta_mirror_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.bucket_mb <= 0:
@@ -92,6 +104,12 @@ class SyncConfig:
         if self.fp8_rules is not None and not hasattr(self.fp8_rules, "eligible"):
             raise TypeError(f"SyncConfig.fp8_rules must be a trainer_sync.codec.Fp8Rules or None, got "
                             f"{type(self.fp8_rules).__name__}")
+        if self.delta not in ("auto", "off"):
+            raise ValueError(f"SyncConfig.delta must be auto or off, got {self.delta!r}")
+        for name in ("delta_cache_mb", "delta_mirror_mb"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"SyncConfig.{name} must be >= 0 or None, got {value}")
         if self.pause_mode not in ("keep", "wait", "abort"):
             raise ValueError(f"SyncConfig.pause_mode must be keep, wait or abort, got {self.pause_mode!r}")
 
@@ -102,6 +120,10 @@ class SyncConfig:
     @property
     def memory_budget_bytes(self) -> int | None:
         return None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
+
+    @property
+    def delta_cache_bytes(self) -> int | None:
+        return None if self.delta_cache_mb is None else int(self.delta_cache_mb * 2**20)
 
     def resolved_token(self) -> str | None:
         return self.token if self.token is not None else os.environ.get(TOKEN_ENV)

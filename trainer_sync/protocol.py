@@ -41,6 +41,9 @@ class JoinInfo:
     # The trainer's SyncConfig.fp8_rules (codec.Fp8Rules as a dict; None: the defaults): which tensors go block-FP8.
     # Trainer and receivers must agree on it, so the receiver takes it from here rather than from its own defaults.
     fp8_rules: dict | None = None
+    # The trainer's SyncConfig.delta and delta_mirror_mb: whether receivers keep what they need to take deltas.
+    delta: str = "auto"
+    delta_mirror_mb: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +118,21 @@ class Keys:
     @staticmethod
     def abort(p: str) -> str:
         return f"{p}abort"
+
+    @staticmethod
+    def delta_state(receiver: int) -> str:
+        """What a receiver holds when it joins (delta_policy.receiver_state); later states come with its acks."""
+        return f"delta/state/{receiver}"
+
+    @staticmethod
+    def delta_ack(p: str, receiver: int) -> str:
+        """After a delta transfer: whether the receiver applied every delta or refused one (base mismatch)."""
+        return f"{p}delta/ack/{receiver}"
+
+    @staticmethod
+    def delta_stats(p: str, trainer: int) -> str:
+        """A trainer rank's bytes sent / full bytes / changed elements of a push."""
+        return f"{p}delta/stats/{trainer}"
 
     @staticmethod
     def ipc(p: str, trainer: int) -> str:

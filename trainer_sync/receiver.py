@@ -13,10 +13,12 @@ from typing import Callable
 
 import torch
 
+from . import delta_recv
 from .codec import Fp8Arrival, Fp8Rules
 from .errors import Aborted, Deadline, HandshakeMismatch, SyncError, describe
 from .pipeline import Batch, BufferPool, gc_paused, receive
 from .plan import BucketPlan, PlanCache
+from .delta_policy import receiver_state
 from .protocol import Expected, JoinInfo, Keys
 from .transport import ipc
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
@@ -33,7 +35,8 @@ class ReceiveResult:
 
 class Receiver:
     def __init__(self, info: JoinInfo | dict, expected: Expected | dict | None = None,
-                 device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None,
+                 targets: dict[str, torch.Tensor] | None = None):
         self.info = info if isinstance(info, JoinInfo) else JoinInfo(**info)
         if isinstance(expected, dict):
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
@@ -59,6 +62,19 @@ class Receiver:
         self.note: dict = {}  # extra fields of the acknowledgement (the vLLM backend says how it applied the push)
         self.version = 0
         self._plans = PlanCache()
+        # Delta pushes (delta_recv.py): ``targets`` are the served tensors, written in place by every push (a delta
+        # writes only what changed); without them a mirror of the last version is kept (SyncConfig.delta_mirror_mb)
+        # so that deltas can be turned into whole tensors for ``on_batch``.
+        self.delta: delta_recv.DeltaReceiver | None = None
+        if self.info.delta != "off" or targets is not None:
+            cap = None if self.info.delta_mirror_mb is None else int(self.info.delta_mirror_mb * 2**20)
+            self.delta = delta_recv.DeltaReceiver(self.info.delta, cap, targets, self.device)
+
+    def adopt(self, old: "Receiver") -> None:
+        """Carry ``old``'s delta destination (what it holds, at which version) over to this receiver of a new
+        bridging group, before ``connect``: it says so when it joins, and the trainer can go on with deltas."""
+        if old.delta is not None and self.delta is not None and self.delta.targets is None:
+            self.delta = old.delta
 
     def connect(self) -> None:
         i = self.info
@@ -76,6 +92,8 @@ class Receiver:
             self.device = dev
             self.pool = BufferPool(dev)
             self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, srcs, i.num_receivers, dev, i.timeout_s)
+        self.bridge.set_json(Keys.delta_state(i.receiver_rank), self.delta.state() if self.delta and not self.ipc
+                             else receiver_state(None, None, False, "delta off" if not self.ipc else "CUDA IPC"))
         self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
 
     def receive(self, on_batch: Callable[[Batch], None], on_plan: Callable[[BucketPlan], None] | None = None
@@ -113,6 +131,11 @@ class Receiver:
             if self.ipc is not None:  # the trainer ranks on this GPU by IPC, the others (if any) over the wire
                 times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me), self.bridge.groups,
                                          self.pool, deadline)
+            elif self.delta is not None:  # into the destination, as deltas when the trainer says so
+                times = delta_recv.take(self.delta, plan, msg, lambda callback: receive(
+                    plan, self.bridge.groups, self.pool, msg["num_buffers"], deadline, callback, wanted,
+                    str(self.me)), cb, store, p, self.me.rank, i.num_receivers, i.timeout_s, deadline, wanted,
+                    str(self.me), abort_key, self.bridge.groups)
             else:
                 times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], deadline, cb, wanted,
                                 str(self.me))
@@ -122,6 +145,7 @@ class Receiver:
             self._give_up(p, e, traceback.format_exc(limit=3))
             raise
         self.bridge.set_json(Keys.done(p, self.me.rank), {"apply_s": times.apply, "transfer_s": times.transfer,
+                                                         "delta_state": self.delta.state() if self.delta else None,
                                                          **self.note})
         self._open = False
         self.version = msg["version"]

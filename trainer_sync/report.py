@@ -21,6 +21,13 @@ class SyncReport:
     # How the receivers applied it, as they said ("direct": vLLM engines copied into place; "layerwise": vLLM's
     # reload; empty for plain receivers), comma-joined when they differ.
     engine_apply: str = ""
+    # Delta pushes (SyncConfig.delta): bytes each receiver got on the wire (headers included), what a full push
+    # would have sent, the fraction of wire elements that changed over the delta-encoded buckets (None: a full push,
+    # nothing compared), and why the push went full (None when it went as deltas).
+    bytes_sent: int = 0
+    bytes_full: int = 0
+    changed_fraction: float | None = None
+    full_reason: str | None = None
 
     @property
     def gbps(self) -> float:
@@ -39,4 +46,6 @@ class SyncReport:
         return (f"v{self.version}: {self.bytes / 1e6:.1f} MB in {n(self.num_buckets, 'bucket')} to "
                 f"{n(self.num_receivers, 'receiver')}, total {self.total_s * 1e3:.1f} ms (plan {self.plan_s * 1e3:.1f}, "
                 f"pack {self.pack_s * 1e3:.1f}, transfer {self.transfer_s * 1e3:.1f}, apply {self.apply_s * 1e3:.1f}), "
-                f"{self.gbps:.2f} GB/s" + (f", fallback: {self.fallback}" if self.fallback else ""))
+                f"{self.gbps:.2f} GB/s" + (f", fallback: {self.fallback}" if self.fallback else "") +
+                (f", delta: {self.bytes_sent / 1e6:.1f} of {self.bytes_full / 1e6:.1f} MB sent, "
+                 f"{self.changed_fraction:.2%} changed" if self.changed_fraction is not None else ""))

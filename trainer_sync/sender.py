@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from . import delta_send
 from .catchup import CatchUpServer, Snapshot
 from .config import SyncConfig
 from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
@@ -72,6 +73,8 @@ class Sender:
         self._expected: list[Expected] | None = None
         self._auto_wrapped = False  # wire_dtype "auto" wrapped the source in an Fp8Source (see _auto_fp8)
         self._plans = PlanCache()
+        # Delta pushes (delta_send.py): this rank's last pushed wire bytes, and rank 0's view of the receivers.
+        self.delta = delta_send.DeltaSender(cfg.delta, cfg.delta_cache_bytes)
         self._last_plan: tuple[list[bytes], dict] | None = None  # rank 0: (every rank's pieces, plan message)
         # Dynamic clusters: keep the latest version for joiners and serve them from a thread (catchup.py).
         self.snapshot: Snapshot | None = None
@@ -88,7 +91,7 @@ class Sender:
         return JoinInfo(self.rdzv.host, self.rdzv.port, self.rdzv.token, self.epoch + 1, self.world, n,
                         receiver_rank, self.backend, cfg.timeout_s, cfg.bucket_timeout_s, cfg.push_timeout_s,
                         cfg.wire_dtype, cfg.engine_apply,
-                        None if cfg.fp8_rules is None else cfg.fp8_rules.to_dict())
+                        None if cfg.fp8_rules is None else cfg.fp8_rules.to_dict(), cfg.delta, cfg.delta_mirror_mb)
 
     def connect(self, num_receivers: int) -> None:
         """Form the bridging group of a new epoch with ``num_receivers`` receivers (blocks until they join)."""
@@ -98,6 +101,7 @@ class Sender:
         self.seq = 0
         self._expected = None
         self._last_plan = None
+        self.delta.connected()
         me, cfg = Member("trainer", self.rank), self.config
         # Everyone reports its GPU; receivers on this rank's GPU get its buckets by CUDA IPC (transport/layout.py).
         self.bridge = BridgeGroup(self.rdzv, me, self.epoch, self.world, num_receivers, self.backend, cfg.timeout_s,
@@ -185,6 +189,7 @@ class Sender:
             try:
                 return self._push(version)
             finally:
+                self.delta.abandon()  # no-op after a commit; after a failure, the buckets it overwrote go full next
                 if self.snapshot is not None:
                     self.snapshot.abandon()  # no-op after a commit; after a failure, nothing half-written is served
 
@@ -218,7 +223,8 @@ class Sender:
             "pieces": [[x.name, list(x.shape), x.dtype, x.start, x.numel] for x in self.source.pieces()],
             "nonfinite": bad})
         if self.rank == 0:
-            bridge.set_json(Keys.plan(p), self._plan(p, version))
+            bridge.set_json(Keys.plan(p), self.delta.annotate(self._plan(p, version), store, self.num_receivers,
+                                                              bridge.layout, self.version))
         self._wait([Keys.plan(p)], "plan", lambda k: "trainer rank 0", deadline, abort_key)
         msg = bridge.get_json(Keys.plan(p))
         if "error" in msg:
@@ -232,13 +238,18 @@ class Sender:
             # a joiner is told that no complete version is kept (rather than served an old one).
             self.snapshot.begin()
         failed = None
+        dstats = None  # this rank's delta stats (None: CUDA IPC)
         try:
             wire_deadline.check()
             if self.ipc is not None:  # receivers on this GPU by CUDA IPC, the others (if any) over this rank's group
                 times = self.ipc.send(plan, self.source, p, msg["num_buffers"], group, self.pool, wire_deadline)
-            else:
-                times = send(plan, self.source, group, self.pool, msg["num_buffers"], wire_deadline,
-                             self.snapshot.keep if self.snapshot is not None else None)
+            else:  # full, or as deltas (delta_send.py) when every receiver holds the last version
+                keep = self.snapshot.keep if self.snapshot is not None else None
+                times, dstats = delta_send.transfer(
+                    self.delta, plan, msg, lambda on_packed: send(plan, self.source, group, self.pool,
+                                                                  msg["num_buffers"], wire_deadline, on_packed),
+                    self.source, group, self.pool, wire_deadline, store, p, self.num_receivers, cfg.timeout_s,
+                    abort_key, any(bridge.layout.local), keep)
         except SyncError as e:
             if group is None:  # all by IPC: no group to shut down, and the error already names the peer
                 raise
@@ -260,6 +271,10 @@ class Sender:
                             stage="apply", who=failed[0].split(":")[0])
         if self.ipc is not None:
             self.ipc.after_push()
+        self.delta.acknowledged(acks)
+        self.delta.commit(version)
+        delta = delta_send.report_fields(store, p, self.world, self.rank, dstats or delta_send.ipc_stats(
+            plan, self.rank), cfg.timeout_s)
         if self.snapshot is not None and self.ipc is None:
             self.snapshot.commit(msg["plan"], version, {b.index for b in plan.buckets if b.src == self.rank})
         if self.rank == 0 and self.seq >= 2:
@@ -269,7 +284,7 @@ class Sender:
         return SyncReport(version, self.seq - 1, plan.total_bytes, len(plan.buckets), self.num_receivers, t_plan,
                           times.pack, times.transfer, max(a["apply_s"] for a in acks), time.perf_counter() - t0,
                           msg["fallback"], ",".join(wire),
-                          ",".join(sorted({a["engine_apply"] for a in acks if "engine_apply" in a})))
+                          ",".join(sorted({a["engine_apply"] for a in acks if "engine_apply" in a})), **delta)
 
     def abort_push(self, seq: int, reason: str) -> None:
         """Give up on push number ``seq`` (from any thread): every trainer rank's and receiver's wait in it stops
@@ -311,6 +326,8 @@ class Sender:
         p = Keys.push(seq)
         for key in [Keys.plan(p)] + [Keys.pieces(p, r) for r in range(self.world)] + \
                    [Keys.done(p, j) for j in range(self.num_receivers)] + \
+                   [Keys.delta_ack(p, j) for j in range(self.num_receivers)] + \
+                   [Keys.delta_stats(p, r) for r in range(self.world)] + \
                    [Keys.ipc(p, r) for r, local in enumerate(self.bridge.layout.local) if local]:
             self.bridge.store.delete_key(key)
 

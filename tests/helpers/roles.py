@@ -99,13 +99,14 @@ def fsdp_trainer(rank, world, n, port, pushes):
     return states, reports
 
 
-def zero3_engine(model):
-    """``model`` under DeepSpeed ZeRO-3 on CPU (gloo) with an SGD optimizer; returns the engine."""
+def zero3_engine(model, opt=None):
+    """``model`` under DeepSpeed ZeRO-3 on CPU (gloo) with an SGD optimizer (or ``opt(params)``); returns the
+    engine."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if opt is None else opt(model.parameters())
     cfg = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3},
            "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)

@@ -14,11 +14,11 @@ PKG = Path(__file__).resolve().parents[2] / "trainer_sync"
 # Bottom to top. A module's layer is the longest prefix of its dotted name (without "trainer_sync.") listed here.
 LAYERS: list[tuple[str, list[str]]] = [
     ("protocol", ["errors", "config", "report", "protocol"]),
-    ("plan", ["plan"]),
+    ("plan", ["plan", "delta_policy"]),  # delta_policy.py: the pure delta decision and bucket geometry
     ("sources", ["sources"]),
     ("codec", ["codec", "delta"]),  # delta.py: delta-push encoding (wire format)
     ("transport", ["transport"]),
-    ("pipeline", ["pipeline"]),
+    ("pipeline", ["pipeline", "delta_send", "delta_recv"]),  # the delta send / receive loops
     ("per-rank", ["sender", "receiver", "catchup"]),
     ("engines", ["engines", "metrics"]),
     # Training-loop hooks know WeightSync only by its push(); WeightSync.attach()/callback() hand out these hooks.
