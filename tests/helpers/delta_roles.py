@@ -120,7 +120,7 @@ def epochs_trainer(rank, world, port, plan):
     return states, reports
 
 
-def epochs_receiver(j, n, m, port, epochs):
+def epochs_receiver(j, world, port, epochs, m=1):
     """``epochs``: (epoch, receiver rank, receivers, pushes) this receiver takes part in; the same receiver state
     is carried from one epoch to the next (Receiver.adopt). Returns (version, tensors) per push taken."""
     out, prev = [], None
@@ -136,3 +136,18 @@ def epochs_receiver(j, n, m, port, epochs):
         r.close()
         prev = r
     return out
+
+
+def bad_targets_receiver(j, n, m, port):
+    """Targets of the wrong dtype for one tensor: the push fails with an error naming it; returns the error."""
+    targets = bf16_targets()
+    targets["2.weight"] = targets["2.weight"].float()
+    r = Receiver(info(port, j, n, m, timeout=30.0), targets=targets)
+    r.connect()
+    try:
+        r.receive(lambda batch: None)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    finally:
+        r.close()
+    return "no error"

@@ -1,0 +1,107 @@
+"""Delta pushes, the pure part (trainer_sync/delta_policy.py, delta_recv's destination binding, the settings):
+which push may go as deltas and why not, the bucket geometry both sides agree on, and bad input refused clearly."""
+import pytest
+import torch
+
+from trainer_sync import SyncConfig
+from trainer_sync import delta as D
+from trainer_sync.delta_policy import (DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest,
+                                       receiver_state)
+from trainer_sync.delta_recv import DeltaReceiver
+from trainer_sync.plan import Bucket, BucketPlan, Slot, WireTensor
+
+DIGEST = plan_digest("{}")
+
+
+def held(version, ok=True, digest=DIGEST, why=""):
+    return receiver_state(digest, version, ok, why)
+
+
+def test_delta_when_every_receiver_holds_the_base():
+    d = delta_allowed("auto", False, 5, DIGEST, [held(5), held(5)])
+    assert d == DeltaDecision(True, 5, None)
+    assert DeltaDecision.from_json(d.to_json()) == d
+
+
+@pytest.mark.parametrize("mode, ipc, base, receivers, reason", [
+    ("off", False, 5, [held(5)], "delta off (SyncConfig.delta)"),
+    ("auto", True, 5, [held(5)], "CUDA IPC push (same-GPU copies always go full)"),
+    ("auto", False, 0, [held(None)], "first push (no base version yet)"),
+    ("auto", False, 5, [held(5), None], "receiver 1 holds no version (joined late or restarted)"),
+    ("auto", False, 5, [held(None)], "receiver 0 holds no version (joined late or restarted)"),
+    ("auto", False, 5, [held(4)], "receiver 0 holds version 4, not the base version 5 (it missed a push)"),
+    ("auto", False, 5, [held(5, ok=False, why="mirror too big")], "receiver 0 cannot apply deltas (mirror too big)"),
+    ("auto", False, 5, [held(5, digest="x")], "receiver 0 holds version 5 of another plan"),
+])
+def test_full_push_and_why(mode, ipc, base, receivers, reason):
+    d = delta_allowed(mode, ipc, base, DIGEST, receivers)
+    assert not d.on and reason in d.reason
+
+
+def test_every_problem_is_named():
+    d = delta_allowed("auto", False, 3, DIGEST, [held(3), held(2), None])
+    assert d.reason == ("receiver 1 holds version 2, not the base version 3 (it missed a push); "
+                        "receiver 2 holds no version (joined late or restarted)")
+
+
+def test_bad_mode_is_refused():
+    with pytest.raises(ValueError, match="SyncConfig.delta must be"):
+        delta_allowed("sometimes", False, 1, DIGEST, [])
+    with pytest.raises(ValueError, match="SyncConfig.delta must be auto or off"):
+        SyncConfig(delta="on")
+    with pytest.raises(ValueError, match="delta_cache_mb"):
+        SyncConfig(delta_cache_mb=-1)
+    assert SyncConfig().delta == "auto"
+
+
+def test_padding_and_word():
+    b = Bucket(0, 0, 0, 1024, (Slot("a", 0, 10, 0), Slot("b", 0, 3, 256), Slot("c", 0, 5, 512)))
+    sizes = {"a": 2, "b": 1, "c": 4}
+    assert padding_ranges(b, sizes) == [(20, 256), (259, 512), (532, 1024)]
+    assert bucket_word(b, sizes) == 1  # b: 3 bytes, not a whole number of 2-byte words
+    assert bucket_word(b, {"a": 2, "b": 2, "c": 4}) == 2
+
+
+def plan():
+    t = {"w": WireTensor("w", (4, 8), "bfloat16", ("tied",)), "v": WireTensor("v", (5,), "float32")}
+    return BucketPlan(t, (Bucket(0, 0, 0, 512, (Slot("w", 0, 32, 0), Slot("v", 0, 5, 256))),), 1, 1024)
+
+
+def test_targets_bind_by_name_or_alias():
+    targets = {"tied": torch.zeros(4, 8, dtype=torch.bfloat16), "v": torch.zeros(5)}
+    dr = DeltaReceiver("auto", None, targets, torch.device("cpu"))
+    p = plan()
+    dr.prepare(p, p.to_json())
+    assert dr.dest["w"].data_ptr() == targets["tied"].data_ptr()
+    assert dr.state() == receiver_state(plan_digest(p.to_json()), None, True, "")
+
+
+@pytest.mark.parametrize("targets, message", [
+    ({"w": torch.zeros(4, 8), "v": torch.zeros(5)}, "target w is [4, 8] float32, the trainer sends [4, 8] bfloat16"),
+    ({"w": torch.zeros(4, 8, dtype=torch.bfloat16)}, "no target for v"),
+    ({"w": torch.zeros(4, 8, dtype=torch.bfloat16), "v": torch.zeros(5), "x": torch.zeros(1)},
+     "targets the trainer does not send: ['x']"),
+    ({"w": torch.zeros(3, 8, dtype=torch.bfloat16), "v": torch.zeros(5)}, "target w is [3, 8] bfloat16"),
+])
+def test_bad_targets_are_refused_naming_the_tensor(targets, message):
+    dr = DeltaReceiver("auto", None, targets, torch.device("cpu"))
+    p = plan()
+    with pytest.raises(D.DeltaError, match="Receiver targets do not match") as e:
+        dr.prepare(p, p.to_json())
+    assert message in str(e.value)
+
+
+def test_targets_must_be_tensors_and_contiguous():
+    with pytest.raises(TypeError, match="dict of tensor name"):
+        DeltaReceiver("auto", None, {"w": [1, 2]}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="contiguous"):
+        DeltaReceiver("auto", None, {"w": torch.zeros(8, 4).t()}, torch.device("cpu"))
+
+
+def test_mirror_over_its_cap_takes_full_pushes():
+    dr = DeltaReceiver("auto", 50, None, torch.device("cpu"))  # the plan needs 64 + 20 bytes
+    p = plan()
+    dr.prepare(p, p.to_json())
+    st = dr.state()
+    assert dr.dest is None and not st["ok"] and "over delta_mirror_mb" in st["why"]
+    assert "cannot apply deltas" in delta_allowed("auto", False, 1, st["digest"], [{**st, "version": 1}]).reason
