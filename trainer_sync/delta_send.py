@@ -87,6 +87,17 @@ class DeltaSender:
             entry.data[lo:hi].zero_()
         entry.sums = target if target is not None else D.sums(entry.data)
 
+    def advance(self, bucket: Bucket, enc: torch.Tensor, st: D.DeltaStats) -> None:
+        """Make the cached base of ``bucket`` this push's bytes by writing only the changed words of the delta
+        ``enc`` into it (O(changed), instead of copying the bucket), not yet acknowledged."""
+        entry = self.cache.entries[bucket.index]
+        if st.kind == D.FULL:
+            entry.data.copy_(enc[D.HEADER_BYTES:])
+        elif st.changed:
+            _, pos, vals = D.changes(enc)
+            entry.data.view(vals.dtype).index_copy_(0, pos, vals)  # fillers rewrite unchanged words: no-ops
+        entry.sums, entry.version = st.target, None
+
     def commit(self, version: int) -> None:
         self.cache.commit(version)
 
@@ -152,7 +163,10 @@ def send_delta(plan: BucketPlan, source: Source, group, pool: BufferPool, num_bu
                 works = [broadcast_bucket(group, header)] + ([broadcast_bucket(group, body)] if body.numel() else [])
                 inflight.append((bucket, works, (header, enc)))
                 t = time.perf_counter()
-                ds.keep(bucket, buf, target)  # while the bucket is on the wire
+                if enc is not None:  # while the bucket is on the wire
+                    ds.advance(bucket, enc, st)
+                else:
+                    ds.keep(bucket, buf, target)
                 if on_packed is not None:
                     on_packed(bucket, buf)
                 times.pack += time.perf_counter() - t
