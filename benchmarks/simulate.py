@@ -135,6 +135,11 @@ class SyncRates:
     bucket_overhead_s: float = 100e-6
     per_tensor_s: float = 0.0  # engine-side cost per tensor applied (Python weight loaders); not measured yet
     weights_on_host: bool = False  # True: the trainer's weights start in host memory (adds H2D to packing)
+    # Delta pushes (issue 16): bytes on the wire over a full push's (bench_delta_push.py measures it per learning
+    # rate), and the encode's extra passes over the sender's bytes at the pack rate (compare, nonzero, gathers;
+    # an assumption: 3 passes) plus the receiver's base check (one read of its bytes at the reload rate).
+    wire_fraction: float = 1.0
+    encode_passes: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -224,8 +229,13 @@ def simulate_trainer_sync(w: Workload, hw: Hardware = Hardware(), rates: SyncRat
     steps = max(1, math.ceil(per_sender / w.bucket_bytes))
     x, bound = transfer_seconds(w, hw, tp_aware)
     p = per_sender / pack + (per_sender / (hw.h2d_GBps * GB) if rates.weights_on_host else 0.0)
+    f = rates.wire_fraction
+    delta = f < 1.0
+    if delta:  # deltas: fewer bytes on the wire and written, an encode on the sender and a base check on receivers
+        x *= f
+        p += rates.encode_passes * per_sender / pack
     stages = {"pack": p, "transfer": x + steps * rates.bucket_overhead_s,
-              "reload": per_gpu / reload + w.num_tensors * rates.per_tensor_s}
+              "reload": per_gpu * (f + (1.0 if delta else 0.0)) / reload + w.num_tensors * rates.per_tensor_s}
     t = pipeline_seconds(list(stages.values()), steps, overlap)
     slowest = max(stages, key=stages.get)
     return Estimate(t, per_gpu, stages, f"{slowest} ({bound})" if slowest == "transfer" else slowest, steps,

@@ -1,0 +1,205 @@
+"""Delta pushes through the REAL push path (issue 16): delta vs full push seconds on CPU gloo, side by side.
+
+One trainer process holds a tiny Qwen3 built in code (default: hidden 768, 8 layers, vocab 32000, ~100 M
+parameters = ~400 MB of fp32 master weights, ~200 MB of bf16 wire values) and two Senders over the same model:
+``delta="auto"`` to one receiver process and ``delta="off"`` to another. Both receivers write every push into their
+own bf16 tensors in place (``Receiver(..., targets=...)``: the served tensors). Per learning rate the model starts
+from the same weights with a fresh AdamW (weight decay 0), and each of ``--steps`` real steps (causal-LM loss on
+fixed random token batches) is followed by a delta push and then a full push of the same weights. Reported per
+learning rate: the changed fraction and bytes per push (SyncReport.changed_fraction / bytes_sent / bytes_full),
+push seconds (SyncReport.total_s, medians) delta vs full with their stages, and a bit-exact check of both
+receivers against the trainer's bf16 weights at the end. The measured byte ratios then go into the push simulator
+(benchmarks/simulate.py) for the 1T-parameter / 256-GPU case. Prints one JSON object; ``--out`` saves it.
+
+    python benchmarks/bench_delta_push.py [--steps 50] [--lrs 1e-6,1e-5] [--out benchmarks/results/x.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+BF16 = torch.bfloat16
+
+
+def _model(args, device="cpu"):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // args.head_dim,
+                         num_key_value_heads=max(1, args.hidden // args.head_dim // 3), head_dim=args.head_dim,
+                         max_position_embeddings=2 * args.seq, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _cfg(port: int, args, delta: str):
+    from trainer_sync import SyncConfig
+
+    return SyncConfig(port=port, token="bench", bucket_mb=args.bucket_mb, wire_dtype="bfloat16", timeout_s=300,
+                      delta=delta)
+
+
+def _stats(xs, nd=6):
+    return {"median": round(statistics.median(xs), nd), "mean": round(statistics.fmean(xs), nd),
+            "min": round(min(xs), nd), "max": round(max(xs), nd)} if xs else None
+
+
+def _digest(bits: torch.Tensor) -> list[int]:
+    """A tensor's bf16 bit patterns, summed two ways (equal digests on both sides: the same bits, for the test's
+    purpose; the tests check bit-exactness element by element)."""
+    flat = bits.reshape(-1).to(torch.int64)
+    return [int(flat.sum()), int((flat * (torch.arange(flat.numel()) % 65521)).sum())]
+
+
+def trainer(rank, world, ports, args):
+    from trainer_sync import Sender
+
+    model = _model(args)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    senders = {"delta": Sender(model, _cfg(ports[0], args, "auto")), "full": Sender(model, _cfg(ports[1], args, "off"))}
+    for s in senders.values():
+        s.connect(1)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.batches)]
+    results = []
+    for lr in args.lrs:
+        model.load_state_dict(initial)  # the same start for every learning rate (the parameters stay the same objects)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        reports = {"delta": [], "full": []}
+        train_s, losses = [], []
+        for step in range(args.steps + 1):  # step 0: no training, the push of the start weights (the base)
+            if step:
+                torch.set_num_threads(args.train_threads)
+                t = time.perf_counter()
+                ids = batches[(step - 1) % len(batches)]
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                train_s.append(time.perf_counter() - t)
+                losses.append(loss.item())
+                torch.set_num_threads(1)
+            for kind in ("delta", "full"):
+                reports[kind].append(senders[kind].push().to_dict())
+        want = {n: p.detach().to(BF16).view(torch.int16) for n, p in model.named_parameters()}
+        digest = {n: _digest(w) for n, w in want.items()}
+        results.append({"lr": lr, "reports": reports, "train_s": train_s, "loss_first_last": [losses[0], losses[-1]],
+                        "digest": digest})
+    for s in senders.values():
+        s.close()
+    return {"results": results, "params": sum(p.numel() for p in model.parameters())}
+
+
+def receiver(j, world, port, args, pushes):
+    from tests.helpers.roles import info
+    from trainer_sync import Receiver
+
+    shapes = {n: p.shape for n, p in _model(args, "meta").named_parameters()}
+    targets = {n: torch.zeros(s, dtype=BF16) for n, s in shapes.items()}
+    r = Receiver(info(port, 0, 1, 1, token="bench", timeout=300.0), targets=targets)
+    r.connect()
+    digests = []
+    for k in range(pushes):
+        r.receive(lambda batch: None)  # the targets are the served tensors: nothing else to do
+        if (k + 1) % (args.steps + 1) == 0:  # the last push of a learning rate
+            digests.append({n: _digest(t.view(torch.int16)) for n, t in targets.items()})
+    r.close()
+    return digests
+
+
+def summarize(res: dict, args) -> dict:
+    out = []
+    for k, r in enumerate(res["trainer"]["results"]):
+        d, f = r["reports"]["delta"][1:], r["reports"]["full"][1:]  # without the base push of the start weights
+        full_bytes = f[0]["bytes"]
+        sent = [x["bytes_sent"] for x in d]
+        ds, fs = [x["total_s"] for x in d], [x["total_s"] for x in f]
+        exact = all(res[name][k] == r["digest"] for name in ("delta_receiver", "full_receiver"))
+        out.append({
+            "lr": r["lr"],
+            "changed_fraction": _stats([x["changed_fraction"] for x in d]),
+            "changed_fraction_first_step": d[0]["changed_fraction"],
+            "bytes_full": full_bytes,
+            "bytes_per_delta_push": _stats(sent, 0),
+            "full_over_delta_bytes": round(full_bytes / statistics.median(sent), 2),
+            "full_reasons": sorted({str(x["full_reason"]) for x in d}),
+            "push_s": {"delta": _stats(ds, 4), "full": _stats(fs, 4)},
+            "full_over_delta_seconds": round(statistics.median(fs) / statistics.median(ds), 2),
+            "stages_median_s": {kind: {s: round(statistics.median(x[s] for x in rep), 4)
+                                       for s in ("plan_s", "pack_s", "transfer_s", "apply_s")}
+                                for kind, rep in (("delta", d), ("full", f))},
+            "train_step_s": round(statistics.median(r["train_s"]), 3),
+            "loss_first_last": [round(x, 4) for x in r["loss_first_last"]],
+            "receivers_bit_exact": exact,
+        })
+    return {"params": res["trainer"]["params"], "results": out}
+
+
+def simulate(results: list[dict]) -> dict:
+    """The measured byte ratios in the push model: 1T FP8 on 256 GPUs, TP16, colocated (simulate_push's headline),
+    full vs delta. The ratio is measured on bf16 wire values of a small model; fp8's coarser spacing would change
+    fewer elements per step, so this is if anything pessimistic for the bytes (an assumption, not a measurement)."""
+    from benchmarks.simulate import KIMI_K2_FP8, Hardware, SyncRates, Workload, simulate_trainer_sync
+
+    w = Workload(num_gpus=256, tp=16, **KIMI_K2_FP8)
+    out = {}
+    for label, hw in (("node_nic_aggregate", Hardware()), ("stream_cap_50GBps", Hardware(stream_cap_GBps=50.0))):
+        full = simulate_trainer_sync(w, hw, SyncRates())
+        row = {"full_s": round(full.seconds, 3), "full_bottleneck": full.bottleneck}
+        for r in results:
+            frac = 1.0 / r["full_over_delta_bytes"]
+            est = simulate_trainer_sync(w, hw, SyncRates(wire_fraction=frac))
+            row[f"lr_{r['lr']:g}"] = {"wire_fraction": round(frac, 4), "delta_s": round(est.seconds, 3),
+                                      "bottleneck": est.bottleneck, "speedup": round(full.seconds / est.seconds, 2)}
+        out[label] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--lrs", default="1e-6,1e-5")
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--inter", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=8, help="distinct token batches, cycled")
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--train-threads", type=int, default=2, help="torch threads of the training step (pushes: 1)")
+    ap.add_argument("--timeout", type=float, default=1500.0)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    from tests.helpers.cluster import free_port, run_roles
+
+    t0 = time.perf_counter()
+    ports = [free_port(), free_port()]
+    pushes = len(args.lrs) * (args.steps + 1)
+    res = run_roles([("trainer", 0, 1, trainer, (ports, args)),
+                     ("receiver", 0, 1, receiver, (ports[0], args, pushes)),
+                     ("receiver", 1, 1, receiver, (ports[1], args, pushes))], timeout=args.timeout)
+    summary = summarize({"trainer": res[("trainer", 0)], "delta_receiver": res[("receiver", 0)],
+                         "full_receiver": res[("receiver", 1)]}, args)
+    out = {"benchmark": "delta_push", "path": "Sender -> Receiver processes, CPU gloo loopback, bf16 wire",
+           "model": {"hidden": args.hidden, "inter": args.inter, "layers": args.layers, "vocab": args.vocab},
+           "steps": args.steps, "bucket_mb": args.bucket_mb, "cpus": os.cpu_count(), **summary,
+           "simulated_1T_256_gpus_tp16": simulate(summary["results"]), "wall_s": round(time.perf_counter() - t0, 1)}
+    text = json.dumps(out)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
