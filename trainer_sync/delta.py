@@ -35,44 +35,25 @@ column; ``Sums``), so the new sums follow from the old ones and the changed word
 bucket's sums (``DeltaStats.target``) never re-reads a sparse bucket to checksum it, and a receiver checks a sparse
 delta's result before writing anything.
 
-Phase 2 design (the wiring; not in this module)
------------------------------------------------
-*Trainer-side cache.* Each trainer rank keeps the last *acknowledged* wire bytes of its own buckets (its shard
-only, after the cast to the wire dtype: bf16 for a bf16 engine, i.e. half the fp32 master's bytes of that shard),
-plus each bucket's target checksum, keyed by (plan key, bucket index) and the version they were pushed as. It is
-written after every receiver acknowledged the push (a failed push leaves the cache at the last good version: the
-packed bytes are kept in a staging copy until the acknowledgement, or the cache entry is dropped if memory is short).
-Memory: one wire-dtype copy of this rank's shard (the README says so), on the device of the pack buffers by default
-(GPU memory is what makes the diff free; ``SyncConfig.delta_cache_device="cpu"`` puts it in pinned host memory at
-the price of a D2H/H2D pass per push) and capped by ``SyncConfig.delta_cache_mb``: buckets past the cap are not
-cached and always go full. A new plan (different tensors/buckets) invalidates the cache; ``catchup.Snapshot`` can
-share the same bytes when ``keep_latest`` is on.
+The wiring (phase 2: delta_policy.py, delta_send.py, delta_recv.py)
+-------------------------------------------------------------------
+*Trainer-side cache* (``DeltaCache`` below, in delta_send.DeltaSender): each trainer rank keeps the last pushed
+wire bytes of its own buckets (its shard only, in the wire dtype), keyed by bucket index for one plan (a new plan
+clears it), on the device of its pack buffers, capped by ``SyncConfig.delta_cache_mb`` (buckets past the cap go
+FULL). A delta bucket advances its entry in place (only the changed words); entries become the base of a version
+only once every receiver acknowledged it (``commit``), a failed push drops what it overwrote (``abandon``).
 
-*Which encoding, which base.* ``SyncConfig.delta`` = ``"auto"`` (default) | ``"off"``. Per push, trainer rank 0
-decides the base version ``b`` = the trainer's last acknowledged push, and per *group* (sender rank) whether delta is
-allowed: only if every receiver of that group acknowledged ``b`` (receivers report their served version and whether
-they can apply in place in the handshake) and the sender's cache holds ``b`` for that bucket. The plan message says
-``delta_base: b`` and, per sender rank, ``delta: true|false``; each sender then picks FULL/BITMASK/INDICES per bucket
-itself (all receivers of a broadcast group get the same bytes, so the choice is per sender, not per receiver). As
-the encoded size is only known after packing, each bucket travels as two broadcasts on its group: the fixed 48-byte
-header (which carries ``nbytes``) and then the body; receivers post the header receive of bucket k+1 while body k is
-in flight, so the pipeline keeps its overlap. FULL buckets keep today's raw layout (no copy into an encoded buffer).
+*Which encoding, which base* (delta_policy.delta_allowed, pure): trainer rank 0 allows deltas against its last
+acknowledged version ``b`` only when every receiver said (when it joined, then with every acknowledgement) that it
+holds ``b`` of the same plan in a destination it can apply deltas to; else the push goes full and
+``SyncReport.full_reason`` says why. Each sender then picks FULL/BITMASK/INDICES per bucket; each bucket travels as
+the 48-byte header broadcast and then its body. CUDA IPC pushes always go full.
 
-*A receiver not at the base version* (joined late, missed or failed a push, restarted, or one whose apply path needs
-whole tensors) is seen in the handshake: its group gets FULL buckets for that push (``delta: false``), and a receiver
-that still finds a checksum mismatch on a delta bucket (it applied something outside our knowledge) acknowledges
-with an error naming ``DeltaBaseMismatch``; the trainer then retries that push once with ``delta: false`` for
-everyone. Catch-up (catchup.py) always serves full versions.
-
-*Where deltas are applied in place.* Only where the destination holds exactly the received values of the last
-version: plain receivers that keep the tensors they were handed (the receive buffers or the user's own copies), and
-a vLLM engine on the fast direct path (``engines/placement.py``: once armed, each checkpoint tensor's bytes sit
-verbatim in a slice of a parameter, so ``apply_segments`` can scatter the changes straight into those slices). An
-engine on vLLM's layerwise reload (CPU engines, quantized models, not yet proven) re-processes layers and cannot
-take a delta: it says so in its expectations and its group gets FULL buckets applied with the layerwise reload.
-
-*Report.* ``SyncReport.bytes_sent`` (encoded bytes on the wire per receiver), ``bytes_full`` (what a full push
-would have sent) and ``changed_fraction`` (changed elements / elements over the delta buckets).
+*Receivers* (delta_recv.py) apply into the served tensors themselves (``Receiver(..., targets=...)``) or into a
+mirror of the last version (whole tensors for engines that re-process layers, e.g. vLLM's layerwise reload). A
+delta whose base checksum does not match is refused before writing; after the transfer every member learns who
+refused (the verdict round) and the same push is sent again full at once. Catch-up (catchup.py) serves full
+versions. *Report*: ``bytes_sent``, ``bytes_full``, ``changed_fraction`` (over the delta-encoded buckets).
 """
 from __future__ import annotations
 
