@@ -153,7 +153,8 @@ def receive_delta(plan: BucketPlan, groups: dict, dr: DeltaReceiver, deadline: D
         t = time.perf_counter()
         posted = [(b, heads[i], broadcast_bucket(groups[b.src], heads[i])) for i, b in enumerate(buckets)]
         for b, _, w in posted:
-            wait_work(w, deadline, f"delta header of bucket {b.index} (round {b.round})", f"trainer rank {b.src} -> {me}")
+            wait_work(w, deadline, f"delta header of bucket {b.index} (round {b.round})",
+                      f"trainer rank {b.src} -> {me}")
         bodies_posted = []
         for i, (b, head, _) in enumerate(posted):
             h = D.Header.unpack(head)
