@@ -155,6 +155,9 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         device = self.device if info.backend == "nccl" else torch.device("cpu")
         expected = self.expected()
         receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected))
+        old = self.receiver
+        if old is not None and (old.info.host, old.info.port) == (info.host, info.port):
+            receiver.adopt(old)  # the same trainer's new epoch: the delta mirror still holds its last version
         try:
             receiver.connect()
         except BaseException:
