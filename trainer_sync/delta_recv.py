@@ -55,6 +55,7 @@ class DeltaReceiver:
     def prepare(self, plan: BucketPlan, plan_json: str) -> None:
         """Before a push of ``plan``: the destination for it (a new plan: nothing held yet)."""
         self.written = set()
+        self.version = None  # until this push completes: a failed push leaves the destination half written
         digest = plan_digest(plan_json)
         if digest == self.digest:
             return
