@@ -105,3 +105,29 @@ def test_mirror_over_its_cap_takes_full_pushes():
     st = dr.state()
     assert dr.dest is None and not st["ok"] and "over delta_mirror_mb" in st["why"]
     assert "cannot apply deltas" in delta_allowed("auto", False, 1, st["digest"], [{**st, "version": 1}]).reason
+
+
+def test_sender_cache_zeroes_padding_advances_in_place_and_keeps_only_acknowledged_versions():
+    from trainer_sync.delta_send import DeltaSender
+
+    p = plan()
+    b = p.buckets[0]
+    ds = DeltaSender("auto", None)
+    ds.begin(p.to_json(), p)
+    assert ds.pads(b) == [(64, 256), (276, 512)] and ds.word(b) == 2
+    g = torch.Generator().manual_seed(0)
+    v1 = torch.randint(0, 256, (512,), dtype=torch.uint8, generator=g)  # garbage in the padding too
+    ds.keep(b, v1)
+    assert ds.cache.base(0, 512, 1) is None  # not acknowledged yet
+    ds.commit(1)
+    data, sums = ds.cache.base(0, 512, 1)
+    assert not data[64:256].any() and not data[276:].any() and torch.equal(data[:64], v1[:64])
+    assert sums == D.sums(data)
+    v2 = data.clone()
+    v2[:64:5] += 1
+    enc, st = D.encode(data, v2, word=2, base=sums)
+    ds.advance(b, enc, st)
+    assert torch.equal(ds.cache.entries[0].data, v2) and ds.cache.entries[0].sums == D.sums(v2)
+    assert ds.cache.base(0, 512, 1) is None  # overwritten by a push not yet acknowledged
+    ds.abandon()  # that push failed: the bucket has no base any more (it goes full next time)
+    assert 0 not in ds.cache.entries
