@@ -35,15 +35,16 @@ class DeltaDecision:
     on: bool
     base: int  # the version deltas are computed against (meaningful when on)
     reason: str | None  # why the push goes full (None when on)
+    keep: bool = True  # whether the senders cache this push as the next one's base (False: no receiver could use it)
 
     def to_json(self) -> dict:
-        return {"on": self.on, "base": self.base, "reason": self.reason}
+        return {"on": self.on, "base": self.base, "reason": self.reason, "keep": self.keep}
 
     @classmethod
     def from_json(cls, d: dict | None) -> "DeltaDecision":
         if not d:
-            return cls(False, 0, "delta not negotiated")
-        return cls(bool(d["on"]), int(d["base"]), d.get("reason"))
+            return cls(False, 0, "delta not negotiated", False)
+        return cls(bool(d["on"]), int(d["base"]), d.get("reason"), bool(d.get("keep", True)))
 
 
 def delta_allowed(mode: str, ipc: bool, base: int, digest: str, receivers: list[dict | None]) -> DeltaDecision:
@@ -53,11 +54,13 @@ def delta_allowed(mode: str, ipc: bool, base: int, digest: str, receivers: list[
     if mode not in DELTA_MODES:
         raise ValueError(f"SyncConfig.delta must be one of {DELTA_MODES}, got {mode!r}")
     if mode == "off":
-        return DeltaDecision(False, base, "delta off (SyncConfig.delta)")
+        return DeltaDecision(False, base, "delta off (SyncConfig.delta)", False)
     if ipc:
-        return DeltaDecision(False, base, "CUDA IPC push (same-GPU copies always go full)")
+        return DeltaDecision(False, base, "CUDA IPC push (same-GPU copies always go full)", False)
+    # Caching this push only pays if every receiver can take deltas at all (else it costs a copy per push for nothing)
+    keep = all(st and st.get("ok") for st in receivers)
     if base <= 0:
-        return DeltaDecision(False, base, "first push (no base version yet)")
+        return DeltaDecision(False, base, "first push (no base version yet)", keep)
     problems = []
     for j, st in enumerate(receivers):
         if not st or st.get("version") is None:
@@ -70,8 +73,8 @@ def delta_allowed(mode: str, ipc: bool, base: int, digest: str, receivers: list[
         elif st.get("digest") != digest:
             problems.append(f"receiver {j} holds version {base} of another plan (the tensors or buckets changed)")
     if problems:
-        return DeltaDecision(False, base, "; ".join(problems))
-    return DeltaDecision(True, base, None)
+        return DeltaDecision(False, base, "; ".join(problems), keep)
+    return DeltaDecision(True, base, None, True)
 
 
 def padding_ranges(bucket: Bucket, itemsizes: dict[str, int]) -> list[tuple[int, int]]:

@@ -49,7 +49,9 @@ class DeltaReceiver:
         self.tensors: set[str] = set()
 
     def state(self) -> dict:
-        ok = self.mode != "off" and self.dest is not None and not self.why
+        """What this receiver holds, and whether it can take deltas at all (before its first push: it will have a
+        destination; ``why`` says otherwise)."""
+        ok = self.mode != "off" and not self.why
         return receiver_state(self.digest, self.version, ok, self.why or ("delta off" if self.mode == "off" else ""))
 
     def prepare(self, plan: BucketPlan, plan_json: str) -> None:

@@ -191,7 +191,9 @@ def transfer(ds: DeltaSender, plan: BucketPlan, msg: dict, full, source: Source,
     packed buckets as the next push's base. Returns the stage times and this rank's stats (``full_reason`` too)."""
     decision = DeltaDecision.from_json(msg.get("delta"))
     keep = None
-    if ds.enabled and not ipc:
+    if not (ds.enabled and not ipc and decision.keep):
+        ds.cache.clear()  # no receiver could take a delta against this push: nothing worth its memory and copies
+    else:
         ds.begin(msg["plan"], plan)
 
         def keep(bucket, buf):

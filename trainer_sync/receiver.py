@@ -36,7 +36,7 @@ class ReceiveResult:
 class Receiver:
     def __init__(self, info: JoinInfo | dict, expected: Expected | dict | None = None,
                  device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None,
-                 targets: dict[str, torch.Tensor] | None = None):
+                 targets: dict[str, torch.Tensor] | None = None, delta_mirror: bool = True):
         self.info = info if isinstance(info, JoinInfo) else JoinInfo(**info)
         if isinstance(expected, dict):
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
@@ -66,7 +66,8 @@ class Receiver:
         # writes only what changed); without them a mirror of the last version is kept (SyncConfig.delta_mirror_mb)
         # so that deltas can be turned into whole tensors for ``on_batch``.
         self.delta: delta_recv.DeltaReceiver | None = None
-        if self.info.delta != "off" or targets is not None:
+        # ``delta_mirror=False``: no mirror (this receiver takes full pushes unless it has targets).
+        if targets is not None or (self.info.delta != "off" and delta_mirror):
             cap = None if self.info.delta_mirror_mb is None else int(self.info.delta_mirror_mb * 2**20)
             self.delta = delta_recv.DeltaReceiver(self.info.delta, cap, targets, self.device)
 
@@ -93,7 +94,8 @@ class Receiver:
             self.pool = BufferPool(dev)
             self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, srcs, i.num_receivers, dev, i.timeout_s)
         self.bridge.set_json(Keys.delta_state(i.receiver_rank), self.delta.state() if self.delta and not self.ipc
-                             else receiver_state(None, None, False, "delta off" if not self.ipc else "CUDA IPC"))
+                             else receiver_state(None, None, False, "CUDA IPC" if self.ipc else "delta off"
+                                                 if self.info.delta == "off" else "it keeps no delta mirror"))
         self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
 
     def receive(self, on_batch: Callable[[Batch], None], on_plan: Callable[[BucketPlan], None] | None = None

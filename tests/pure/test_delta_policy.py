@@ -131,3 +131,12 @@ def test_sender_cache_zeroes_padding_advances_in_place_and_keeps_only_acknowledg
     assert ds.cache.base(0, 512, 1) is None  # overwritten by a push not yet acknowledged
     ds.abandon()  # that push failed: the bucket has no base any more (it goes full next time)
     assert 0 not in ds.cache.entries
+
+
+def test_senders_cache_only_when_every_receiver_can_take_deltas():
+    assert delta_allowed("auto", False, 0, DIGEST, [held(None), held(None)]).keep  # the first push: cache it
+    assert not delta_allowed("auto", False, 0, DIGEST, [held(None), held(None, ok=False)]).keep
+    assert not delta_allowed("auto", False, 3, DIGEST, [held(3), None]).keep
+    assert delta_allowed("auto", False, 3, DIGEST, [held(2), held(3)]).keep  # missed a push: full, then deltas
+    assert not delta_allowed("off", False, 3, DIGEST, [held(3)]).keep
+    assert not delta_allowed("auto", True, 3, DIGEST, [held(3)]).keep

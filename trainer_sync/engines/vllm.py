@@ -154,7 +154,11 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         # gloo carries bytes through host memory: receive there and let load_weights copy to the device.
         device = self.device if info.backend == "nccl" else torch.device("cpu")
         expected = self.expected()
-        receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected))
+        # Delta pushes: a mirror of the model in host memory for the CPU engines (layerwise reload). Not on GPU
+        # engines yet: a mirror there would cost a second copy of the model in GPU memory and a copy per push on
+        # the fast path; applying deltas straight into the parameter slices of engines/placement.py is future work.
+        receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected),
+                            delta_mirror=device.type != "cuda")
         old = self.receiver
         if old is not None and (old.info.host, old.info.port) == (info.host, info.port):
             receiver.adopt(old)  # the same trainer's new epoch: the delta mirror still holds its last version
