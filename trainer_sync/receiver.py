@@ -18,7 +18,7 @@ from .errors import Aborted, Deadline, HandshakeMismatch, SyncError, describe
 from .pipeline import Batch, BufferPool, gc_paused, receive
 from .plan import BucketPlan, PlanCache
 from .protocol import Expected, JoinInfo, Keys
-from .transport import ipc
+from .transport import RecvTransport, cuda, open_recv
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
 
@@ -49,7 +49,7 @@ class Receiver:
             raise SyncError(f"receiver {self.info.receiver_rank}: the trainer uses NCCL but this receiver's device "
                             f"is {self.device}", stage="rendezvous")
         self._device_given = device is not None
-        self.ipc: ipc.IpcReceiver | None = None
+        self.transport: RecvTransport | None = None  # of the current epoch (transport/__init__.py: open_recv)
         self.me = Member("receiver", self.info.receiver_rank)
         self.pool = BufferPool(self.device)
         self.bridge: BridgeGroup | None = None
@@ -65,17 +65,16 @@ class Receiver:
         self.rdzv = Rendezvous(i.host, i.port, i.token, is_server=False, timeout_s=i.timeout_s)
         # Report this receiver's GPU (its own device, else the current CUDA device); trainer rank 0 decides which
         # trainer ranks it reaches by CUDA IPC (those on its GPU) and which through the groups (transport/layout.py).
-        dev = self.device if self._device_given or self.device.type == "cuda" else ipc.backend.default_device()
+        dev = self.device if self._device_given or self.device.type == "cuda" else cuda.backend.default_device()
         self.bridge = BridgeGroup(self.rdzv, self.me, i.epoch, i.num_trainers, i.num_receivers, i.backend,
                                   i.timeout_s, decide=lambda store: agree_layout(
-                                      store, self.me, "", ipc.device_uuid(dev), i.num_trainers, i.num_receivers,
+                                      store, self.me, "", cuda.device_uuid(dev), i.num_trainers, i.num_receivers,
                                       i.backend, i.timeout_s))
-        srcs = self.bridge.layout.local_srcs(i.receiver_rank)
-        if srcs:
-            ipc.require(dev, str(self.me))
+        if self.bridge.layout.local_srcs(i.receiver_rank):  # some trainer ranks share its GPU: CUDA IPC from them
+            cuda.require(dev, str(self.me))
             self.device = dev
             self.pool = BufferPool(dev)
-            self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, srcs, i.num_receivers, dev, i.timeout_s)
+        self.transport = open_recv(self.bridge, self.me, self.device, i.timeout_s)
         self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
 
     def receive(self, on_batch: Callable[[Batch], None], on_plan: Callable[[BucketPlan], None] | None = None
@@ -110,12 +109,8 @@ class Receiver:
             i = self.info
             deadline = Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s,
                                 abort=lambda: abort_reason(store, abort_key))
-            if self.ipc is not None:  # the trainer ranks on this GPU by IPC, the others (if any) over the wire
-                times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me), self.bridge.groups,
-                                         self.pool, deadline)
-            else:
-                times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], deadline, cb, wanted,
-                                str(self.me))
+            times = receive(plan, self.transport, self.pool, msg["num_buffers"], deadline, cb, wanted, str(self.me),
+                            push=p)
             if self.fp8:
                 cb.finish()
         except Exception as e:
@@ -151,9 +146,9 @@ class Receiver:
             pass  # the trainer is gone: nobody is waiting
 
     def close(self) -> None:
-        if self.ipc is not None:
-            self.ipc.close()
-            self.ipc = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
         if self.bridge is not None:
             self.bridge.close()
             self.bridge = None

@@ -149,10 +149,10 @@ def test_colocated_ipc_push_into_an_in_process_engine_host_standin(llm, monkeypa
     from tests.helpers import ipc_roles
     import torch
 
-    from trainer_sync.transport import ipc
+    from trainer_sync.transport import IpcRecv, IpcSend, cuda
 
     strategy = torch.multiprocessing.get_sharing_strategy()
-    monkeypatch.setattr(ipc, "backend", ipc_roles.HostIpc())
+    monkeypatch.setattr(cuda, "backend", ipc_roles.HostIpc())
     torch.multiprocessing.set_sharing_strategy("file_system")
     try:
         model = build_model(seed=0)
@@ -162,7 +162,8 @@ def test_colocated_ipc_push_into_an_in_process_engine_host_standin(llm, monkeypa
             for step in range(2):
                 perturb(model, seed=20 + step)  # in place: the exported storages stay the same
                 assert sync.push().version == start + step + 1
-                assert sync.sender.ipc is not None and llm_worker(llm).weight_transfer_engine.receiver.ipc is not None
+                assert isinstance(sync.sender.transport, IpcSend)
+                assert isinstance(llm_worker(llm).weight_transfer_engine.receiver.transport, IpcRecv)
                 assert_serves(llm, model)
     finally:
         torch.multiprocessing.set_sharing_strategy(strategy)
