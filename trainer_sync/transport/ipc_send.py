@@ -63,8 +63,8 @@ from .wire import WireSend, broadcast_bucket, wait_work
 
 
 class IpcSend(SendTransport):
-    """The trainer-rank side of one epoch, for the receivers on this rank's GPU (``local``); built by
-    ``Sender.connect`` when the layout gives this rank any. The receivers on other GPUs, if any, are reached through
+    """The trainer-rank side of one epoch, for the receivers on this rank's GPU (``local``); ``open_send``
+    (transport/__init__.py) builds it when the layout gives this rank any. The receivers on other GPUs, if any, are reached through
     ``wire`` (this rank's group): in the direct path it carries the push as it would without IPC, in the staged
     path it broadcasts the very buffer the local receivers map."""
 
