@@ -138,7 +138,7 @@ def trainer(rank, world, args) -> dict:
     sender.connect(1)
     for path in ("direct", "staged"):
         try:
-            sender.ipc.allow_direct = path == "direct"
+            sender.transport.allow_direct = path == "direct"  # an IpcSend (mode="ipc")
             walls, reports = [], []
             for k in range(warm + reps):
                 if k == warm + reps - 1:  # new weights before the last push: the check below sees them arrive

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trainer_sync import Receiver, Sender, SyncConfig  # noqa: E402
 from tests.helpers.cluster import free_port, outcomes  # noqa: E402
 from trainer_sync.pipeline import BufferPool, receive  # noqa: E402
+from trainer_sync.transport.wire import WireRecv  # noqa: E402
 from trainer_sync.plan import BucketPlan, LocalPiece, itemsize  # noqa: E402
 from trainer_sync.protocol import JoinInfo  # noqa: E402
 from benchmarks.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
@@ -313,7 +314,7 @@ def receiver_tp(j, n, cfg):
 
     nbytes = sum(s.numel * itemsize(plan.tensors[s.name].dtype) for b in plan.buckets for s in b.slots)
     for i in range(cfg["iters"] + 1):
-        receive(plan, groups, pool, 2, wait_limit(TIMEOUT), on_batch, None, f"receiver {j}")
+        receive(plan, WireRecv(groups), pool, 2, wait_limit(TIMEOUT), on_batch, None, f"receiver {j}")
         sync(device)
         store.set(f"tp/{i}/synced/{j}", "1")
     for g in groups.values():

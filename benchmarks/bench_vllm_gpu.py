@@ -15,6 +15,12 @@ depend on how the forward pass is compiled. Measured in one run, each the median
 * ``vllm_ipc``: vLLM's own ``ipc`` backend into the same engine configuration, driven the way its docs show
   (``start_weight_update`` -> ``IPCWeightTransferEngine.trainer_send_weights`` -> ``finish_weight_update``),
   without and with pause / prefix-cache reset / resume around it.
+* ``checkpoint_engine``: MoonshotAI's checkpoint-engine 0.4.2 into the same engine configuration through its own
+  vLLM worker extension (``VllmColocateWorkerExtension.update_weights_from_ipc``, which ends with vLLM's
+  ``process_weights_after_loading``), if ``checkpoint_engine`` imports: ``update_s`` is ``ParameterServer.update``
+  with the checkpoint already registered in pinned host memory (its H2D buckets, IPC and the engine's
+  ``load_weights``); ``rl_step_s`` adds what an RL step also needs, the D2H of the trainer's new weights into a
+  registered checkpoint (register, gather metas, update, unregister).
 * ``floor``: one flat device-to-device copy of the same bytes (CUDA events).
 
 Prints one JSON object (the last line of stdout); progress goes to stderr.
@@ -58,12 +64,12 @@ def config_dir(small: bool) -> str:
     return path
 
 
-def start_engine(path: str, backend: dict, mem: float):
+def start_engine(path: str, backend: dict | None, mem: float, **extra):
     from vllm import LLM
 
     return LLM(model=path, load_format="dummy", enforce_eager=True, dtype="bfloat16", skip_tokenizer_init=True,
                max_model_len=1024, max_num_seqs=8, gpu_memory_utilization=mem, weight_transfer_config=backend,
-               seed=0)
+               seed=0, **extra)
 
 
 class TimedClient(LlmClient):
@@ -133,11 +139,59 @@ def bench_vllm_ipc(llm, model, reps: int) -> dict:
     return out
 
 
+def bench_checkpoint_engine(path: str, model, reps: int) -> dict:
+    """checkpoint-engine 0.4.2 (one ParameterServer rank, colocated with the engine on this GPU)."""
+    import socket
+
+    from checkpoint_engine.ps import ParameterServer
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    # ParameterServer reads RANK / WORLD_SIZE from the environment when given rank 0 (``rank or env``), and its
+    # TCPStore listens on MASTER_PORT; it destroys its process group after each update (auto_pg).
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    llm = start_engine(path, None, 0.35, worker_extension_cls="checkpoint_engine.worker.VllmColocateWorkerExtension")
+    try:
+        ps = ParameterServer(rank=0, world_size=1, gpu_count=1)
+
+        def req(socket_paths):
+            llm.collective_rpc("update_weights_from_ipc", args=(dict(socket_paths),))
+
+        def register() -> None:  # the RL step's D2H: the trainer's current weights into pinned host memory
+            named = {n: p.detach().to("cpu") for n, p in model.named_parameters()}
+            ps.register_checkpoint("bench", named_tensors=named, use_shared_memory_pool=True)
+            ps.gather_metas("bench")
+
+        register()
+        update = []
+        for _ in range(2 + reps):
+            t = time.perf_counter()
+            ps.update("bench", req)
+            update.append(time.perf_counter() - t)
+        ps.unregister_checkpoint("bench")
+        step = []
+        for _ in range(2 + max(3, reps // 3)):
+            with torch.no_grad():
+                model.get_parameter("model.norm.weight").add_(1.0)
+            t = time.perf_counter()
+            register()
+            ps.update("bench", req)
+            ps.unregister_checkpoint("bench")
+            step.append(time.perf_counter() - t)
+        return {"update": stats(update[2:]), "rl_step": stats(step[2:])}
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (the control path alone)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip-vllm-ipc", action="store_true")
+    ap.add_argument("--skip-checkpoint-engine", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     shapes = shapes_for(args.small)
@@ -173,6 +227,16 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - reported in the JSON; the other figures stand
             res["vllm_ipc"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         log("vllm ipc:", res["vllm_ipc"])
+    if not args.skip_checkpoint_engine:
+        log("starting checkpoint-engine into vLLM")
+        try:
+            res["checkpoint_engine"] = bench_checkpoint_engine(path, model, args.reps)
+        except Exception as e:  # noqa: BLE001 - reported in the JSON; the other figures stand
+            import traceback
+
+            res["checkpoint_engine"] = {"error": traceback.format_exc()[-3000:]}
+        log("checkpoint-engine:", res["checkpoint_engine"])
+        torch.cuda.empty_cache()
     flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(flat)
     res["floor_d2d"] = stats(timed(lambda: dst.copy_(flat), dev, 10, 3))
@@ -182,6 +246,10 @@ def main() -> None:
         res["ratios"]["vllm_ipc_with_pause_over_trainer_sync"] = round(
             res["vllm_ipc"]["with_pause"]["median_s"] / ts, 2)
         res["ratios"]["vllm_ipc_no_pause_over_trainer_sync"] = round(res["vllm_ipc"]["no_pause"]["median_s"] / ts, 2)
+    if "update" in res.get("checkpoint_engine", {}):
+        ce = res["checkpoint_engine"]
+        res["ratios"]["checkpoint_engine_update_over_trainer_sync"] = round(ce["update"]["median_s"] / ts, 2)
+        res["ratios"]["checkpoint_engine_rl_step_over_trainer_sync"] = round(ce["rl_step"]["median_s"] / ts, 2)
     print(json.dumps(res), flush=True)
 
 

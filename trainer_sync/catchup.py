@@ -12,7 +12,7 @@ Who does what:
     pull a version that did not land whole.
   * ``CatchUpServer`` (a daemon thread on every trainer rank): serves join requests. Trainer rank 0 is the
     coordinator: it checks the joiner's token (the rendezvous HMAC; the token never travels) and publishes the plan;
-    every rank then sends its own buckets over a two-member gloo group formed for that join.
+    every rank then sends its own buckets over a two-member gloo group formed for that join (transport/p2p.py).
   * ``pull_latest`` (the joiner): register, authenticate, check the plan against what it expects, receive from all
     trainer ranks at once, hand whole tensors to ``on_batch`` (the same Assembler as a push).
 
@@ -24,16 +24,15 @@ import json
 import threading
 import time
 import warnings
-from datetime import timedelta
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from .errors import Deadline, HandshakeMismatch, SyncError
 from .pipeline import Batch, BufferPool, receive
 from .plan import Bucket, BucketPlan, Expected, PlanCache, check_plan
-from .transport.group import Member, Rendezvous, make_group, wait_keys
+from .transport.group import Member, Rendezvous, wait_keys
+from .transport.p2p import JOINER, TRAINER, PairRecv, pair_group, send_buckets
 
 POLL_S = 0.002  # a check on its own store connection costs ~50 us; joins start within 2 ms
 
@@ -146,13 +145,9 @@ class CatchUpServer:
                 return
             plan = BucketPlan.from_json(snap.plan_text)
             mine = [b for b in plan.buckets if b.src == self.rank]
-            pg = make_group(dist.PrefixStore(f"pair{self.rank}/", ns), 0, 2, "gloo", self.timeout_s, self.rdzv.host)
-            try:
-                # Post every send at once (the snapshot is immutable while we hold its lock): gloo streams them
-                # in order as the joiner posts its receives, with no round trip per bucket.
-                works = [pg.send([snap.buckets[b.index]], 1, b.index) for b in mine]
-                for work in works:
-                    work.wait(timedelta(seconds=self.timeout_s))
+            pg = pair_group(ns, self.rank, TRAINER, self.timeout_s, self.rdzv.host)
+            try:  # the snapshot is immutable while we hold its lock: every send can be posted at once
+                send_buckets(pg, [(b, snap.buckets[b.index]) for b in mine], self.timeout_s)
             finally:
                 pg.abort()
         self.served.append({"join": k, "version": snap.version, "seconds": time.perf_counter() - t})
@@ -195,8 +190,7 @@ def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: C
         if errors:
             raise HandshakeMismatch(errors)
     device = torch.device(device)
-    groups = {r: make_group(dist.PrefixStore(f"pair{r}/", ns), 1, 2, "gloo", timeout_s, host)
-              for r in range(num_trainers)}
+    pairs = PairRecv({r: pair_group(ns, r, JOINER, timeout_s, host) for r in range(num_trainers)})
     try:
         # Receive buffers: pass the same pool to later pulls to skip touching fresh pages every time.
         staging = pool if pool is not None else BufferPool(torch.device("cpu"))
@@ -205,9 +199,7 @@ def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: C
         def to_device(batch: Batch) -> None:
             on_batch(batch if device.type == "cpu" else [(n, t.to(device, non_blocking=True)) for n, t in batch])
 
-        receive(plan, groups, staging, 2, Deadline(timeout_s), to_device, wanted, str(me),
-                post=lambda b, buf: groups[b.src].recv([buf], 0, b.index))
+        receive(plan, pairs, staging, 2, Deadline(timeout_s), to_device, wanted, str(me))
     finally:
-        for pg in groups.values():
-            pg.abort()
+        pairs.close()  # aborts the pair groups
     return versions.pop()

@@ -215,13 +215,6 @@ def transfer(ds: DeltaSender, plan: BucketPlan, msg: dict, full, source: Source,
     return times, stats
 
 
-def ipc_stats(plan: BucketPlan, rank: int) -> dict:
-    """A CUDA IPC push's stats: always full."""
-    n = plan_bytes(plan, rank)
-    return {"sent": n, "full": n, "changed": 0, "elements": 0, "kinds": {},
-            "full_reason": "CUDA IPC push (same-GPU copies always go full)"}
-
-
 def plan_bytes(plan: BucketPlan, rank: int) -> int:
     return sum(b.nbytes for b in plan.buckets if b.src == rank)
 

@@ -1,38 +1,31 @@
-"""The overlapped sender and receiver loops over one BucketPlan.
+"""The overlapped sender and receiver loops over one BucketPlan, the same for every transport (transport/base.py).
 
 Sender (one trainer rank): pack bucket k+1 into the free buffer while bucket k is on the wire (async broadcast).
 Receiver: post the receives of round k, then hand round k-1 to the load callback while round k arrives.
 With one buffer a side the same loops run the stages one after another (the memory-budget fallback).
 
-Flow control needs no extra messages: a broadcast completes only when every receiver has posted its side, so a
-sender can never run more than ``num_buffers`` buckets ahead of the slowest receiver.
+What carries a bucket, where its bytes are packed and when a buffer is free is the transport's (a ``SendTransport``
+/ ``RecvTransport``: the wire groups, CUDA IPC to the receivers on the trainer's GPU mixed with the wire to the
+others, or point to point for a catch-up); the loops only order the stages and count their time.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from .errors import Deadline, SyncError
 from .plan import Bucket, BucketPlan, dtype_of
 from .sources.base import Source
+# Batch, StageTimes, BufferPool and the wire's two calls are the transport layer's; importable from here as before.
+from .transport.base import Batch, BufferPool, RecvTransport, SendTransport, StageTimes
+from .transport.wire import broadcast_bucket, wait_work
 
-Batch = list[tuple[str, torch.Tensor]]
-
-
-@dataclass
-class StageTimes:
-    pack: float = 0.0
-    transfer: float = 0.0  # time spent waiting for the wire (not hidden behind packing / applying)
-    apply: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+__all__ = ["Assembler", "Batch", "BufferPool", "StageTimes", "broadcast_bucket", "gc_paused", "pack_bucket",
+           "receive", "round_names", "send", "wait_work"]
 
 
 @contextlib.contextmanager
@@ -48,51 +41,6 @@ def gc_paused():
             gc.enable()
 
 
-def broadcast_bucket(group, tensor: torch.Tensor):
-    """Start one bucket's broadcast from the group's rank 0 (the trainer rank that owns the group)."""
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    return group.broadcast([tensor], opts)
-
-
-def wait_work(work, deadline: Deadline, what: str, who: str) -> None:
-    """Wait for one bucket's Work within ``deadline``, polling ``deadline.check()`` when it can be aborted."""
-    timeout_s = deadline.left(what, "transfer", who)
-    if deadline.abort is not None and not work.is_completed():
-        # Poll instead of blocking, asking every few ms whether another member gave up (Deadline.check).
-        end, pause, asked = time.monotonic() + timeout_s, 2e-5, time.monotonic()
-        while not work.is_completed():
-            now = time.monotonic()
-            if now - asked >= Deadline.POLL_S:
-                deadline.check()
-                asked = now
-            if now >= end:
-                raise SyncError(f"{what} timed out after {timeout_s:g}s ({who})", stage="transfer", who=who)
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-    try:
-        ok = work.wait(timedelta(seconds=timeout_s))
-    except Exception as e:  # noqa: BLE001 - gloo/nccl raise plain RuntimeErrors without context
-        raise SyncError(f"{what} failed or timed out after {timeout_s:g}s ({who}): {e}", stage="transfer",
-                        who=who) from e
-    if ok is False:
-        raise SyncError(f"{what} timed out after {timeout_s:g}s ({who})", stage="transfer", who=who)
-
-
-class BufferPool:
-    """Reusable byte buffers, grown only when a plan needs bigger ones (so steady-state pushes allocate nothing)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.buffers: list[torch.Tensor] = []
-
-    def get(self, count: int, nbytes: int) -> list[torch.Tensor]:
-        if len(self.buffers) != count or any(b.numel() < nbytes for b in self.buffers):
-            self.buffers = [torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device) for _ in range(count)]
-        return self.buffers
-
-
 def pack_bucket(bucket: Bucket, plan: BucketPlan, source: Source, starts: dict[str, int], buf: torch.Tensor) -> None:
     """Copy (and cast to the wire dtype) every slot of ``bucket`` into ``buf`` at its offset."""
     for s in bucket.slots:
@@ -102,50 +50,44 @@ def pack_bucket(bucket: Bucket, plan: BucketPlan, source: Source, starts: dict[s
         buf[s.offset:s.offset + s.numel * wire.itemsize].view(wire).copy_(src)
 
 
-def send(plan: BucketPlan, source: Source, group, pool: BufferPool, num_buffers: int, deadline: Deadline,
-         on_packed: Callable[[Bucket, torch.Tensor], None] | None = None) -> StageTimes:
-    """Send this trainer rank's buckets. Every trainer rank walks every round (ZeRO-3 gathers are collective).
+def send(plan: BucketPlan, source: Source, transport: SendTransport, num_buffers: int, deadline: Deadline,
+         push: str = "", on_packed: Callable[[Bucket, torch.Tensor], None] | None = None) -> StageTimes:
+    """Send this trainer rank's buckets of push ``push`` through ``transport``. Every trainer rank walks every round
+    (ZeRO-3 gathers are collective).
 
     ``on_packed(bucket, bytes)`` sees every packed bucket while it is on the wire (the catch-up snapshot keeps a
     copy of it; see catchup.py)."""
     times = StageTimes()
+    if not transport.begin(push, plan, source, num_buffers):
+        return times  # nothing to pack: every receiver reads this rank's memory in place (CUDA IPC, direct)
     mine = plan.buckets_of(source.rank)
     starts = {p.name: p.start for p in source.pieces()}
-    buffers = pool.get(num_buffers, plan.max_bucket_bytes)
-    inflight: deque = deque()
-
-    def retire() -> None:
-        bucket, work = inflight.popleft()
-        t = time.perf_counter()
-        wait_work(work, deadline, f"bucket {bucket.index} (round {bucket.round})",
-              f"trainer rank {source.rank} -> receivers")
-        times.transfer += time.perf_counter() - t
-
     failure = None
     try:
         for rnd, names in enumerate(round_names(plan)):
             bucket = mine[rnd]
-            if bucket is not None and len(inflight) == num_buffers:
-                retire()  # its buffer is the one we are about to refill
+            if bucket is not None:
+                transport.make_room(bucket, rnd, times, deadline)  # outside the gather: it holds no memory yet
             with source.gathering(names):
                 if bucket is None:
                     continue
+                buf = transport.buffer(bucket, rnd, times, deadline)
                 t = time.perf_counter()
-                buf = buffers[rnd % num_buffers]
                 pack_bucket(bucket, plan, source, starts, buf)
+                transport.packed(bucket, buf)
                 times.pack += time.perf_counter() - t
-                inflight.append((bucket, broadcast_bucket(group, buf[:bucket.nbytes])))
+                data = buf[:bucket.nbytes]
+                transport.post(bucket, data)
                 if on_packed is not None:
-                    on_packed(bucket, buf[:bucket.nbytes])
-        while inflight:
-            retire()
+                    on_packed(bucket, data)
+        transport.drain(times, deadline)
     except SyncError as e:
         failure = (type(e), str(e), e.stage, e.who)
     if failure is not None:
         # Raised here, outside the handler, and with the in-flight work dropped: no traceback or exception context
         # keeps the failed Work (and with it the group's connections) alive, so closing the group right after
         # really disconnects the receivers and the live ones fail at once instead of at their own timeout.
-        inflight.clear()
+        transport.drop()
         raise failure[0](*failure[1:])
     return times
 
@@ -192,17 +134,43 @@ class Assembler:
         return out
 
 
-def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, deadline: Deadline,
-            on_batch: Callable[[Batch], None], wanted: set[str] | None, me: str,
-            post: Callable[[Bucket, torch.Tensor], object] | None = None, local=None) -> StageTimes:
-    """Receive every bucket of ``plan`` and hand whole tensors to ``on_batch``, one call per round.
+def receive(plan: BucketPlan, transport: RecvTransport, pool: BufferPool, num_buffers: int, deadline: Deadline,
+            on_batch: Callable[[Batch], None], wanted: set[str] | None, me: str, push: str = "") -> StageTimes:
+    """Receive every bucket of push ``push`` through ``transport`` and hand whole tensors to ``on_batch``, one call
+    per round; then ``transport.finish`` (before the receiver acknowledges).
 
-    By default each bucket arrives by broadcast on its sender's group; ``post(bucket, buf)`` replaces that (the
-    point-to-point catch-up posts a recv instead). ``local`` (an ``IpcReceiver``, transport/ipc.py) takes the buckets
-    of the trainer ranks on this receiver's own GPU (``local.srcs``): they come by CUDA IPC, not over the wire, and
-    are applied in their own round while that round's wire buckets are still arriving."""
-    post = post or (lambda b, buf: broadcast_bucket(groups[b.src], buf))
-    srcs = set(local.srcs) if local is not None else set()
+    A transport that can tell that last push's batches are still right (``replay``: CUDA IPC views of storages that
+    did not move) has them handed out again instead, without a loop."""
+    transport.begin(push, num_buffers)
+    replayed = transport.replay(plan)
+    if replayed is not None:
+        times = StageTimes()
+        t = time.perf_counter()
+        for batch in replayed:
+            on_batch(batch)
+        times.apply += time.perf_counter() - t
+    else:
+        kept: list[Batch] | None = [] if transport.records_batches else None
+
+        def keep(batch: Batch) -> None:
+            kept.append(batch)
+            on_batch(batch)
+
+        times = _receive_rounds(plan, transport, pool, num_buffers, deadline, on_batch if kept is None else keep,
+                                wanted, me)
+        if kept is not None:
+            transport.remember(plan, kept)
+    transport.finish(times)
+    return times
+
+
+def _receive_rounds(plan: BucketPlan, transport: RecvTransport, pool: BufferPool, num_buffers: int,
+                    deadline: Deadline, on_batch: Callable[[Batch], None], wanted: set[str] | None, me: str
+                    ) -> StageTimes:
+    """The overlapped loop. A bucket from a trainer rank in ``transport.local_srcs`` (CUDA IPC: on this receiver's
+    GPU) needs no receive buffer: ``transport.take`` hands its tensors over, applied in their own round while that
+    round's wire buckets are still arriving; every other bucket gets a buffer and ``transport.post``."""
+    srcs = transport.local_srcs
     times = StageTimes()
     rounds = plan.rounds()
     per_round = max((sum(b.src not in srcs for b in r) for r in rounds), default=0)
@@ -233,13 +201,13 @@ def receive(plan: BucketPlan, groups: dict, pool: BufferPool, num_buffers: int, 
         for b in buckets:
             if b.src not in srcs:
                 buf = buffers[base + len(posted)]
-                posted.append((b, buf, post(b, buf[:b.nbytes])))
+                posted.append((b, buf, transport.post(b, buf[:b.nbytes])))
         if prev is not None:
             apply(prev)  # overlaps with this round's receives
         here = [b for b in buckets if b.src in srcs]
         if here:
-            apply_batch(local.take(here, asm, times, me))
-            local.consumed()  # its staged buffers may be re-packed once the copies just queued have run
+            apply_batch(transport.take(here, asm, times, me))
+            transport.consumed()  # its staged buffers may be re-packed once the copies just queued have run
         t = time.perf_counter()
         for b, _, work in posted:
             wait_work(work, deadline, f"bucket {b.index} (round {b.round})", f"trainer rank {b.src} -> {me}")

@@ -20,7 +20,7 @@ from .pipeline import Batch, BufferPool, gc_paused, receive
 from .plan import BucketPlan, PlanCache
 from .delta_policy import receiver_state
 from .protocol import Expected, JoinInfo, Keys
-from .transport import ipc
+from .transport import RecvTransport, cuda, open_recv
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
 
@@ -52,7 +52,7 @@ class Receiver:
             raise SyncError(f"receiver {self.info.receiver_rank}: the trainer uses NCCL but this receiver's device "
                             f"is {self.device}", stage="rendezvous")
         self._device_given = device is not None
-        self.ipc: ipc.IpcReceiver | None = None
+        self.transport: RecvTransport | None = None  # of the current epoch (transport/__init__.py: open_recv)
         self.me = Member("receiver", self.info.receiver_rank)
         self.pool = BufferPool(self.device)
         self.bridge: BridgeGroup | None = None
@@ -82,19 +82,19 @@ class Receiver:
         self.rdzv = Rendezvous(i.host, i.port, i.token, is_server=False, timeout_s=i.timeout_s)
         # Report this receiver's GPU (its own device, else the current CUDA device); trainer rank 0 decides which
         # trainer ranks it reaches by CUDA IPC (those on its GPU) and which through the groups (transport/layout.py).
-        dev = self.device if self._device_given or self.device.type == "cuda" else ipc.backend.default_device()
+        dev = self.device if self._device_given or self.device.type == "cuda" else cuda.backend.default_device()
         self.bridge = BridgeGroup(self.rdzv, self.me, i.epoch, i.num_trainers, i.num_receivers, i.backend,
                                   i.timeout_s, decide=lambda store: agree_layout(
-                                      store, self.me, "", ipc.device_uuid(dev), i.num_trainers, i.num_receivers,
+                                      store, self.me, "", cuda.device_uuid(dev), i.num_trainers, i.num_receivers,
                                       i.backend, i.timeout_s))
-        srcs = self.bridge.layout.local_srcs(i.receiver_rank)
-        if srcs:
-            ipc.require(dev, str(self.me))
+        if self.bridge.layout.local_srcs(i.receiver_rank):  # some trainer ranks share its GPU: CUDA IPC from them
+            cuda.require(dev, str(self.me))
             self.device = dev
             self.pool = BufferPool(dev)
-            self.ipc = ipc.IpcReceiver(self.bridge.store, self.me, srcs, i.num_receivers, dev, i.timeout_s)
-        self.bridge.set_json(Keys.delta_state(i.receiver_rank), self.delta.state() if self.delta and not self.ipc
-                             else receiver_state(None, None, False, "CUDA IPC" if self.ipc else "delta off"
+        self.transport = open_recv(self.bridge, self.me, self.device, i.timeout_s)
+        local = bool(self.transport.local_srcs)
+        self.bridge.set_json(Keys.delta_state(i.receiver_rank), self.delta.state() if self.delta and not local
+                             else receiver_state(None, None, False, "CUDA IPC" if local else "delta off"
                                                  if self.info.delta == "off" else "it keeps no delta mirror"))
         self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
 
@@ -130,17 +130,14 @@ class Receiver:
             i = self.info
             deadline = Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s,
                                 abort=lambda: abort_reason(store, abort_key))
-            if self.ipc is not None:  # the trainer ranks on this GPU by IPC, the others (if any) over the wire
-                times = self.ipc.receive(plan, p, msg["num_buffers"], cb, wanted, str(self.me), self.bridge.groups,
-                                         self.pool, deadline)
-            elif self.delta is not None:  # into the destination, as deltas when the trainer says so
+            if self.delta is not None and not self.transport.local_srcs:  # as deltas when the trainer says so
                 times = delta_recv.take(self.delta, plan, msg, lambda callback: receive(
-                    plan, self.bridge.groups, self.pool, msg["num_buffers"], deadline, callback, wanted,
-                    str(self.me)), cb, store, p, self.me.rank, i.num_receivers, i.timeout_s, deadline, wanted,
+                    plan, self.transport, self.pool, msg["num_buffers"], deadline, callback, wanted, str(self.me),
+                    push=p), cb, store, p, self.me.rank, i.num_receivers, i.timeout_s, deadline, wanted,
                     str(self.me), abort_key, self.bridge.groups)
             else:
-                times = receive(plan, self.bridge.groups, self.pool, msg["num_buffers"], deadline, cb, wanted,
-                                str(self.me))
+                times = receive(plan, self.transport, self.pool, msg["num_buffers"], deadline, cb, wanted,
+                                str(self.me), push=p)
             if self.fp8:
                 cb.finish()
         except Exception as e:
@@ -177,9 +174,9 @@ class Receiver:
             pass  # the trainer is gone: nobody is waiting
 
     def close(self) -> None:
-        if self.ipc is not None:
-            self.ipc.close()
-            self.ipc = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
         if self.bridge is not None:
             self.bridge.close()
             self.bridge = None

@@ -24,7 +24,7 @@ from .protocol import Expected, JoinInfo, Keys
 from .report import SyncReport
 from .sources import Source, make_source
 from .codec.fp8_source import Fp8Source
-from .transport import ipc
+from .transport import SendTransport, cuda, open_send
 from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from .transport.layout import agree_layout
 
@@ -51,7 +51,7 @@ class Sender:
         self.rank, self.world = self.source.rank, self.source.world
         cfg = self.config
         if cfg.mode == "ipc":
-            ipc.require(self.source.device, f"trainer rank {self.rank}")
+            cuda.require(self.source.device, f"trainer rank {self.rank}")
         token = cfg.resolved_token()
         port = cfg.port
         if self.rank == 0:
@@ -63,7 +63,7 @@ class Sender:
             self.rdzv = Rendezvous(cfg.host, port, token, is_server=False, timeout_s=cfg.timeout_s)
         # NCCL for CUDA tensors: hops between two processes on one GPU go by CUDA IPC and stay out of the groups.
         self.backend = cfg.backend or ("nccl" if self.source.device.type == "cuda" else "gloo")
-        self.ipc: ipc.IpcSender | None = None
+        self.transport: SendTransport | None = None  # of the current epoch (transport/__init__.py: open_send)
         self.pool = BufferPool(self.source.device)
         self.bridge: BridgeGroup | None = None
         self.epoch = -1
@@ -106,12 +106,10 @@ class Sender:
         # Everyone reports its GPU; receivers on this rank's GPU get its buckets by CUDA IPC (transport/layout.py).
         self.bridge = BridgeGroup(self.rdzv, me, self.epoch, self.world, num_receivers, self.backend, cfg.timeout_s,
                                   decide=lambda store: agree_layout(store, me, cfg.mode,
-                                                                    ipc.device_uuid(self.source.device), self.world,
+                                                                    cuda.device_uuid(self.source.device), self.world,
                                                                     num_receivers, self.backend, cfg.timeout_s))
-        local = self.bridge.layout.local[self.rank]
-        if local:
-            self.ipc = ipc.IpcSender(self.bridge.store, self.rank, local, num_receivers, self.source.device,
-                                     cfg.timeout_s, cfg.ipc_direct)
+        self.transport = open_send(self.bridge, self.rank, self.source.device, self.pool, cfg.timeout_s,
+                                   cfg.ipc_direct)
         if self.config.wire_dtype == "auto":
             self._auto_fp8()
 
@@ -233,23 +231,21 @@ class Sender:
         t_plan = time.perf_counter() - t0
         group = bridge.groups.get(self.rank)  # None when every receiver is on this rank's GPU
         wire_deadline = Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s, abort=aborted)
+        # A rank whose push goes by CUDA IPC packs nothing complete to keep (its transport does not serve catch-up),
+        # so it never commits and a joiner is told that no complete version is kept (rather than served an old one).
+        snapshot = self.snapshot if self.snapshot is not None and self.transport.serves_catchup else None
         if self.snapshot is not None:
-            # Invalid until commit. A rank whose push goes by CUDA IPC packs nothing to keep, so it never commits and
-            # a joiner is told that no complete version is kept (rather than served an old one).
-            self.snapshot.begin()
+            self.snapshot.begin()  # invalid until commit
         failed = None
-        dstats = None  # this rank's delta stats (None: CUDA IPC)
+        dstats = None  # this rank's delta stats (delta_send.transfer)
         try:
             wire_deadline.check()
-            if self.ipc is not None:  # receivers on this GPU by CUDA IPC, the others (if any) over this rank's group
-                times = self.ipc.send(plan, self.source, p, msg["num_buffers"], group, self.pool, wire_deadline)
-            else:  # full, or as deltas (delta_send.py) when every receiver holds the last version
-                keep = self.snapshot.keep if self.snapshot is not None else None
-                times, dstats = delta_send.transfer(
-                    self.delta, plan, msg, lambda on_packed: send(plan, self.source, group, self.pool,
-                                                                  msg["num_buffers"], wire_deadline, on_packed),
-                    self.source, group, self.pool, wire_deadline, store, p, self.num_receivers, cfg.timeout_s,
-                    abort_key, any(bridge.layout.local), keep)
+            # full, or as deltas (delta_send.py) when every receiver holds the last version (CUDA IPC: always full)
+            times, dstats = delta_send.transfer(
+                self.delta, plan, msg, lambda on_packed: send(plan, self.source, self.transport, msg["num_buffers"],
+                                                              wire_deadline, p, on_packed),
+                self.source, group, self.pool, wire_deadline, store, p, self.num_receivers, cfg.timeout_s,
+                abort_key, any(bridge.layout.local), snapshot.keep if snapshot is not None else None)
         except SyncError as e:
             if group is None:  # all by IPC: no group to shut down, and the error already names the peer
                 raise
@@ -269,14 +265,12 @@ class Sender:
         if failed:
             raise SyncError("trainer_sync push failed on the receiving side:\n  " + "\n  ".join(failed),
                             stage="apply", who=failed[0].split(":")[0])
-        if self.ipc is not None:
-            self.ipc.after_push()
+        self.transport.after_push()
         self.delta.acknowledged(acks)
         self.delta.commit(version)
-        delta = delta_send.report_fields(store, p, self.world, self.rank, dstats or delta_send.ipc_stats(
-            plan, self.rank), cfg.timeout_s)
-        if self.snapshot is not None and self.ipc is None:
-            self.snapshot.commit(msg["plan"], version, {b.index for b in plan.buckets if b.src == self.rank})
+        delta = delta_send.report_fields(store, p, self.world, self.rank, dstats, cfg.timeout_s)
+        if snapshot is not None:
+            snapshot.commit(msg["plan"], version, {b.index for b in plan.buckets if b.src == self.rank})
         if self.rank == 0 and self.seq >= 2:
             self._forget(self.seq - 2)
         self.version = version
@@ -332,9 +326,9 @@ class Sender:
             self.bridge.store.delete_key(key)
 
     def close_group(self, in_background: bool = False) -> None:
-        if self.ipc is not None:
-            self.ipc.close()
-            self.ipc = None
+        if self.transport is not None:  # first: it holds this rank's group, which the bridge shuts down
+            self.transport.close()
+            self.transport = None
         if self.bridge is not None:
             self.bridge.close(in_background)
             self.bridge = None

@@ -113,8 +113,8 @@ def test_ipc_trainer_and_engine_in_one_process(direct):
 
 def test_cuda_ipc_refuses_a_handle_of_its_own_process():
     """Why the in-process shortcut exists: opening this process's own CUDA IPC handle fails."""
-    from trainer_sync.transport import ipc
+    from trainer_sync.transport import cuda
 
     base = torch.empty(1 << 20, dtype=torch.uint8, device="cuda:0")
     with pytest.raises(Exception):
-        ipc.backend.open(ipc.backend.export(base), torch.device("cuda:0"))
+        cuda.backend.open(cuda.backend.export(base), torch.device("cuda:0"))

@@ -157,6 +157,35 @@ def test_gpu_memory_flat_over_50_pushes(engine):
     assert abs(free[1] - free[0]) < 8 * 2**20, free
 
 
+def test_block_fp8_checkpoint_engine(tmp_path):
+    """A block-FP8 checkpoint (float8_e4m3fn weights + float32 128x128 block scales, DeepSeek-V3 / Qwen3-FP8 style)
+    served by vLLM on the GPU: the default wire_dtype="auto" sends fp8 codes + scales in checkpoint format (quantized
+    on the trainer's GPU) and the engine then generates exactly what a fresh engine started from a block-FP8
+    checkpoint of the trainer's weights does (the reference is quantized by the same GPU kernel)."""
+    from tests.helpers.fp8_engines import save_block_fp8
+
+    # vLLM's fused qkv / gate_up block scales need every shard's output a multiple of the 128-wide block
+    # (q 256, k and v 128, gate and up 512), as in real FP8 checkpoints.
+    model = build_model(seed=0, tied=False, dtype="bfloat16", hidden=256, layers=2, head_dim=128).cuda()
+    ps = list(prompts().values())
+    llm = start_llm(save_block_fp8(model, str(tmp_path / "block-fp8")))
+    try:
+        before = greedy(llm, ps)
+        train_step(model, seed=40)
+        with WeightSync(model, [llm]) as sync:
+            report = sync.push()
+        assert "float8_e4m3fn" in report.wire_dtype, report.wire_dtype
+        pushed = greedy(llm, ps)
+    finally:
+        stop_llm(llm)
+    assert pushed != before
+    ref = start_llm(save_block_fp8(model, str(tmp_path / "ref-block-fp8")))
+    try:
+        assert pushed == greedy(ref, ps)
+    finally:
+        stop_llm(ref)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = save_model(str(tmp_path_factory.mktemp("qwen3-serve")), seed=0, tied=False, **MODEL)

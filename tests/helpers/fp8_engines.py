@@ -42,12 +42,15 @@ def save_block_fp8(model: torch.nn.Module, path: str, dtype: torch.dtype = torch
             continue
         if fp8_eligible(name, p.shape, p.dtype):
             q, s = quantize_fp8_blocks(p.detach())
-            tensors[name], tensors[scale_name(name)] = q.contiguous(), s.contiguous()
+            tensors[name], tensors[scale_name(name)] = q.contiguous().cpu(), s.contiguous().cpu()
         else:
-            tensors[name] = p.detach().to(dtype).contiguous()
+            tensors[name] = p.detach().to(dtype).contiguous().cpu()
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
+    # config.save_pretrained alone leaves out the architecture (model.save_pretrained adds it); without it vLLM
+    # resolves the bare backbone (Qwen3Model) and serves it as a pooling model.
+    cfg.setdefault("architectures", [type(model).__name__])
     cfg.update(quantization_config=BLOCK_FP8_CONFIG, dtype=str(dtype).removeprefix("torch."))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)

@@ -4,13 +4,8 @@ from __future__ import annotations
 import torch
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.protocol import JoinInfo
 
-from .roles import receive_pushes
-
-
-def info(port, j, n, m, token="tok", timeout=30.0):
-    return JoinInfo("127.0.0.1", port, token, 0, m, n, j, "gloo", timeout)
+from .roles import info, receive_pushes
 
 
 class TinyLM(torch.nn.Module):
@@ -51,7 +46,7 @@ def expected_of(model, dtype=None) -> dict:
 
 
 def receive_once(port, j, n, m, **kwargs) -> tuple[int, dict]:
-    return receive_pushes(Receiver(info(port, j, n, m), **kwargs), 1, field="bytes")[0]
+    return receive_pushes(Receiver(info(port, j, n, m, timeout=30.0), **kwargs), 1, field="bytes")[0]
 
 
 # ---- plain module: an fp8 push, then a bf16 push of the same weights -------------------------------------------
@@ -125,7 +120,7 @@ def fsdp_trainer(rank, world, n, port, pushes=2):
 
 def fsdp_receiver(j, n, m, port, mode, pushes=2):
     model = Sharded()
-    r = Receiver(info(port, j, n, m), expected=expected_of(model) if mode == "dequantize" else None,
+    r = Receiver(info(port, j, n, m, timeout=30.0), expected=expected_of(model) if mode == "dequantize" else None,
                  dequantize_fp8=torch.float32 if mode == "dequantize" else None)
     return receive_pushes(r, pushes, field="bytes")
 

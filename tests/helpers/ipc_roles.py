@@ -1,6 +1,6 @@
 """Process bodies for the CUDA IPC tests (importable by spawned children).
 
-On a GPU they run the real thing. On CPU (``standin=True``) the CUDA calls of ``trainer_sync.transport.ipc`` are
+On a GPU they run the real thing. On CPU (``standin=True``) the CUDA calls of ``trainer_sync.transport.cuda`` are
 replaced by a host-memory stand-in (file-backed shared memory for exports, no-op events), which checks the protocol
 (manifests, export re-use and release, the staged flow control, the core hooks) where CUDA IPC does not exist.
 """
@@ -20,12 +20,12 @@ import torch.distributed as dist
 from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.protocol import JoinInfo
 from trainer_sync.sources.fsdp import local_tensor
-from trainer_sync.transport import ipc
+from trainer_sync.transport import IpcRecv, IpcSend, cuda
 
 MiB = 2**20
 
 
-class HostIpc(ipc.CudaIpc):
+class HostIpc(cuda.CudaIpc):
     """CUDA IPC's stand-in on CPU: an export is a file_system shared-memory storage; events do nothing (CPU copies
     are synchronous). ``gpu`` is the "GPU UUID" this process reports: processes given the same one are colocated.
     Like CUDA IPC, it refuses to open a handle in the process that made it (shared memory itself would not mind)."""
@@ -82,7 +82,7 @@ class HostIpc(ipc.CudaIpc):
 
 def use_standin(gpu: str = "host-shm") -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")
-    ipc.backend = HostIpc(gpu)
+    cuda.backend = HostIpc(gpu)
 
 
 # A small model with the awkward parts: a tied embedding / LM head, odd sizes (unaligned offsets), 1-D norms, an
@@ -186,8 +186,9 @@ def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=Fal
         read_mem(bar, "start", device, mem, "baseline")
     sender = Sender(model, SyncConfig(**{"port": port if rank == 0 else 0, "token": "tok", "timeout_s": 60, **cfg}))
     sender.connect(num_receivers)
-    diag = {"ipc": sender.ipc is not None, "held": [], "exports": [], "local": list(sender.ipc.local)
-            if sender.ipc is not None else [], "group": sender.bridge.groups.get(rank) is not None}
+    ipc = sender.transport if isinstance(sender.transport, IpcSend) else None
+    diag = {"ipc": ipc is not None, "held": [], "exports": [], "local": list(ipc.local) if ipc is not None else [],
+            "group": sender.bridge.groups.get(rank) is not None}
     prints, reports = [], []
     for k in range(pushes):
         _perturb(model, g, device)
@@ -207,9 +208,9 @@ def trainer(rank, world, port, bar_port, device, dtype, cfg, pushes, standin=Fal
             time.sleep(linger_s)  # a trainer that handles the error keeps its rank (and rank 0 the store) up a while
             raise
         prints.append(fingerprint([t.to(_wire(cfg, dtype)) for _, t in sorted(_full(model).items())]))
-        if sender.ipc is not None:
-            diag["held"].append(len(sender.ipc._held))
-            diag["exports"].append(sender.ipc._next_id)
+        if ipc is not None:
+            diag["held"].append(len(ipc._held))
+            diag["exports"].append(ipc._next_id)
         if measure and k in (0, pushes - 1):
             read_mem(bar, f"push{k}", device, mem, f"after_push{k + 1}")
     state = {n: t.cpu().clone() for n, t in _full(model).items()}
@@ -278,8 +279,9 @@ def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False
     r = Receiver(JoinInfo("127.0.0.1", port, "tok", 0, num_trainers, n, j, backend, 60.0), expected=exp,
                  device=device if not standin else None)
     r.connect()
-    diag = {"ipc": r.ipc is not None, "mapped": [], "device": str(r.device),
-            "srcs": list(r.ipc.srcs) if r.ipc is not None else [], "groups": sorted(r.bridge.groups)}
+    ipc = r.transport if isinstance(r.transport, IpcRecv) else None
+    diag = {"ipc": ipc is not None, "mapped": [], "device": str(r.device),
+            "srcs": list(ipc.srcs) if ipc is not None else [], "groups": sorted(r.bridge.groups)}
     seen = []
     prints = []
 
@@ -295,7 +297,7 @@ def receiver(j, n, port, bar_port, device, dtype, backend, pushes, standin=False
         r.receive(apply)
         assert sorted(seen) == sorted(exp), (sorted(seen), sorted(exp))
         prints.append(fingerprint([own[name] for name in sorted(shapes)]))
-        diag["mapped"].append(len(r.ipc._mapped) if r.ipc is not None else 0)
+        diag["mapped"].append(len(ipc._mapped) if ipc is not None else 0)
         if measure and k in (0, pushes - 1):
             read_mem(bar, f"push{k}", device, mem, f"after_push{k + 1}")
     state = {name: t.cpu().clone() for name, t in own.items()}

@@ -16,12 +16,12 @@ VOCAB = 256
 
 
 def tiny_config(kind: str = "qwen3", *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB, tied: bool = True,
-                dtype: str = "float32"):
+                dtype: str = "float32", head_dim: int = 32):
     """A transformers config for a tiny Qwen3 or Llama (``kind``)."""
     from transformers import LlamaConfig, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=hidden // 32, num_key_value_heads=1, head_dim=32,
+                  num_attention_heads=hidden // head_dim, num_key_value_heads=1, head_dim=head_dim,
                   max_position_embeddings=1024, tie_word_embeddings=tied, dtype=dtype, initializer_range=0.1,
                   bos_token_id=0, eos_token_id=1, pad_token_id=None)
     if kind == "qwen3":
@@ -82,6 +82,11 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                          pad_token_id=0, attention_mask=torch.ones_like(ids))
     return out[0, len(prompt):].tolist()
+
+
+def hf_reference(model: torch.nn.Module, n: int) -> list[list[int]]:
+    """``hf_greedy`` on every prompt of ``prompts()``, in order: what an engine serving ``model`` must generate."""
+    return [hf_greedy(model, p, n) for p in prompts().values()]
 
 
 def prompts(seed: int = 0) -> dict[str, list[int]]:

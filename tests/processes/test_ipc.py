@@ -13,7 +13,7 @@ import torch
 from tests.helpers import ipc_roles
 from tests.helpers.cluster import free_port, outcomes, run_roles
 from trainer_sync import Sender, SyncConfig, SyncError
-from trainer_sync.transport import ipc
+from trainer_sync.transport import cuda
 
 
 def test_ipc_refused_on_cpu():
@@ -22,7 +22,7 @@ def test_ipc_refused_on_cpu():
         Sender(model, SyncConfig(mode="ipc", token="t"))
     if not torch.cuda.is_available():
         with pytest.raises(SyncError, match="CUDA is not available"):
-            ipc.require(torch.device("cpu"), "receiver 0")
+            cuda.require(torch.device("cpu"), "receiver 0")
 
 
 def _run(cfg, pushes, dtype="float32", recv_dtype=None, realloc_at=None):

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from tests.helpers.models import build_model, perturb, prompts, save_model  # noqa: E402
+from tests.helpers.models import build_model, perturb, prompts  # noqa: E402
 from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
 
 from trainer_sync import WeightSync  # noqa: E402
@@ -16,8 +16,7 @@ from trainer_sync import WeightSync  # noqa: E402
 pytestmark = pytest.mark.vllm
 
 
-def test_fp32_trainer_to_bf16_engine_sends_bf16(tmp_path):
-    model_dir = save_model(str(tmp_path / "tiny-qwen3"))  # an fp32 checkpoint, served in bf16
+def test_fp32_trainer_to_bf16_engine_sends_bf16(model_dir):  # an fp32 checkpoint, served in bf16
     model = build_model(seed=0)
     perturb(model, seed=41)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())

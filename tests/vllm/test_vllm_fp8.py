@@ -30,11 +30,6 @@ pytestmark = pytest.mark.vllm
 N = 8
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model(str(tmp_path_factory.mktemp("tiny-qwen3-fp8")))
-
-
 def linear_weight_out(served, name: str, x: torch.Tensor) -> torch.Tensor:
     """What a served (oneDNN-repacked, so unreadable) linear layer computes for ``x``."""
     module = served.get_submodule(name.removesuffix(".weight"))

@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_greedy, prompts, save_model, train_step  # noqa: E402
-from tests.helpers.vllm_engines import running_server, in_process_llm  # noqa: E402
+from tests.helpers.models import build_model, hf_reference, prompts, train_step  # noqa: E402
+from tests.helpers.vllm_engines import in_process_llm  # noqa: E402
 
 from trainer_sync import SyncConfig, WeightSync  # noqa: E402
 
@@ -29,14 +29,9 @@ N = 6
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model(str(tmp_path_factory.mktemp("tiny-qwen3-join")))
-
-
-@pytest.fixture(scope="module")
-def late_server(model_dir, tmp_path_factory):
-    with running_server(model_dir, tmp_path_factory, "serve-join") as srv:
-        yield srv
+def late_server(one_worker_server):
+    """The engine that joins the running job (tests/vllm/conftest.py starts it)."""
+    return one_worker_server
 
 
 def llm_tokens_and_logprobs(llm, prompt, n):
@@ -69,7 +64,7 @@ def test_late_engine_catches_up_then_joins_and_a_dead_engine_is_dropped(model_di
             train_step(model, seed=200 + step)
             sync.push()
         # a fourth training step the engines have not seen: the joiner must get version 3, not the live weights
-        snapshot_ref = [hf_greedy(model, p, N) for p in ps]
+        snapshot_ref = hf_reference(model, N)
         train_step(model, seed=299)
 
         name = sync.add_engine(late_server.url)
@@ -91,7 +86,7 @@ def test_late_engine_catches_up_then_joins_and_a_dead_engine_is_dropped(model_di
         m = sync.membership()
         assert report.version == 4 and m["epoch"] == epoch + 1
         assert m["engines"] == {"engine 0 (in-process LLM)": "4", name: "4"} and m["joining"] == {}
-        want = [hf_greedy(model, p, N) for p in ps]
+        want = hf_reference(model, N)
         assert late_server.greedy(ps, N) == want
         assert [llm_tokens_and_logprobs(llm, p, N)[0] for p in ps] == want
 
@@ -105,4 +100,4 @@ def test_late_engine_catches_up_then_joins_and_a_dead_engine_is_dropped(model_di
         assert report.version == 5
         assert any(name in str(w.message) and "dropping" in str(w.message) for w in caught)
         assert sync.membership()["engines"] == {"engine 0 (in-process LLM)": "5"}
-        assert [llm_tokens_and_logprobs(llm, p, N)[0] for p in ps] == [hf_greedy(model, p, N) for p in ps]
+        assert [llm_tokens_and_logprobs(llm, p, N)[0] for p in ps] == hf_reference(model, N)

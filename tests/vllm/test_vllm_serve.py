@@ -16,29 +16,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_greedy, perturb, prompts, save_model, train_step  # noqa: E402
+from tests.helpers.models import build_model, hf_reference, perturb, prompts, train_step  # noqa: E402
 from tests.helpers.cluster import run_roles  # noqa: E402
-from tests.helpers.vllm_engines import running_server, fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer  # noqa: E402
+from tests.helpers.vllm_engines import fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer  # noqa: E402
 
 from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 N = 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model(str(tmp_path_factory.mktemp("tiny-qwen3")))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    with running_server(model_dir, tmp_path_factory, "serve", tensor_parallel_size=2) as srv:
-        yield srv
-
-
-def reference(model) -> list[list[int]]:
-    return [hf_greedy(model, p, N) for p in prompts().values()]
 
 
 def test_http_push_serves_the_new_weights(server):
@@ -51,7 +36,7 @@ def test_http_push_serves_the_new_weights(server):
             report = sync.push()
             assert report.version == step + 1 and report.num_receivers == 2  # both TP workers
             assert sync.weight_versions() == {f"engine 0 ({server.url})": str(step + 1)}
-            assert server.greedy(ps, N) == reference(model)
+            assert server.greedy(ps, N) == hf_reference(model, N)
 
 
 def test_http_mismatch_is_refused_and_server_keeps_serving(server):
@@ -96,7 +81,7 @@ def test_push_during_generation_keeps_the_request(server):
     assert report.version == first + 2 * attempt + 1
     assert out["tokens"] != old, "the update never landed while a request was running"
     assert out["tokens"][:1] == old[:1]  # ... which had started under the old weights
-    assert server.greedy(list(prompts().values()), N) == reference(model)
+    assert server.greedy(list(prompts().values()), N) == hf_reference(model, N)
 
 
 def test_fsdp2_two_ranks_to_one_server(server):
@@ -110,8 +95,8 @@ def test_fsdp2_two_ranks_to_one_server(server):
     model = build_model(seed=0)
     missing, unexpected = model.load_state_dict(rank0["state"], strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
-    assert reference(model) != reference(build_model(seed=0))  # the shards really changed
-    assert server.greedy(list(prompts().values()), N) == reference(model)
+    assert hf_reference(model, N) != hf_reference(build_model(seed=0), N)  # the shards really changed
+    assert server.greedy(list(prompts().values()), N) == hf_reference(model, N)
 
 
 def test_two_rank_trainer_is_refused_on_every_rank(server):
@@ -136,6 +121,6 @@ def test_one_trainer_two_engines_in_process_and_http(server, model_dir):
                 assert report.num_receivers == 3  # the in-process engine's worker, then the server's two
                 assert llm.get_weight_version() == str(report.version)
                 assert sync.weight_versions()[f"engine 1 ({server.url})"] == str(report.version)
-                want = reference(model)
+                want = hf_reference(model, N)
                 assert llm_greedy(llm, ps, N) == want
                 assert server.greedy(ps, N) == want

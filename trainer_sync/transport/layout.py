@@ -3,8 +3,8 @@
 Why per hop and not one mode for the whole cluster: in colocated (hybrid) RL the trainer is sharded over several GPUs
 (FSDP2) and an engine worker sits on one of them. NCCL refuses two ranks of one GPU in one communicator, so the shard
 of the trainer rank on the worker's own GPU cannot go through NCCL, and the shards of the other GPUs cannot go
-through CUDA IPC. So each (trainer rank, receiver) hop is "local" (same GPU: CUDA IPC, transport/ipc.py) or "remote"
-(the trainer rank's NCCL/gloo group, which then holds only the receivers that are not on its GPU).
+through CUDA IPC. So each (trainer rank, receiver) hop is "local" (same GPU: CUDA IPC, transport/ipc_send.py) or
+"remote" (the trainer rank's NCCL/gloo group, which then holds only the receivers that are not on its GPU).
 
 ``plan_layout`` is the pure decision (unit-tested without processes); ``agree_layout`` runs it on trainer rank 0 and
 hands every member the same answer through the epoch's store.
