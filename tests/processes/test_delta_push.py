@@ -69,9 +69,11 @@ def test_fsdp2_two_ranks_20_adamw_delta_pushes():
 
 def test_zero3_two_ranks_20_adamw_delta_pushes():
     port = free_port()
-    res = run_roles([("trainer", r, 2, R.adamw_trainer, (1, port, PUSHES, "zero3")) for r in range(2)]
-                    # 90 s to reach the store: the trainer ranks import DeepSpeed first (slow on a loaded 2-core box)
-                    + [("receiver", 0, 1, R.delta_receiver, (2, port, PUSHES, False, None, 90.0))], timeout=400)
+    # 120 s each way: the trainer ranks import DeepSpeed first (slow on a loaded 2-core box), and a receiver that
+    # found no store yet retries only after a back-off of up to ~30 s (TCPStore's client)
+    res = run_roles([("trainer", r, 2, R.adamw_trainer, (1, port, PUSHES, "zero3", 1e-4, {"timeout_s": 120}))
+                     for r in range(2)]
+                    + [("receiver", 0, 1, R.delta_receiver, (2, port, PUSHES, False, None, 120.0))], timeout=500)
     states, reports = res[("trainer", 0)]
     assert_delta_reports(reports)
     assert_exact(states, res[("receiver", 0)])
