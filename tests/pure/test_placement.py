@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer_sync.engines.placement import DirectApply, checksum, ineligible_reason, learn
+from trainer_sync import delta as D
+from trainer_sync.engines.placement import DirectApply, checksum, ineligible_reason, learn, whole_targets
 
 
 class FusedQKV(torch.nn.Module):
@@ -124,3 +125,61 @@ def test_checksum_sees_every_bit():
     a = torch.tensor([0.0, 1.0], dtype=torch.bfloat16)
     b = torch.tensor([-0.0, 1.0], dtype=torch.bfloat16)
     assert checksum(a) != checksum(b)
+
+
+def test_whole_targets_are_the_slices_that_hold_a_checkpoint_tensor_one_to_one():
+    """Delta destinations: q/k/v rows of the fused parameter and the norm are whole tensors, written in place by a
+    delta; a TP shard (half the columns: a strided view) is not, and says why."""
+    model = FusedQKV()
+    slots, _ = learn(model, model.shapes())
+    targets, why_not = whole_targets(slots, model.shapes())
+    assert set(targets) == {"q.weight", "k.weight", "v.weight", "norm.weight"} and not why_not
+    assert targets["k.weight"].shape == (4, 6) and targets["k.weight"].is_contiguous()
+    # the targets ARE the parameter: a delta decoded into one changes exactly its rows of qkv
+    old = targets["k.weight"].clone()
+    new = old.clone()
+    new.view(-1)[[3, 17]] = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
+    D.decode_into(targets["k.weight"], D.encode(old, new)[0])
+    assert torch.equal(model.qkv[8:12].view(torch.int16), new.view(torch.int16))
+    assert torch.count_nonzero(model.qkv[:8]) == 0 and torch.count_nonzero(model.qkv[12:]) == 0
+
+    shard = FusedQKV(tp_rank=1)
+    slots, _ = learn(shard, shard.shapes())
+    targets, why_not = whole_targets(slots, shard.shapes())
+    assert set(targets) == {"norm.weight"} and set(why_not) == {"q.weight", "k.weight", "v.weight"}
+    assert "only part of it" in why_not["q.weight"]
+
+
+def test_whole_targets_refuses_a_tensor_loaded_into_two_places():
+    class Twice(FusedQKV):
+        def load_weights(self, weights):
+            for name, w in weights:
+                if name == "norm.weight":
+                    self.norm.data.copy_(w)
+                    self.qkv.data[0].copy_(w)  # the same tensor in a second place
+
+    model = Twice()
+    slots, _ = learn(model, model.shapes())
+    targets, why_not = whole_targets(slots, model.shapes())
+    assert not targets and "2 places" in why_not["norm.weight"]
+
+
+def test_armed_fast_path_offers_its_slices_and_skips_copying_them_onto_themselves():
+    model, ref = FusedQKV(), FusedQKV()
+    direct = DirectApply(model, torch.device("cpu"))
+    assert direct.delta_targets() == (None, "its fast apply path is not armed (not proven yet)")
+    direct.slots, _ = learn(model, model.shapes())
+    direct.shapes = model.shapes()
+    direct.armed = True
+    targets, why = direct.delta_targets()
+    assert why == "" and direct.delta_targets()[0] is targets  # the same dict while the placement stands
+    w = random_weights(model.shapes(), seed=2)
+    ref.load_weights(list(w.items()))
+    for name, t in targets.items():  # what a receiver writing into its targets does
+        t.copy_(w[name])
+    writes = {n: t._version for n, t in targets.items()}  # torch counts in-place writes (views share the count)
+    direct.apply([(n, targets[n]) for n in targets])  # the receiver hands out the targets themselves: no copy
+    assert {n: t._version for n, t in targets.items()} == writes
+    direct.apply([("norm.weight", w["norm.weight"].clone())])  # a received buffer is still copied
+    assert targets["norm.weight"]._version > writes["norm.weight"] and targets["q.weight"]._version == writes["q.weight"]
+    assert torch.equal(model.qkv.view(torch.int16), ref.qkv.view(torch.int16)) and torch.equal(model.norm, ref.norm)

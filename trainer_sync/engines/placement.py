@@ -134,6 +134,40 @@ def learn(model: torch.nn.Module, shapes: dict[str, tuple[tuple[int, ...], torch
     return capture.slots, ""
 
 
+def is_same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same elements of the same memory (copying one into the other does nothing)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
+            and tuple(a.shape) == tuple(b.shape) and a.stride() == b.stride())
+
+
+def whole_targets(slots: dict[str, list[Slot]], shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The places of the fast path that a delta push can write into directly: checkpoint tensors whose bytes land
+    verbatim, all of them and in order, in exactly one contiguous slice of a parameter. Returns (name -> that
+    slice, shaped as the checkpoint tensor) and (name -> why not) for the others.
+
+    Why only those: a delta addresses elements of the trainer's tensor, so its destination must be that tensor's
+    elements one to one. A TP shard (part of the tensor), a tensor loaded into several places, or a strided source
+    view is no such destination; an engine with one of them takes full pushes (pure function of the learned slots).
+    """
+    targets, why_not = {}, {}
+    for name, places in slots.items():
+        if name not in shapes:
+            why_not[name] = "not in the served checkpoint's tensors"
+            continue
+        shape = tuple(shapes[name][0])
+        if len(places) != 1:
+            why_not[name] = f"loaded into {len(places)} places"
+            continue
+        s = places[0]
+        whole = s.offset == 0 and s.size == shape and s.stride == torch.empty(shape, device="meta").stride()
+        if not whole or not s.dst.is_contiguous() or tuple(s.dst.shape) != shape:
+            why_not[name] = f"only part of it (a shard or a strided view) lands in {s.param}"
+            continue
+        targets[name] = s.dst
+    return targets, why_not
+
+
 def checksum(t: torch.Tensor) -> torch.Tensor:
     """An exact integer checksum of a tensor's bits (a device scalar; nothing is synchronized)."""
     return t.view(_INT_OF[t.element_size()]).sum(dtype=torch.int64)
@@ -150,6 +184,8 @@ class DirectApply:
         self.armed = False  # proven: pushes go straight into place
         self.why_not: str | None = None  # set once the model is found ineligible: never retried
         self._proof: list[tuple[Slot, torch.Tensor]] | None = None
+        self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # what the slots were learned from
+        self._targets: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None  # whole_targets, once armed
 
     def enable(self, on: bool) -> None:
         """The trainer's choice, at every join (what was learned and proven is kept for a later "auto")."""
@@ -168,6 +204,7 @@ class DirectApply:
                 return
         if self.slots is not None or self.why_not is not None:
             return
+        self.shapes, self._targets = dict(shapes or {}), None
         if not shapes:
             self.why_not = "the served checkpoint's tensors are unknown"
             return
@@ -204,7 +241,9 @@ class DirectApply:
         if len(proof) != expected:
             return  # a partial push (or one with other dtypes) proves nothing; try on the next one
         got = torch.stack([checksum(s.dst) for s, _ in proof])
-        want = torch.stack([c for _, c in proof])
+        # The received tensors' checksums live where the receive buffers were (host memory when the bytes came over
+        # gloo), the slices' on the model's device: compare them on one device, or a gloo push never proves anything.
+        want = torch.stack([c.to(got.device) for _, c in proof])
         if torch.equal(got, want):
             self.armed = True
             logger.info("trainer_sync: %d tensors proven in place; pushes now copy straight into the model", expected)
@@ -212,6 +251,19 @@ class DirectApply:
             bad = [s.param for (s, _), ok in zip(proof, (got == want).tolist()) if not ok]
             self.slots, self.why_not = None, f"after layerwise reload {bad[:3]} differ from what was received"
             logger.info("trainer_sync: keeping vLLM's layerwise reload: %s", self.why_not)
+
+    def delta_targets(self) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The armed fast path's whole slices, for a receiver to take delta pushes straight into (the same dict
+        while the placement stands, so adopting it again is recognized as no change), or (None, why not)."""
+        if not self.armed:
+            return None, f"its fast apply path is not armed ({self.why_not or 'not proven yet'})"
+        if self._targets is None:
+            self._targets = whole_targets(self.slots, self.shapes)
+        targets, why_not = self._targets
+        if why_not:
+            name, why = next(iter(sorted(why_not.items())))
+            return None, f"{len(why_not)} tensors are no whole slice of a parameter ({name}: {why})"
+        return targets, ""
 
     # --- the fast path ------------------------------------------------------------------------------------------
     def apply(self, batch) -> None:
@@ -223,7 +275,10 @@ class DirectApply:
                 if id(s.dst) in seen:  # a tied alias: the same place
                     continue
                 seen.add(id(s.dst))
+                src = s.source(t)
+                if is_same_view(src, s.dst):  # the receiver wrote straight into the slice (delta targets)
+                    continue
                 dsts.append(s.dst)
-                srcs.append(s.source(t))
+                srcs.append(src)
         if dsts:
             torch._foreach_copy_(dsts, srcs)
