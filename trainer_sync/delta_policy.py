@@ -63,10 +63,11 @@ def delta_allowed(mode: str, ipc: bool, base: int, digest: str, receivers: list[
         return DeltaDecision(False, base, "first push (no base version yet)", keep)
     problems = []
     for j, st in enumerate(receivers):
-        if not st or st.get("version") is None:
-            problems.append(f"receiver {j} holds no version (joined late or restarted)")
-        elif not st.get("ok"):
+        if st and (not st.get("ok") or (st.get("version") is None and st.get("why"))):
+            # its own reason first: "holds no version" would hide why (no mirror, no targets adopted yet, ...)
             problems.append(f"receiver {j} cannot apply deltas ({st.get('why') or 'no reason given'})")
+        elif not st or st.get("version") is None:
+            problems.append(f"receiver {j} holds no version (joined late or restarted)")
         elif st["version"] != base:
             problems.append(f"receiver {j} holds version {st['version']}, not the base version {base} "
                             f"(it missed a push)")

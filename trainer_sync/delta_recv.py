@@ -31,39 +31,58 @@ from .transport.group import wait_keys
 
 
 class DeltaReceiver:
-    def __init__(self, mode: str, mirror_cap_bytes: int | None, targets: dict | None, device: torch.device):
-        if targets is not None:
-            if not isinstance(targets, dict) or not all(isinstance(t, torch.Tensor) for t in targets.values()):
-                raise TypeError("trainer_sync: Receiver targets must be a dict of tensor name -> torch.Tensor")
-            bad = [n for n, t in targets.items() if not t.is_contiguous()]
-            if bad:
-                raise ValueError(f"trainer_sync: Receiver targets must be contiguous (written in place): {bad}")
+    def __init__(self, mode: str, mirror_cap_bytes: int | None, targets: dict | None, device: torch.device,
+                 adopts_targets: bool = False):
+        _check_targets(targets)
         self.mode, self.cap, self.targets, self.device = mode, mirror_cap_bytes, targets, device
+        # ``adopts_targets``: no mirror; the engine hands over its served tensors later (``adopt_targets``, e.g. once
+        # vLLM's fast path is proven) and may take them back (``drop_targets``). Until then pushes go full.
+        self.adopts = adopts_targets and targets is None
+        self.may_adopt = self.adopts  # targets may still come: worth the trainer caching its pushes meanwhile
         self.pool = BufferPool(device)
         self.dest: dict[str, torch.Tensor] | None = None  # plan tensor name -> flat destination
         self.canon: dict[str, str] = {}
+        self.plan: BucketPlan | None = None  # the plan of the last push (adopted targets are bound to it)
         self.digest: str | None = None
         self.version: int | None = None  # the version ``dest`` holds whole (None: none)
-        self.why = ""
+        self.why = "it has no delta targets yet (the engine adopts them once it can)" if self.adopts else ""
         self.written: set[str] = set()
         self.tensors: set[str] = set()
 
     def state(self) -> dict:
         """What this receiver holds, and whether it can take deltas at all (before its first push: it will have a
-        destination; ``why`` says otherwise)."""
-        ok = self.mode != "off" and not self.why
-        return receiver_state(self.digest, self.version, ok, self.why or ("delta off" if self.mode == "off" else ""))
+        destination; ``why`` says otherwise). A receiver that adopts targets says ``late``: its state can change
+        after its acknowledgement (when the engine adopts or drops targets), so trainer rank 0 reads it again from
+        the receiver's join key before deciding the next push."""
+        if self.mode == "off":
+            return receiver_state(self.digest, self.version, False, "delta off")
+        if self.adopts and self.targets is None:
+            st = receiver_state(self.digest, None, self.may_adopt, self.why)
+        else:
+            st = receiver_state(self.digest, self.version, not self.why, self.why)
+        if self.adopts:
+            st["late"] = True
+        return st
 
     def prepare(self, plan: BucketPlan, plan_json: str) -> None:
         """Before a push of ``plan``: the destination for it (a new plan: nothing held yet)."""
         self.written = set()
         self.version = None  # until this push completes: a failed push leaves the destination half written
+        self.plan = plan
         digest = plan_digest(plan_json)
         if digest == self.digest:
             return
-        self.digest, self.version, self.why, self.dest = digest, None, "", None
+        self.digest, self.version, self.dest = digest, None, None
         self.canon = {a: t.name for t in plan.tensors.values() for a in (t.name, *t.aliases)}
         self.tensors = set(plan.tensors)
+        if self.adopts:
+            if self.targets is not None:  # adopted for another plan: bind again, or give them back
+                try:
+                    self.dest, self.why = self._bind_targets(plan), ""
+                except D.DeltaError as e:
+                    self.drop_targets(str(e), for_good=True)
+            return
+        self.why = ""
         if self.targets is not None:
             self.dest = self._bind_targets(plan)
             return
@@ -74,6 +93,38 @@ class DeltaReceiver:
             return
         self.dest = {t.name: torch.empty(t.numel, dtype=dtype_of(t.dtype), device=self.device)
                      for t in plan.tensors.values()}
+
+    # --- targets adopted at run time (adopts_targets) -----------------------------------------------------------
+    def adopt_targets(self, targets: dict[str, torch.Tensor], version: int | None) -> bool:
+        """Make ``targets`` (the served tensors, holding exactly ``version`` of the last push's plan) the
+        destination from the next push on. Returns whether the state changed. Targets that do not match the plan
+        are not adopted: the receiver says why and keeps taking full pushes (never an error: the engine's choice)."""
+        if not self.adopts:
+            raise ValueError("trainer_sync: adopt_targets on a receiver made without adopts_targets=True")
+        if targets is self.targets and version == self.version:
+            return False
+        before = self.state()
+        try:
+            _check_targets(targets)
+            if self.plan is None:
+                raise D.DeltaError("trainer_sync: Receiver targets are adopted after a push (they are bound to the "
+                                   "trainer's plan), none was received yet")
+            self.targets = targets
+            self.dest, self.version, self.why, self.may_adopt = self._bind_targets(self.plan), version, "", True
+        except (D.DeltaError, TypeError, ValueError) as e:
+            self.targets = None
+            self.drop_targets(str(e), for_good=True)
+        return self.state() != before
+
+    def drop_targets(self, why: str, for_good: bool = False) -> bool:
+        """Stop writing into the adopted targets (the engine is about to change them some other way, or cannot
+        offer any): pushes go full, saying ``why``. ``for_good``: no targets are expected any more, so the trainer
+        stops caching pushes for this receiver. Returns whether the state changed."""
+        if not self.adopts:
+            raise ValueError("trainer_sync: drop_targets on a receiver made without adopts_targets=True")
+        before = self.state()
+        self.targets, self.dest, self.version, self.why, self.may_adopt = None, None, None, why, not for_good
+        return self.state() != before
 
     def _bind_targets(self, plan: BucketPlan) -> dict[str, torch.Tensor]:
         dest, errors = {}, []
@@ -120,6 +171,16 @@ class DeltaReceiver:
         self.version = version if whole else None
         if self.dest is not None and not whole and not self.why:
             self.why = "it receives only part of the plan's tensors"
+
+
+def _check_targets(targets: dict | None) -> None:
+    if targets is None:
+        return
+    if not isinstance(targets, dict) or not all(isinstance(t, torch.Tensor) for t in targets.values()):
+        raise TypeError("trainer_sync: Receiver targets must be a dict of tensor name -> torch.Tensor")
+    bad = [n for n, t in targets.items() if not t.is_contiguous()]
+    if bad:
+        raise ValueError(f"trainer_sync: Receiver targets must be contiguous (written in place): {bad}")
 
 
 def _apply_bucket(dest: dict[str, torch.Tensor] | None, plan: BucketPlan, b: Bucket, h: D.Header,

@@ -51,7 +51,17 @@ class DeltaSender:
         if self.receivers is None:
             keys = [Keys.delta_state(j) for j in range(num_receivers)]
             self.receivers = [json.loads(store.get(k)) if store.check([k]) else None for k in keys]
+        else:
+            self._reread_late(store)
         return delta_allowed(self.mode, ipc, base, plan_digest(plan_json), self.receivers).to_json()
+
+    def _reread_late(self, store) -> None:
+        """A receiver that adopts targets at run time (Receiver(adopts_targets=True)) may have adopted or dropped
+        them after its acknowledgement; it said so (``late``) and keeps its newest state under its join key. Read
+        that key again (it exists since the receiver joined: a check and a get, no wait)."""
+        for j, st in enumerate(self.receivers):
+            if st and st.get("late") and store.check([Keys.delta_state(j)]):
+                self.receivers[j] = json.loads(store.get(Keys.delta_state(j)))
 
     def annotate(self, msg: dict, store, num_receivers: int, layout, base: int) -> dict:
         """Rank 0: the plan message with this push's delta decision (an error message stays as it is)."""

@@ -36,7 +36,8 @@ class ReceiveResult:
 class Receiver:
     def __init__(self, info: JoinInfo | dict, expected: Expected | dict | None = None,
                  device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None,
-                 targets: dict[str, torch.Tensor] | None = None, delta_mirror: bool = True):
+                 targets: dict[str, torch.Tensor] | None = None, delta_mirror: bool = True,
+                 adopts_targets: bool = False):
         self.info = info if isinstance(info, JoinInfo) else JoinInfo(**info)
         if isinstance(expected, dict):
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
@@ -67,15 +68,20 @@ class Receiver:
         # so that deltas can be turned into whole tensors for ``on_batch``.
         self.delta: delta_recv.DeltaReceiver | None = None
         # ``delta_mirror=False``: no mirror (this receiver takes full pushes unless it has targets).
-        if targets is not None or (self.info.delta != "off" and delta_mirror):
+        # ``adopts_targets=True``: no mirror either, but the engine may hand over its served tensors later
+        # (``adopt_targets``; the vLLM backend does once its fast path is proven) and take deltas from then on.
+        if targets is not None or (self.info.delta != "off" and (delta_mirror or adopts_targets)):
             cap = None if self.info.delta_mirror_mb is None else int(self.info.delta_mirror_mb * 2**20)
-            self.delta = delta_recv.DeltaReceiver(self.info.delta, cap, targets, self.device)
+            self.delta = delta_recv.DeltaReceiver(self.info.delta, cap, targets, self.device,
+                                                  adopts_targets=adopts_targets)
+        self.whole_version: int | None = None  # the version of the last push this receiver completed (None: failed)
 
     def adopt(self, old: "Receiver") -> None:
         """Carry ``old``'s delta destination (what it holds, at which version) over to this receiver of a new
         bridging group, before ``connect``: it says so when it joins, and the trainer can go on with deltas."""
         if old.delta is not None and self.delta is not None and self.delta.targets is None:
             self.delta = old.delta
+            self.whole_version = old.whole_version
 
     def connect(self) -> None:
         i = self.info
@@ -92,11 +98,47 @@ class Receiver:
             self.device = dev
             self.pool = BufferPool(dev)
         self.transport = open_recv(self.bridge, self.me, self.device, i.timeout_s)
-        local = bool(self.transport.local_srcs)
-        self.bridge.set_json(Keys.delta_state(i.receiver_rank), self.delta.state() if self.delta and not local
-                             else receiver_state(None, None, False, "CUDA IPC" if local else "delta off"
-                                                 if self.info.delta == "off" else "it keeps no delta mirror"))
+        self.bridge.set_json(Keys.delta_state(i.receiver_rank), self._delta_state())
         self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
+
+    def _delta_state(self) -> dict:
+        """What this receiver tells the trainer about deltas (delta_policy.receiver_state)."""
+        if self.delta is not None and not self.transport.local_srcs:
+            return self.delta.state()
+        return receiver_state(None, None, False, "CUDA IPC" if self.transport.local_srcs else "delta off"
+                              if self.info.delta == "off" else "it keeps no delta mirror")
+
+    def adopts(self) -> bool:
+        """Whether targets can be adopted at run time (``adopts_targets=True``, and no CUDA IPC hop: those go full)."""
+        return (self.delta is not None and self.delta.adopts and self.transport is not None
+                and not self.transport.local_srcs)
+
+    def adopt_targets(self, targets: dict[str, torch.Tensor]) -> bool:
+        """From the next push on, write pushes (deltas too) straight into ``targets``: the served tensors, which
+        must hold exactly what the last push delivered (names as the trainer sends them, its wire dtype, contiguous).
+        Returns whether the receiver now holds targets; when they do not fit the trainer's plan it says why in its
+        state and keeps taking full pushes. Trainer rank 0 reads the new state before its next push."""
+        if not self.adopts():
+            return False
+        if self.delta.adopt_targets(targets, self.whole_version):
+            self.publish_delta_state()
+        return self.delta.targets is not None
+
+    def drop_targets(self, why: str, for_good: bool = False) -> None:
+        """Stop writing into adopted targets (before the engine changes them some other way): pushes go full, with
+        ``why`` in the trainer's ``SyncReport.full_reason``. ``for_good``: none will be adopted again (the trainer
+        then stops keeping a copy of its pushes for this receiver)."""
+        if not self.adopts():
+            return
+        self.whole_version = None  # the engine may change them now: only a later push makes them a version again
+        if self.delta.drop_targets(why, for_good):
+            self.publish_delta_state()
+
+    def publish_delta_state(self) -> None:
+        """Write this receiver's delta state to its join key, where trainer rank 0 reads a ``late`` state again
+        before deciding each push (no wait on either side: the key exists since ``connect``)."""
+        if self.bridge is not None:
+            self.bridge.set_json(Keys.delta_state(self.info.receiver_rank), self._delta_state())
 
     def receive(self, on_batch: Callable[[Batch], None], on_plan: Callable[[BucketPlan], None] | None = None
                 ) -> ReceiveResult:
@@ -113,6 +155,7 @@ class Receiver:
         p = Keys.push(self.seq)
         self.seq += 1
         self._open = True
+        self.whole_version = None
         store, abort_key = self.bridge.store, Keys.abort(p)
         if wait_keys(store, [Keys.plan(p)], self.info.timeout_s, abort_key=abort_key, stage="handshake",
                      max_pause_s=1e-3):
@@ -143,11 +186,13 @@ class Receiver:
         except Exception as e:
             self._give_up(p, e, traceback.format_exc(limit=3))
             raise
+        state = self.delta.state() if self.delta else None
+        if state is not None and state.get("late"):
+            self.publish_delta_state()  # first: the join key is never older than the acknowledgement
         self.bridge.set_json(Keys.done(p, self.me.rank), {"apply_s": times.apply, "transfer_s": times.transfer,
-                                                         "delta_state": self.delta.state() if self.delta else None,
-                                                         **self.note})
+                                                         "delta_state": state, **self.note})
         self._open = False
-        self.version = msg["version"]
+        self.version = self.whole_version = msg["version"]
         return ReceiveResult(msg["version"], plan.total_bytes, times.transfer, times.apply)
 
     def _give_up(self, p: str, error: BaseException, trace: str = "") -> None:

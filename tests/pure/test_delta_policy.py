@@ -140,3 +140,40 @@ def test_senders_cache_only_when_every_receiver_can_take_deltas():
     assert delta_allowed("auto", False, 3, DIGEST, [held(2), held(3)]).keep  # missed a push: full, then deltas
     assert not delta_allowed("off", False, 3, DIGEST, [held(3)]).keep
     assert not delta_allowed("auto", True, 3, DIGEST, [held(3)]).keep
+
+
+def test_a_receivers_own_reason_comes_first():
+    """A receiver that holds no version because it cannot take deltas yet says why, not "joined late"."""
+    waiting = receiver_state(DIGEST, None, True, "it has no delta targets yet")
+    d = delta_allowed("auto", False, 3, DIGEST, [held(3), waiting])
+    assert d.reason == "receiver 1 cannot apply deltas (it has no delta targets yet)" and d.keep
+
+
+def test_receiver_adopting_targets_at_run_time():
+    """No targets: full pushes, hopeful (the trainer caches); adopted: deltas into them from the version they hold;
+    dropped: full again, for good or not; a late state is marked so that the trainer reads it again."""
+    p = plan()
+    dr = DeltaReceiver("auto", None, None, torch.device("cpu"), adopts_targets=True)
+    st = dr.state()
+    assert st["late"] and st["ok"] and st["version"] is None and "no delta targets yet" in st["why"]
+    dr.prepare(p, p.to_json())
+    dr.finished(1)
+    assert dr.dest is None and dr.state()["version"] is None  # no mirror was made
+    targets = {"tied": torch.zeros(4, 8, dtype=torch.bfloat16), "v": torch.zeros(5)}
+    assert dr.adopt_targets(targets, 1) and not dr.adopt_targets(targets, 1)  # the second: no change
+    assert dr.state() == {**receiver_state(plan_digest(p.to_json()), 1, True, ""), "late": True}
+    assert dr.dest["w"].data_ptr() == targets["tied"].data_ptr()
+    assert delta_allowed("auto", False, 1, plan_digest(p.to_json()), [dr.state()]).on
+    assert dr.drop_targets("its fast path is not armed") and dr.dest is None
+    st = dr.state()
+    assert st["ok"] and st["version"] is None
+    assert "cannot apply deltas (its fast path is not armed)" in delta_allowed("auto", False, 1, st["digest"],
+                                                                                [st]).reason
+    dr.drop_targets("TP shards", for_good=True)
+    assert not dr.state()["ok"]  # the trainer stops caching its pushes
+    bad = {"tied": torch.zeros(4, 8), "v": torch.zeros(5)}  # float32 where bfloat16 is sent: not adopted
+    dr.adopt_targets(bad, 1)
+    st = dr.state()
+    assert dr.targets is None and not st["ok"] and "target tied is [4, 8] float32" in st["why"]
+    with pytest.raises(ValueError, match="adopts_targets"):
+        DeltaReceiver("auto", None, None, torch.device("cpu")).adopt_targets(targets, 1)
