@@ -154,11 +154,12 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         # gloo carries bytes through host memory: receive there and let load_weights copy to the device.
         device = self.device if info.backend == "nccl" else torch.device("cpu")
         expected = self.expected()
-        # Delta pushes: a mirror of the model in host memory for the CPU engines (layerwise reload). Not on GPU
-        # engines yet: a mirror there would cost a second copy of the model in GPU memory and a copy per push on
-        # the fast path; applying deltas straight into the parameter slices of engines/placement.py is future work.
+        # Delta pushes: a mirror of the model in host memory for the CPU engines (layerwise reload). GPU engines keep
+        # no mirror (a second copy of the model in GPU memory and a copy per push): once their fast path is proven,
+        # the receiver writes pushes, deltas included, straight into its parameter slices (_sync_targets).
+        gpu = self.device.type == "cuda"
         receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected),
-                            delta_mirror=device.type != "cuda")
+                            delta_mirror=not gpu, adopts_targets=gpu)
         old = self.receiver
         if old is not None and (old.info.host, old.info.port) == (info.host, info.port):
             receiver.adopt(old)  # the same trainer's new epoch: the delta mirror still holds its last version
@@ -314,7 +315,27 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         if not shapes and self.receiver.fp8 is None:
             shapes = {n: (t.shape, dtype_of(t.dtype)) for t in plan.tensors.values() for n in (t.name, *t.aliases)}
         self.direct.prepare(shapes)
+        if not self.direct.armed:  # before anything is written: the slices are no delta destination now
+            self._sync_targets()
         self.receiver.note = {"engine_apply": "direct" if self.direct.armed else "layerwise"}
+
+    def _sync_targets(self) -> None:
+        """Keep the receiver's delta destination in step with the fast path (after every push, and before one that
+        will not take the fast path): while it is armed, the receiver writes pushes (deltas too) straight into its
+        whole parameter slices, no mirror and no extra copy; otherwise it holds no targets, pushes go full and the
+        trainer's ``full_reason`` says why (``for_good``: the fast path will never offer them, so the trainer stops
+        caching pushes for this worker)."""
+        r = self.receiver
+        if r is None or not r.adopts():
+            return
+        if r.fp8 is not None:
+            r.drop_targets("fp8 on the wire is dequantized on arrival (a delta needs the served bytes)", for_good=True)
+            return
+        targets, why = self.direct.delta_targets()
+        if targets is not None:
+            r.adopt_targets(targets)
+        else:
+            r.drop_targets(why, for_good=self.direct.armed or self.direct.why_not is not None)
 
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
@@ -322,6 +343,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         from ..plan import Expected
         from ..receiver import ReceiveResult
 
+        if self.receiver is not None:  # the slices change outside the bridging group: no delta base any more
+            self.receiver.drop_targets("it caught up from a kept snapshot outside its bridging group")
         expected = self.expected()
         exp = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()}) if expected else None
         version = pull_latest(where["host"], where["port"], where["token"], where["num_trainers"], self._apply,
@@ -357,6 +380,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         self.in_session = False
         if self._finalize():
             self.direct.verify()
+        self._sync_targets()
 
     def _close_abandoned_session(self) -> None:
         """A trainer joins (init) while this worker's update session from an earlier trainer is still open.
