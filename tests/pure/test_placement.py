@@ -181,5 +181,6 @@ def test_armed_fast_path_offers_its_slices_and_skips_copying_them_onto_themselve
     direct.apply([(n, targets[n]) for n in targets])  # the receiver hands out the targets themselves: no copy
     assert {n: t._version for n, t in targets.items()} == writes
     direct.apply([("norm.weight", w["norm.weight"].clone())])  # a received buffer is still copied
-    assert targets["norm.weight"]._version > writes["norm.weight"] and targets["q.weight"]._version == writes["q.weight"]
+    assert targets["norm.weight"]._version > writes["norm.weight"]
+    assert targets["q.weight"]._version == writes["q.weight"]
     assert torch.equal(model.qkv.view(torch.int16), ref.qkv.view(torch.int16)) and torch.equal(model.norm, ref.norm)
