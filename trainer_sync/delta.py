@@ -622,19 +622,23 @@ def changes(buf: torch.Tensor) -> tuple[Header, torch.Tensor, torch.Tensor]:
     return h, pos, vals
 
 
-def apply_segments(segments: list[tuple[int, torch.Tensor]], buf: torch.Tensor, *, verify: bool = True) -> Header:
+def apply_segments(segments: list[tuple[int, torch.Tensor]], buf: torch.Tensor, *, verify: bool = True,
+                   base: Sums | None = None) -> Header:
     """Apply an encoded buffer to a bucket whose words live in several tensors: ``segments`` lists
     ``(word_offset, dest)`` (``dest`` contiguous, in place; each segment at an 8-byte offset). Words of the bucket
     outside every segment (alignment padding) belong to nobody: they are skipped, and the checksums count them as
     zeros, so the sender must keep its padding zero (``checksum`` of its bucket then equals ``segments_checksum`` of
-    the receiver's segments). ``DeltaBaseMismatch`` / ``DeltaError`` as in ``decode_into``, before any write."""
+    the receiver's segments). ``DeltaBaseMismatch`` / ``DeltaError`` as in ``decode_into``, before any write.
+    ``base``: the segments' ``segments_sums`` if already taken (a receiver takes them while the bucket is still on
+    the wire); they must be of the segments as they are now."""
     h = Header.unpack(buf)
     _check_buffer(buf, h)
     views = sorted(((off, words(t, h.word)) for off, t in segments), key=lambda x: x[0])
-    return _apply(views, buf, h, verify)
+    return _apply(views, buf, h, verify, base)
 
 
-def _apply(views: list[tuple[int, torch.Tensor]], buf: torch.Tensor, h: Header, verify: bool) -> Header:
+def _apply(views: list[tuple[int, torch.Tensor]], buf: torch.Tensor, h: Header, verify: bool,
+           base: Sums | None = None) -> Header:
     """decode_into / apply_segments: check the base, the positions and (``verify``) the result, then write."""
     pos, vals = _values(buf, h)
     if h.kind == FULL:  # whole slices; the values (padding included, zero) must carry the target checksum
@@ -644,7 +648,7 @@ def _apply(views: list[tuple[int, torch.Tensor]], buf: torch.Tensor, h: Header, 
         for off, v in views:
             v.copy_(vals[off:off + v.numel()])
         return h
-    base = _segments_sums(views)
+    base = base if base is not None else _segments_sums(views)
     if base.mixed != h.base:
         raise DeltaBaseMismatch(f"delta: the destination does not hold the base values (checksum {base.mixed:#x}, "
                                 f"the delta was made against {h.base:#x}); it needs a full push")
@@ -673,6 +677,12 @@ def _segments_sums(views: list[tuple[int, torch.Tensor]]) -> Sums:
     device = views[0][1].device
     return Sums(torch.stack([_checksum_parts(v, off * v.element_size()).to(device)
                              for off, v in views]).sum(0).tolist())
+
+
+def segments_sums(segments: list[tuple[int, torch.Tensor]]) -> Sums:
+    """The checksum sums of a bucket holding these ``(byte_offset, tensor)`` segments and zeros elsewhere (the
+    checksum depends on the bytes only: no word size needed)."""
+    return _segments_sums([(off, words(t, 1)) for off, t in segments])
 
 
 def segments_checksum(views: list[tuple[int, torch.Tensor]]) -> int:

@@ -56,8 +56,9 @@ void td_sums(const uint8_t *p, int64_t nbytes, int64_t start, uint64_t *out) {
  * gap widths 1, 2 and 4 bytes need, *last the previous changed position (-1 before the first, which gaps from 0).
  * With `update`, the changed 64-bit words of `prev` are overwritten with `new` (prev becomes new).
  * Returns the entries written; *resume is nq when the scan finished, else where to go on (cap was reached). */
-int64_t td_scan(uint8_t *prev, const uint8_t *new_, int64_t nbytes, int word, int64_t *pos, uint8_t *vals,
-                int64_t cap, int update, int64_t *resume, uint64_t *parts, int64_t *fill, int64_t *last) {
+static inline __attribute__((always_inline)) int64_t
+scan_impl(uint8_t *prev, const uint8_t *new_, int64_t nbytes, const int word, int64_t *pos, uint8_t *vals,
+          int64_t cap, int update, int64_t *resume, uint64_t *parts, int64_t *fill, int64_t *last) {
     const int per = 8 / word, bits = 8 * word;
     const uint64_t mask = word == 8 ? ~(uint64_t)0 : (((uint64_t)1 << bits) - 1);
     const int64_t nq = (nbytes + 7) / 8, whole = nbytes / 8, n = nbytes / word;
@@ -106,6 +107,17 @@ int64_t td_scan(uint8_t *prev, const uint8_t *new_, int64_t nbytes, int word, in
     parts[0] = total; parts[1] = by_row; parts[2] = by_col;
     *resume = q; *last = lastp;
     return k;
+}
+
+/* The word size as a compile-time constant in each branch, so the lane loops unroll (bf16: word 2). */
+int64_t td_scan(uint8_t *prev, const uint8_t *new_, int64_t nbytes, int word, int64_t *pos, uint8_t *vals,
+                int64_t cap, int update, int64_t *resume, uint64_t *parts, int64_t *fill, int64_t *last) {
+    switch (word) {
+    case 1: return scan_impl(prev, new_, nbytes, 1, pos, vals, cap, update, resume, parts, fill, last);
+    case 2: return scan_impl(prev, new_, nbytes, 2, pos, vals, cap, update, resume, parts, fill, last);
+    case 4: return scan_impl(prev, new_, nbytes, 4, pos, vals, cap, update, resume, parts, fill, last);
+    default: return scan_impl(prev, new_, nbytes, 8, pos, vals, cap, update, resume, parts, fill, last);
+    }
 }
 
 /* The INDICES body: gaps of `width` bytes between the sorted positions pos[0..count) with fillers (an extra entry
@@ -170,8 +182,9 @@ int64_t td_bits(const uint8_t *bits, int64_t n, int64_t *pos, int64_t cap) {
 /* How the checksum parts change (added to parts[3]) when the elements at bucket positions pos[0..count) of a segment
  * `dest` (element 0 of dest = bucket element `off`, `dlen` elements) go from their current values to vals[].
  * Returns 0, or 1 when a position falls outside the segment (nothing more is read). */
-int td_change(const uint8_t *dest, int64_t off, int64_t dlen, const int64_t *pos, const uint8_t *vals, int64_t count,
-              int word, uint64_t *parts) {
+static inline __attribute__((always_inline)) int
+change_impl(const uint8_t *dest, int64_t off, int64_t dlen, const int64_t *pos, const uint8_t *vals, int64_t count,
+            const int word, uint64_t *parts) {
     const int per = 8 / word;
     const uint64_t mask = word == 8 ? ~(uint64_t)0 : (((uint64_t)1 << (8 * word)) - 1);
     uint64_t total = parts[0], by_row = parts[1], by_col = parts[2];
@@ -181,14 +194,25 @@ int td_change(const uint8_t *dest, int64_t off, int64_t dlen, const int64_t *pos
         uint64_t o = 0, v = 0;
         memcpy(&o, dest + e * word, (size_t)word);
         memcpy(&v, vals + i * word, (size_t)word);
-        uint64_t d = ((v & mask) - (o & mask)) << (8 * word * (int)(pos[i] % per));
-        int64_t q = pos[i] / per;
+        uint64_t p = (uint64_t)pos[i];
+        uint64_t d = ((v & mask) - (o & mask)) << (8 * word * (int)(p % per));
+        uint64_t q = p / per;
         total += d;
-        by_row += d * (uint64_t)(q / ROW + 1);
-        by_col += d * (uint64_t)(q % ROW + 1);
+        by_row += d * (q / ROW + 1);
+        by_col += d * (q % ROW + 1);
     }
     parts[0] = total; parts[1] = by_row; parts[2] = by_col;
     return 0;
+}
+
+int td_change(const uint8_t *dest, int64_t off, int64_t dlen, const int64_t *pos, const uint8_t *vals, int64_t count,
+              int word, uint64_t *parts) {
+    switch (word) {
+    case 1: return change_impl(dest, off, dlen, pos, vals, count, 1, parts);
+    case 2: return change_impl(dest, off, dlen, pos, vals, count, 2, parts);
+    case 4: return change_impl(dest, off, dlen, pos, vals, count, 4, parts);
+    default: return change_impl(dest, off, dlen, pos, vals, count, 8, parts);
+    }
 }
 
 /* dest[pos[i] - off] = vals[i] for the `count` positions (already checked to fall inside the segment). */
