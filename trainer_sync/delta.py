@@ -35,6 +35,17 @@ column; ``Sums``), so the new sums follow from the old ones and the changed word
 bucket's sums (``DeltaStats.target``) never re-reads a sparse bucket to checksum it, and a receiver checks a sparse
 delta's result before writing anything.
 
+Where the time goes (the native kernels)
+----------------------------------------
+A delta push is bound by the CPU where a full push is bound by the wire, so on CPU tensors the work is done by one
+pass of C (codec/delta_scan.c, loaded by codec/delta_scan.py): ``td_scan`` compares the cached and the new bytes as
+64-bit words and, for the few that differ, emits the changed elements' positions and values, the checksum change
+and the filler counts of every gap width, and writes the changed words into the cache (``update_prev``: the cache
+advances in the same pass); ``td_sums`` is the receiver's base checksum in one read; ``td_change`` / ``td_scatter``
+check and write the changes. The torch path (CUDA tensors, ``TRAINER_SYNC_NATIVE=0``, no C compiler) gives the same
+bytes; the tests run both. Measured on this 2-core box (64 MiB bf16 bucket, 1.5 % changed): encode 28 ms native vs
+~600 ms torch, apply ~25 ms.
+
 The wiring (phase 2: delta_policy.py, delta_send.py, delta_recv.py)
 -------------------------------------------------------------------
 *Trainer-side cache* (``DeltaCache`` below, in delta_send.DeltaSender): each trainer rank keeps the last pushed

@@ -53,7 +53,7 @@ void td_sums(const uint8_t *p, int64_t nbytes, int64_t start, uint64_t *out) {
 /* Scan `prev` against `new` (bucket bytes, `nbytes` each) from 64-bit word `*resume`: every changed element's
  * position goes to pos[], its new value to vals[] (`word` bytes each), until `cap` entries are written.
  * parts[3] accumulates the checksum change (new minus old, per changed 64-bit word), fill[3] the filler entries that
- * gap widths 1, 2 and 4 bytes need, *last the previous changed position (-1 before the first, which gaps from 0).
+ * gap widths 1, 2 and 4 bytes need, *last the previous changed position (0 before the first: it gaps from 0).
  * With `update`, the changed 64-bit words of `prev` are overwritten with `new` (prev becomes new).
  * Returns the entries written; *resume is nq when the scan finished, else where to go on (cap was reached). */
 static inline __attribute__((always_inline)) int64_t
@@ -61,7 +61,7 @@ scan_impl(uint8_t *prev, const uint8_t *new_, int64_t nbytes, const int word, in
           int64_t cap, int update, int64_t *resume, uint64_t *parts, int64_t *fill, int64_t *last) {
     const int per = 8 / word, bits = 8 * word;
     const uint64_t mask = word == 8 ? ~(uint64_t)0 : (((uint64_t)1 << bits) - 1);
-    const int64_t nq = (nbytes + 7) / 8, whole = nbytes / 8, n = nbytes / word;
+    const int64_t nq = (nbytes + 7) / 8, whole = nbytes / 8;
     const int64_t maxg[3] = {255, 65535, 2147483647};
     int64_t k = 0, q = *resume, lastp = *last;
     uint64_t total = parts[0], by_row = parts[1], by_col = parts[2];
@@ -80,18 +80,15 @@ scan_impl(uint8_t *prev, const uint8_t *new_, int64_t nbytes, const int word, in
         }
         uint64_t x = a ^ b;
         if (x == 0) { q++; continue; }
-        int lanes = 0;
-        for (int l = 0; l < per; l++) lanes += ((x >> (l * bits)) & mask) != 0;
-        if (k + lanes > cap) break; /* the whole word or nothing: resume at q */
+        if (k + per > cap) break; /* no room for this word's lanes: resume at q with a new buffer */
         for (int l = 0; l < per; l++) {
-            if (((x >> (l * bits)) & mask) == 0) continue;
-            int64_t p = q * per + l;
-            if (p >= n) break;
-            uint64_t v = (b >> (l * bits)) & mask;
+            if (((x >> (l * bits)) & mask) == 0) continue; /* lanes past n are zero padding on both sides */
+            const int64_t p = q * per + l;
+            const uint64_t v = (b >> (l * bits)) & mask;
             memcpy(vals + k * word, &v, (size_t)word);
             pos[k++] = p;
-            int64_t g = p - (lastp < 0 ? 0 : lastp);
-            if (g > 255) for (int w = 0; w < 3; w++) fill[w] += (g - 1) / maxg[w];
+            const int64_t g = p - lastp;
+            if (g > 255) for (int w = 0; w < 3; w++) fill[w] += (g - 1) / maxg[w]; /* rare */
             lastp = p;
         }
         uint64_t d = b - a;

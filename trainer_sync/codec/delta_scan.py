@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -105,32 +106,50 @@ def sums(raw: torch.Tensor, start_word: int = 0) -> tuple[int, int, int]:
     return tuple(out)
 
 
+_scratch = threading.local()  # this thread's position / value buffers, kept between scans (no page faults per push)
+_KEEP_ENTRIES = 1 << 23  # scratch kept up to 8 M entries (80 MB at 2-byte words); larger ones are freed after use
+
+
+def _buffers(cap: int, word: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pos, vals = getattr(_scratch, "pos", None), getattr(_scratch, "vals", None)
+    if pos is None or pos.numel() < cap:
+        pos = torch.empty(cap, dtype=torch.int64)
+    if vals is None or vals.numel() < cap * word:
+        vals = torch.empty(cap * word, dtype=torch.uint8)
+    if pos.numel() <= _KEEP_ENTRIES:
+        _scratch.pos, _scratch.vals = pos, vals
+    return pos, vals
+
+
 def scan(prev: torch.Tensor, new: torch.Tensor, word: int, update: bool):
     """Changed elements of ``new`` (flat uint8) against ``prev`` (flat uint8, same length) in one pass: (positions
     int64, values (uint8, ``word`` bytes each), checksum change parts (unsigned), filler counts {1: .., 2: .., 4: ..}).
-    ``update`` writes the changed words of ``new`` into ``prev``."""
+    ``update`` writes the changed words of ``new`` into ``prev``. The positions and values are views of this
+    thread's scratch buffers: valid until its next ``scan``."""
     nbytes = new.numel()
     n = nbytes // word
-    cap = max(4096, n // 64)
-    pos_parts, val_parts = [], []
-    resume, last = ctypes.c_int64(0), ctypes.c_int64(-1)
+    nq = (nbytes + 7) // 8
+    cap = max(4096, n // 32)
+    pos, vals = _buffers(cap, word)
+    cap = min(pos.numel(), vals.numel() // word)
+    resume, last = ctypes.c_int64(0), ctypes.c_int64(0)
     parts = (ctypes.c_uint64 * 3)()
     fill = (ctypes.c_int64 * 3)()
-    nq = (nbytes + 7) // 8
+    k = 0
     while True:
-        pos = torch.empty(cap, dtype=torch.int64)
-        vals = torch.empty(cap * word, dtype=torch.uint8)
-        k = _lib.td_scan(_ptr(prev), _ptr(new), nbytes, word, _ptr(pos), _ptr(vals), cap, int(update),
-                         ctypes.addressof(resume), ctypes.addressof(parts), ctypes.addressof(fill),
-                         ctypes.addressof(last))
-        pos_parts.append(pos[:k])
-        val_parts.append(vals[:k * word])
+        k += _lib.td_scan(_ptr(prev), _ptr(new), nbytes, word, _ptr(pos) + 8 * k, _ptr(vals) + word * k, cap - k,
+                          int(update), ctypes.addressof(resume), ctypes.addressof(parts), ctypes.addressof(fill),
+                          ctypes.addressof(last))
         if resume.value >= nq:
             break
-        cap = min(max(cap * 4, 4096), n)  # dense: grow (the scan resumes where it stopped)
-    pos = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts)
-    vals = val_parts[0] if len(val_parts) == 1 else torch.cat(val_parts)
-    return pos, vals, tuple(parts), dict(zip((1, 2, 4), fill))
+        # Denser than the buffers: grow to what the density so far predicts for the rest (one regrowth, mostly).
+        est = int(k * nq / max(resume.value, 1) * 1.2) + 4096
+        cap = min(max(est, 2 * cap), n + 8)
+        grown_pos, grown_vals = _buffers(cap, word)
+        grown_pos[:k] = pos[:k]
+        grown_vals[:k * word] = vals[:k * word]
+        pos, vals = grown_pos, grown_vals
+    return pos[:k], vals[:k * word], tuple(parts), dict(zip((1, 2, 4), fill))
 
 
 def indices(pos: torch.Tensor, vals: torch.Tensor, new: torch.Tensor, word: int, width: int,
