@@ -1,17 +1,21 @@
 """Delta pushes through the REAL push path (issue 16): delta vs full push seconds on CPU gloo, side by side.
 
 One trainer process holds a tiny Qwen3 built in code (default: hidden 768, 8 layers, vocab 32000, ~100 M
-parameters = ~400 MB of fp32 master weights, ~200 MB of bf16 wire values) and two Senders over the same model:
-``delta="auto"`` to one receiver process and ``delta="off"`` to another. Both receivers write every push into their
-own bf16 tensors in place (``Receiver(..., targets=...)``: the served tensors). Per learning rate the model starts
-from the same weights with a fresh AdamW (weight decay 0), and each of ``--steps`` real steps (causal-LM loss on
-fixed random token batches) is followed by a delta push and then a full push of the same weights. Reported per
-learning rate: the changed fraction and bytes per push (SyncReport.changed_fraction / bytes_sent / bytes_full),
-push seconds (SyncReport.total_s, medians) delta vs full with their stages, and a bit-exact check of both
-receivers against the trainer's bf16 weights at the end. The measured byte ratios then go into the push simulator
+parameters = ~400 MB of fp32 master weights, ~200 MB of bf16 wire values) and, per link, two Senders over the same
+model: ``delta="auto"`` to one receiver process and ``delta="off"`` to another. The links (``--links``): loopback
+(CPU-bound here: a few GB/s) and rate-limited links made for real with a network namespace + veth + tc tbf per
+rate (benchmarks/shaped_link.py; e.g. 1000 = 1 Gbit/s, trainer and engines on different hosts over ordinary
+Ethernet: the bandwidth-bound case). Every receiver writes every push into its own bf16 tensors in place
+(``Receiver(..., targets=...)``: the served tensors). Per learning rate the model starts from the same weights with
+a fresh AdamW (weight decay 0), and each of ``--steps`` real steps (causal-LM loss on fixed random token batches) is
+followed, link after link, by a delta push and then a full push of the same weights. Reported per learning rate
+and link: the changed fraction and bytes per push (SyncReport.changed_fraction / bytes_sent / bytes_full), push
+seconds (SyncReport.total_s, medians) delta vs full with their stages, and a bit-exact check of every receiver
+against the trainer's bf16 weights at the end. The measured byte ratios then go into the push simulator
 (benchmarks/simulate.py) for the 1T-parameter / 256-GPU case. Prints one JSON object; ``--out`` saves it.
 
-    python benchmarks/bench_delta_push.py [--steps 50] [--lrs 1e-6,1e-5] [--out benchmarks/results/x.json]
+    python benchmarks/bench_delta_push.py [--steps 50] [--lrs 1e-6,1e-5] [--links loopback,1000]
+                                          [--out benchmarks/results/x.json]
 """
 from __future__ import annotations
 
@@ -38,11 +42,14 @@ def _model(args, device="cpu"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def _cfg(port: int, args, delta: str):
+def _cfg(port: int, args, delta: str, host: str):
     from trainer_sync import SyncConfig
 
-    return SyncConfig(port=port, token="bench", bucket_mb=args.bucket_mb, wire_dtype="bfloat16", timeout_s=300,
-                      delta=delta)
+    return SyncConfig(host=host, port=port, token="bench", bucket_mb=args.bucket_mb, wire_dtype="bfloat16",
+                      timeout_s=300, delta=delta)
+
+
+KINDS = ("delta", "full")
 
 
 def _stats(xs, nd=6):
@@ -57,12 +64,14 @@ def _digest(bits: torch.Tensor) -> list[int]:
     return [int(flat.sum()), int((flat * (torch.arange(flat.numel()) % 65521)).sum())]
 
 
-def trainer(rank, world, ports, args):
+def trainer(rank, world, channels, args):
+    """``channels``: (link name, kind, host, port) per Sender."""
     from trainer_sync import Sender
 
     model = _model(args)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    senders = {"delta": Sender(model, _cfg(ports[0], args, "auto")), "full": Sender(model, _cfg(ports[1], args, "off"))}
+    senders = {(link, kind): Sender(model, _cfg(port, args, "auto" if kind == "delta" else "off", host))
+               for link, kind, host, port in channels}
     for s in senders.values():
         s.connect(1)
     g = torch.Generator().manual_seed(0)
@@ -71,7 +80,7 @@ def trainer(rank, world, ports, args):
     for lr in args.lrs:
         model.load_state_dict(initial)  # the same start for every learning rate (the parameters stay the same objects)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        reports = {"delta": [], "full": []}
+        reports = {key: [] for key in senders}
         train_s, losses = [], []
         for step in range(args.steps + 1):  # step 0: no training, the push of the start weights (the base)
             if step:
@@ -85,24 +94,27 @@ def trainer(rank, world, ports, args):
                 train_s.append(time.perf_counter() - t)
                 losses.append(loss.item())
                 torch.set_num_threads(1)
-            for kind in ("delta", "full"):
-                reports[kind].append(senders[kind].push().to_dict())
+            for key in senders:  # link after link: the delta push, then the full push of the same weights
+                reports[key].append(senders[key].push().to_dict())
         want = {n: p.detach().to(BF16).view(torch.int16) for n, p in model.named_parameters()}
         digest = {n: _digest(w) for n, w in want.items()}
-        results.append({"lr": lr, "reports": reports, "train_s": train_s, "loss_first_last": [losses[0], losses[-1]],
+        results.append({"lr": lr, "reports": {f"{link}/{kind}": r for (link, kind), r in reports.items()},
+                        "train_s": train_s, "loss_first_last": [losses[0], losses[-1]],
                         "digest": digest})
     for s in senders.values():
         s.close()
     return {"results": results, "params": sum(p.numel() for p in model.parameters())}
 
 
-def receiver(j, world, port, args, pushes):
-    from tests.helpers.roles import info
+def receiver(j, world, host, port, netns, args, pushes):
+    from benchmarks.shaped_link import enter
     from trainer_sync import Receiver
+    from trainer_sync.protocol import JoinInfo
 
+    enter(netns)  # first: the store client and gloo's sockets and threads come later, in the link's namespace
     shapes = {n: p.shape for n, p in _model(args, "meta").named_parameters()}
     targets = {n: torch.zeros(s, dtype=BF16) for n, s in shapes.items()}
-    r = Receiver(info(port, 0, 1, 1, token="bench", timeout=300.0), targets=targets)
+    r = Receiver(JoinInfo(host, port, "bench", 0, 1, 1, 0, "gloo", 300.0), targets=targets)
     r.connect()
     digests = []
     for k in range(pushes):
@@ -113,14 +125,24 @@ def receiver(j, world, port, args, pushes):
     return digests
 
 
-def summarize(res: dict, args) -> dict:
+def _link_row(d: list[dict], f: list[dict]) -> dict:
+    """Delta vs full pushes of one link (the base push of the start weights left out)."""
+    ds, fs = [x["total_s"] for x in d], [x["total_s"] for x in f]
+    return {"push_s": {"delta": _stats(ds, 4), "full": _stats(fs, 4)},
+            "full_over_delta_seconds": round(statistics.median(fs) / statistics.median(ds), 2),
+            "stages_median_s": {kind: {s: round(statistics.median(x[s] for x in rep), 4)
+                                       for s in ("plan_s", "pack_s", "transfer_s", "apply_s")}
+                                for kind, rep in (("delta", d), ("full", f))}}
+
+
+def summarize(res: dict, links: list[str]) -> dict:
     out = []
     for k, r in enumerate(res["trainer"]["results"]):
-        d, f = r["reports"]["delta"][1:], r["reports"]["full"][1:]  # without the base push of the start weights
-        full_bytes = f[0]["bytes"]
+        rep = {key: v[1:] for key, v in r["reports"].items()}  # without the base push of the start weights
+        d = rep[f"{links[0]}/delta"]
+        full_bytes = rep[f"{links[0]}/full"][0]["bytes"]
         sent = [x["bytes_sent"] for x in d]
-        ds, fs = [x["total_s"] for x in d], [x["total_s"] for x in f]
-        exact = all(res[name][k] == r["digest"] for name in ("delta_receiver", "full_receiver"))
+        exact = all(digests[k] == r["digest"] for digests in res["receivers"].values())
         out.append({
             "lr": r["lr"],
             "changed_fraction": _stats([x["changed_fraction"] for x in d]),
@@ -128,12 +150,8 @@ def summarize(res: dict, args) -> dict:
             "bytes_full": full_bytes,
             "bytes_per_delta_push": _stats(sent, 0),
             "full_over_delta_bytes": round(full_bytes / statistics.median(sent), 2),
-            "full_reasons": sorted({str(x["full_reason"]) for x in d}),
-            "push_s": {"delta": _stats(ds, 4), "full": _stats(fs, 4)},
-            "full_over_delta_seconds": round(statistics.median(fs) / statistics.median(ds), 2),
-            "stages_median_s": {kind: {s: round(statistics.median(x[s] for x in rep), 4)
-                                       for s in ("plan_s", "pack_s", "transfer_s", "apply_s")}
-                                for kind, rep in (("delta", d), ("full", f))},
+            "full_reasons": sorted({str(x["full_reason"]) for key in rep if key.endswith("/delta") for x in rep[key]}),
+            "links": {link: _link_row(rep[f"{link}/delta"], rep[f"{link}/full"]) for link in links},
             "train_step_s": round(statistics.median(r["train_s"]), 3),
             "loss_first_last": [round(x, 4) for x in r["loss_first_last"]],
             "receivers_bit_exact": exact,
@@ -161,6 +179,12 @@ def simulate(results: list[dict]) -> dict:
     return out
 
 
+def _native() -> bool:
+    from trainer_sync.codec import delta_scan
+
+    return delta_scan.enabled()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=50)
@@ -175,23 +199,40 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8, help="distinct token batches, cycled")
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--train-threads", type=int, default=2, help="torch threads of the training step (pushes: 1)")
-    ap.add_argument("--timeout", type=float, default=1500.0)
+    ap.add_argument("--links", default="loopback,1000",
+                    help="loopback and/or link rates in Mbit/s, each a shaped veth (benchmarks/shaped_link.py)")
+    ap.add_argument("--timeout", type=float, default=2400.0)
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     args.lrs = [float(x) for x in args.lrs.split(",")]
+    from benchmarks import shaped_link
     from tests.helpers.cluster import free_port, run_roles
 
     t0 = time.perf_counter()
-    ports = [free_port(), free_port()]
+    wanted = [x.strip() for x in args.links.split(",") if x.strip()]
+    rates = [int(x) for x in wanted if x != "loopback"]
+    skipped = shaped_link.available() if rates else None
+    if skipped:
+        print(f"bench_delta_push: no shaped links ({skipped}); loopback only", flush=True)
+        rates = []
     pushes = len(args.lrs) * (args.steps + 1)
-    res = run_roles([("trainer", 0, 1, trainer, (ports, args)),
-                     ("receiver", 0, 1, receiver, (ports[0], args, pushes)),
-                     ("receiver", 1, 1, receiver, (ports[1], args, pushes))], timeout=args.timeout)
-    summary = summarize({"trainer": res[("trainer", 0)], "delta_receiver": res[("receiver", 0)],
-                         "full_receiver": res[("receiver", 1)]}, args)
-    out = {"benchmark": "delta_push", "path": "Sender -> Receiver processes, CPU gloo loopback, bf16 wire",
+    with shaped_link.shaped_links(rates) as shaped:
+        links = ([shaped_link.LOOPBACK] if "loopback" in wanted or not rates else []) + shaped
+        channels = [(link, kind, free_port()) for link in links for kind in KINDS]
+        roles = [("trainer", 0, 1, trainer, ([(l.name, k, l.trainer_host, p) for l, k, p in channels], args))]
+        roles += [("receiver", i, 1, receiver, (l.receiver_host, p, l.netns, args, pushes))
+                  for i, (l, k, p) in enumerate(channels)]
+        res = run_roles(roles, timeout=args.timeout)
+    names = [l.name for l in links]
+    summary = summarize({"trainer": res[("trainer", 0)],
+                         "receivers": {f"{l.name}/{k}": res[("receiver", i)] for i, (l, k, _) in enumerate(channels)}},
+                        names)
+    out = {"benchmark": "delta_push",
+           "path": "Sender -> Receiver processes, CPU gloo, bf16 wire; links: " + ", ".join(
+               "loopback" if l.rate_mbit is None else f"veth + tc tbf at {l.rate_mbit} Mbit/s" for l in links),
            "model": {"hidden": args.hidden, "inter": args.inter, "layers": args.layers, "vocab": args.vocab},
-           "steps": args.steps, "bucket_mb": args.bucket_mb, "cpus": os.cpu_count(), **summary,
+           "steps": args.steps, "bucket_mb": args.bucket_mb, "cpus": os.cpu_count(), "native_delta_kernels":
+           _native(), **summary,
            "simulated_1T_256_gpus_tp16": simulate(summary["results"]), "wall_s": round(time.perf_counter() - t0, 1)}
     text = json.dumps(out)
     print(text)

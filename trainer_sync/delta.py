@@ -35,6 +35,17 @@ column; ``Sums``), so the new sums follow from the old ones and the changed word
 bucket's sums (``DeltaStats.target``) never re-reads a sparse bucket to checksum it, and a receiver checks a sparse
 delta's result before writing anything.
 
+Where the time goes (the native kernels)
+----------------------------------------
+A delta push is bound by the CPU where a full push is bound by the wire, so on CPU tensors the work is done by one
+pass of C (codec/delta_scan.c, loaded by codec/delta_scan.py): ``td_scan`` compares the cached and the new bytes as
+64-bit words and, for the few that differ, emits the changed elements' positions and values, the checksum change
+and the filler counts of every gap width, and writes the changed words into the cache (``update_prev``: the cache
+advances in the same pass); ``td_sums`` is the receiver's base checksum in one read; ``td_change`` / ``td_scatter``
+check and write the changes. The torch path (CUDA tensors, ``TRAINER_SYNC_NATIVE=0``, no C compiler) gives the same
+bytes; the tests run both. Measured on this 2-core box (64 MiB bf16 bucket, 1.5 % changed): encode 28 ms native vs
+~600 ms torch, apply ~25 ms.
+
 The wiring (phase 2: delta_policy.py, delta_send.py, delta_recv.py)
 -------------------------------------------------------------------
 *Trainer-side cache* (``DeltaCache`` below, in delta_send.DeltaSender): each trainer rank keeps the last pushed
@@ -62,6 +73,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+from .codec import delta_scan as native
 
 FULL, BITMASK, INDICES = 0, 1, 2
 KIND_NAMES = {FULL: "full", BITMASK: "bitmask", INDICES: "indices"}
@@ -230,8 +243,11 @@ class Sums(tuple):
 
 
 def sums(t: torch.Tensor) -> Sums:
-    """The checksum sums of a whole bucket (one synchronization)."""
-    return Sums(_checksum_parts(words(t)).tolist())
+    """The checksum sums of a whole bucket (one synchronization; on CPU one native pass)."""
+    w = words(t)
+    if native.available(w):
+        return Sums(native.sums(w.view(torch.uint8)))
+    return Sums(_checksum_parts(w).tolist())
 
 
 def _delta_parts(pos: torch.Tensor, old: torch.Tensor, new: torch.Tensor, word: int) -> torch.Tensor:
@@ -262,7 +278,7 @@ def checksum(t: torch.Tensor, word: int | None = None) -> int:
     """A position-weighted 64-bit checksum of a tensor's bytes: the wrapping sum of its little-endian 64-bit words
     mixed with the sum of each 8 KiB row's sum times the row number, so changed, swapped or shifted values are all
     seen. (``word`` is accepted for symmetry; the checksum depends on the bytes only.)"""
-    return _mix(_checksum_parts(words(t, word)).tolist())
+    return sums(words(t, word)).mixed
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -374,25 +390,52 @@ class DeltaStats:
     nbytes: int  # the encoded buffer's size
     full_nbytes: int  # n * word (what a raw full push carries, no header)
     target: Sums | None = None  # the new values' checksum sums (the next push's base)
+    prev_updated: bool = False  # ``encode(update_prev=True)`` wrote the changed words into ``prev``: prev == new
 
     @property
     def changed_fraction(self) -> float:
         return self.changed / self.n if self.n else 0.0
 
 
+def _choose_allowed(n: int, changed: int, word: int, kinds, widths, fillers) -> tuple[tuple[int, int], int]:
+    """The encoding to use and its size; ``fillers``: a callable giving the filler counts per width (only called
+    when INDICES can win)."""
+    sizes = encoded_sizes(n, changed, word)
+    others = [v for k, v in sizes.items() if k[0] in kinds and k[0] != INDICES]
+    if INDICES in kinds and (not others or min(sizes[(INDICES, w)] for w in widths) < min(others)):
+        sizes = encoded_sizes(n, changed, word, fillers())  # indices may win: count the fillers per width
+    elif INDICES in kinds:
+        sizes = {k: v for k, v in sizes.items() if k[0] != INDICES}  # cannot win: not counted
+    allowed = {k: v for k, v in sizes.items() if k[0] in kinds and (k[0] != INDICES or k[1] in widths)}
+    if not allowed:
+        raise DeltaError(f"delta: no encoding allowed (kinds={kinds})")
+    choice = choose(allowed)
+    return choice, allowed[choice]
+
+
+def _put_header(out: torch.Tensor, h: Header) -> None:
+    out[:HEADER_BYTES] = torch.frombuffer(bytearray(h.pack()), dtype=torch.uint8).to(out.device)
+
+
 def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, kinds=(FULL, BITMASK, INDICES),
-           widths=GAP_WIDTHS, base: Sums | None = None) -> tuple[torch.Tensor, DeltaStats]:
+           widths=GAP_WIDTHS, base: Sums | None = None, update_prev: bool = False) -> tuple[torch.Tensor, DeltaStats]:
     """Encode ``new`` against ``prev`` (same shape/bytes, any dtype, CPU or CUDA): the smallest allowed encoding as a
     flat uint8 tensor on ``new``'s device, and its stats (``stats.target``: the new values' checksum sums, which the
     sender keeps as the next push's ``base``). ``kinds``/``widths`` restrict the choice (tests, or a receiver that
     takes only full buckets). ``base``: the previous values' sums if known (else one pass over ``prev``); the new
     sums follow from them and the changes alone, so a sender that keeps them reads each bucket's bytes only to
-    compare them."""
+    compare them. ``update_prev``: ``prev`` may be overwritten with ``new`` on the way (the sender's cache
+    advancing without a second pass); ``stats.prev_updated`` says whether it was.
+
+    Contiguous CPU tensors go through the native one-pass scan (codec/delta_scan.c), others through torch; both
+    give the same bytes."""
     if word is None:
         word = default_word(new)
     a, b = words(prev, word), words(new, word)
     if a.numel() != b.numel():
         raise DeltaError(f"delta: previous and new values differ in size ({a.numel()} vs {b.numel()} words)")
+    if native.available(a, b):
+        return _encode_native(a, b, word, kinds, widths, base, update_prev)
     if a.device != b.device:
         a = a.to(b.device)
     n = b.numel()
@@ -400,20 +443,13 @@ def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, ki
     changed = pos.numel()
     if base is None:
         base = Sums(_checksum_parts(a).tolist())
-    sizes = encoded_sizes(n, changed, word)
-    others = [v for k, v in sizes.items() if k[0] in kinds and k[0] != INDICES]
-    gaps = None
-    if INDICES in kinds and (not others or min(sizes[(INDICES, w)] for w in widths) < min(others)):
-        # Indices may win (their lower bound, without fillers, beats the others): count the fillers per width.
-        gaps = _gaps(pos)
-        sizes = encoded_sizes(n, changed, word, _filler_counts(gaps, n))
-    elif INDICES in kinds:
-        sizes = {k: v for k, v in sizes.items() if k[0] != INDICES}  # cannot win: not counted
-    allowed = {k: v for k, v in sizes.items() if k[0] in kinds and (k[0] != INDICES or k[1] in widths)}
-    if not allowed:
-        raise DeltaError(f"delta: no encoding allowed (kinds={kinds})")
-    kind, width = choose(allowed)
-    nbytes = allowed[(kind, width)]
+    memo = {}
+
+    def fillers() -> dict[int, int]:  # only when indices may win (their lower bound beats the others)
+        memo["gaps"] = _gaps(pos)
+        return _filler_counts(memo["gaps"], n)
+
+    (kind, width), nbytes = _choose_allowed(n, changed, word, kinds, widths, fillers)
     out = torch.empty(nbytes, dtype=torch.uint8, device=b.device)
     body = HEADER_BYTES
 
@@ -435,43 +471,92 @@ def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, ki
         packed = _pack_bits(mask)
         out[body:body + packed.numel()] = packed
         vals_at = body + _pad8(packed.numel())
+        out[body + packed.numel():vals_at].zero_()  # padding: zeros, so both encoders give the same bytes
         vals = out[vals_at:].view(_WORD_DTYPE[word])
         torch.index_select(b, 0, pos, out=vals)
         target = target_sums(vals)
     else:
-        g = _with_fillers(gaps, width)
+        g = _with_fillers(memo["gaps"], width)
         count = g.numel()
         out[body:body + count * width] = _gap_bytes(g, width)
         positions = torch.cumsum(g, 0) if count != changed else pos
         vals_at = body + _pad8(count * width)
+        out[body + count * width:vals_at].zero_()
         vals = out[vals_at:].view(_WORD_DTYPE[word])
         torch.index_select(b, 0, positions, out=vals)
         target = target_sums(b[pos] if count != changed else vals)
-    head = Header(kind, word, width, n, count, base.mixed, target.mixed, nbytes).pack()
-    out[:HEADER_BYTES] = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(out.device)
+    _put_header(out, Header(kind, word, width, n, count, base.mixed, target.mixed, nbytes))
     return out, DeltaStats(n, changed, word, kind, width, nbytes, n * word, target)
 
 
-def _values(buf: torch.Tensor, h: Header) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """(bitmask bool or None, positions or None, values) of an encoded buffer."""
+def _encode_native(a: torch.Tensor, b: torch.Tensor, word: int, kinds, widths, base: Sums | None,
+                   update_prev: bool) -> tuple[torch.Tensor, DeltaStats]:
+    """``encode`` through the native kernels: one pass gives the changed positions and values, the checksum change
+    and the filler counts; the chosen body is then written from those (O(changed)), FULL copied."""
+    n = b.numel()
+    ra, rb = a.view(torch.uint8), b.view(torch.uint8)
+    if base is None:
+        base = Sums(native.sums(ra))  # before the scan: it may overwrite prev
+    pos, vals, parts, fill = native.scan(ra, rb, word, update_prev)
+    changed = pos.numel()
+    target = base.plus(parts)
+    (kind, width), nbytes = _choose_allowed(n, changed, word, kinds, widths, lambda: fill)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    body = HEADER_BYTES
+    if kind == FULL:
+        count = n
+        out[body:].copy_(rb)
+    elif kind == BITMASK:
+        count = changed
+        nb = -(-n // 8)
+        out[body:body + _pad8(nb)].zero_()
+        native.setbits(pos, out[body:])
+        out[body + _pad8(nb):].copy_(vals)
+    else:
+        count = changed + fill[width]
+        vals_at = body + _pad8(count * width)
+        out[body + count * width:vals_at].zero_()
+        got = native.indices(pos, vals, rb, word, width, out[body:], out[vals_at:])
+        if got != count:  # cannot happen unless the scan and the gap writer disagree
+            raise DeltaError(f"delta: native encoder wrote {got} entries, counted {count}")
+    _put_header(out, Header(kind, word, width, n, count, base.mixed, target.mixed, nbytes))
+    return out, DeltaStats(n, changed, word, kind, width, nbytes, n * word, target, prev_updated=update_prev)
+
+
+def _values(buf: torch.Tensor, h: Header) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(positions int64, sorted, or None for FULL; values) of an encoded buffer. On CPU the positions come from the
+    native kernels (a running sum of unsigned gaps, or the set bits), else from torch."""
     dt = _WORD_DTYPE[h.word]
     body = HEADER_BYTES
     if h.kind == FULL:
-        return None, None, buf[body:body + h.n * h.word].view(dt)
+        return None, buf[body:body + h.n * h.word].view(dt)
+    fast = native.available(buf)
     if h.kind == BITMASK:
         nb = -(-h.n // 8)
-        mask = _unpack_bits(buf[body:body + nb], h.n)
         at = body + _pad8(nb)
-        return mask, None, buf[at:at + h.count * h.word].view(dt)
+        vals = buf[at:at + h.count * h.word].view(dt)
+        if fast:
+            pos = native.bits(buf[body:body + nb], h.n, h.count)
+            if pos is None:
+                raise DeltaError(f"delta: the bitmask sets more than its {h.count} values (corrupt buffer)")
+        else:
+            pos = torch.nonzero(_unpack_bits(buf[body:body + nb], h.n)).view(-1)
+        return pos, vals
     if h.gap_width not in GAP_WIDTHS:
         raise DeltaError(f"delta: gap width {h.gap_width} is not one of {GAP_WIDTHS}")
-    gaps = _gaps_from_bytes(buf[body:], h.count, h.gap_width)
-    pos = torch.cumsum(gaps, 0)
     at = body + _pad8(h.count * h.gap_width)
-    return None, pos, buf[at:at + h.count * h.word].view(dt)
+    if fast:
+        pos, _ = native.positions(buf[body:], h.count, h.gap_width)
+    else:
+        pos = torch.cumsum(_gaps_from_bytes(buf[body:], h.count, h.gap_width), 0)
+    return pos, buf[at:at + h.count * h.word].view(dt)
 
 
-def _check_positions(pos: torch.Tensor, n: int) -> None:
+def _check_positions(pos: torch.Tensor, vals: torch.Tensor, n: int) -> None:
+    """Positions inside the bucket, one per value (positions are sorted by construction, unless a 4-byte gap is
+    negative in a corrupt buffer: min and max are both checked)."""
+    if pos.numel() != vals.numel():
+        raise DeltaError(f"delta: {pos.numel()} positions but {vals.numel()} values (corrupt buffer)")
     if pos.numel():
         lo, hi = (int(x) for x in torch.stack([pos.min(), pos.max()]).tolist())
         if lo < 0 or hi >= n:
@@ -485,12 +570,48 @@ def _check_buffer(buf: torch.Tensor, h: Header) -> None:
         raise DeltaError(f"delta: buffer holds {buf.numel()} bytes, its header says {h.nbytes}")
 
 
+def _change(views: list[tuple[int, torch.Tensor]], cuts, pos: torch.Tensor, vals: torch.Tensor, word: int) -> list:
+    """The checksum parts' change of writing ``vals`` at ``pos`` into the segments (O(changed); native on CPU)."""
+    parts = [0, 0, 0]
+    for (off, v), a, z in cuts:
+        if z <= a:
+            continue
+        if native.available(v, pos, vals):
+            if not native.change(v, off, pos[a:z], vals[a:z], word, parts):
+                raise DeltaError("delta: a position falls outside its segment (corrupt buffer)")
+        else:
+            p = pos[a:z]
+            d = _delta_parts(p, v[(p - off).to(v.device)].to(pos.device), vals[a:z], word).tolist()
+            parts = [x + y for x, y in zip(parts, d)]
+    return parts
+
+
+def _write(cuts, pos: torch.Tensor, vals: torch.Tensor, word: int) -> None:
+    for (off, v), a, z in cuts:
+        if z <= a:
+            continue
+        if native.available(v, pos, vals):
+            native.scatter(v, off, pos[a:z], vals[a:z], word)
+        else:
+            v.index_copy_(0, (pos[a:z] - off).to(v.device), vals[a:z].to(v.device))
+
+
+def _cuts(views: list[tuple[int, torch.Tensor]], pos: torch.Tensor) -> list:
+    """Each segment with the range ``[a, z)`` of the sorted positions that fall in it."""
+    if not views:
+        return []
+    starts = [off for off, _ in views]
+    ends = [off + v.numel() for off, v in views]
+    bounds = torch.searchsorted(pos, torch.tensor(starts + ends, device=pos.device)).tolist()
+    k = len(views)
+    return list(zip(views, bounds[:k], bounds[k:]))
+
+
 def decode_into(dest: torch.Tensor, buf: torch.Tensor, *, verify: bool = True, header: Header | None = None) -> Header:
     """Apply an encoded buffer IN PLACE to ``dest`` (contiguous, holding the previous values; any dtype of the same
     bytes). Refuses with ``DeltaBaseMismatch`` when ``dest`` does not hold the base values, before writing anything.
-    ``verify`` checks the result's checksum too (``DeltaError``: a corrupt buffer): before writing when few words
-    change (from the changes alone), else with a pass over the result after writing. Cost beyond the writes: one
-    read of ``dest`` for the base check, and O(changed) or one more read for the target."""
+    ``verify`` checks the result's checksum too (``DeltaError``: a corrupt buffer), from the changes alone, before
+    writing. Cost beyond the writes: one read of ``dest`` for the base check, and O(changed) for the target."""
     h = header or Header.unpack(buf)
     _check_buffer(buf, h)
     d = words(dest, h.word)
@@ -498,32 +619,7 @@ def decode_into(dest: torch.Tensor, buf: torch.Tensor, *, verify: bool = True, h
         raise DeltaError(f"delta: destination holds {d.numel()} words of {h.word} bytes, the delta {h.n}")
     if buf.device != d.device:
         buf = buf.to(d.device)
-    mask, pos, vals = _values(buf, h)
-    if h.kind == FULL:
-        if verify and sums(vals).mixed != h.target:
-            raise DeltaError("delta: the full values do not have the target checksum (corrupt buffer)")
-        d.copy_(vals)
-        return h
-    base = sums(d)
-    if base.mixed != h.base:
-        raise DeltaBaseMismatch(f"delta: the destination does not hold the base values (checksum {base.mixed:#x}, "
-                                f"the delta was made against {h.base:#x}); it needs a full push")
-    if mask is not None:
-        pos = torch.nonzero(mask).view(-1)
-    _check_positions(pos, h.n)
-    if pos.numel() != vals.numel():
-        raise DeltaError(f"delta: {pos.numel()} positions but {vals.numel()} values (corrupt buffer)")
-    early = verify and _incremental(pos.numel(), h.n)
-    if early and pos.numel():
-        got = base.plus(_delta_parts(pos, d[pos], vals, h.word).tolist()).mixed
-        if got != h.target:
-            raise DeltaError(f"delta: the result's checksum {got:#x} would not be the target {h.target:#x} "
-                             f"(corrupt buffer); nothing was written")
-    d.index_copy_(0, pos, vals)
-    if verify and not early and (got := sums(d).mixed) != h.target:
-        raise DeltaError(f"delta: the result's checksum {got:#x} is not the target {h.target:#x} (corrupt buffer): "
-                         f"the destination needs a full push")
-    return h
+    return _apply([(0, d)], buf, h, verify)
 
 
 def changes(buf: torch.Tensor) -> tuple[Header, torch.Tensor, torch.Tensor]:
@@ -531,57 +627,73 @@ def changes(buf: torch.Tensor) -> tuple[Header, torch.Tensor, torch.Tensor]:
     (``apply_segments``). FULL gives every position."""
     h = Header.unpack(buf)
     _check_buffer(buf, h)
-    mask, pos, vals = _values(buf, h)
-    if mask is not None:
-        pos = torch.nonzero(mask).view(-1)
-    elif pos is None:
+    pos, vals = _values(buf, h)
+    if pos is None:
         pos = torch.arange(h.n, device=buf.device)
     return h, pos, vals
 
 
-def apply_segments(segments: list[tuple[int, torch.Tensor]], buf: torch.Tensor, *, verify: bool = True) -> Header:
+def apply_segments(segments: list[tuple[int, torch.Tensor]], buf: torch.Tensor, *, verify: bool = True,
+                   base: Sums | None = None) -> Header:
     """Apply an encoded buffer to a bucket whose words live in several tensors: ``segments`` lists
     ``(word_offset, dest)`` (``dest`` contiguous, in place; each segment at an 8-byte offset). Words of the bucket
     outside every segment (alignment padding) belong to nobody: they are skipped, and the checksums count them as
     zeros, so the sender must keep its padding zero (``checksum`` of its bucket then equals ``segments_checksum`` of
-    the receiver's segments). ``DeltaBaseMismatch`` / ``DeltaError`` as in ``decode_into``, before any write."""
-    h, pos, vals = changes(buf)
+    the receiver's segments). ``DeltaBaseMismatch`` / ``DeltaError`` as in ``decode_into``, before any write.
+    ``base``: the segments' ``segments_sums`` if already taken (a receiver takes them while the bucket is still on
+    the wire); they must be of the segments as they are now."""
+    h = Header.unpack(buf)
+    _check_buffer(buf, h)
     views = sorted(((off, words(t, h.word)) for off, t in segments), key=lambda x: x[0])
-    if h.kind != FULL:
-        base = _segments_sums(views)
-        if base.mixed != h.base:
-            raise DeltaBaseMismatch(f"delta: the destination segments do not hold the base values (checksum "
-                                    f"{base.mixed:#x}, the delta was made against {h.base:#x}); they need a full push")
-    _check_positions(pos, h.n)
-    cuts = []
-    if views:
-        starts = torch.tensor([off for off, _ in views], device=pos.device)
-        ends = starts + torch.tensor([v.numel() for _, v in views], device=pos.device)
-        cuts = list(zip(views, torch.searchsorted(pos, starts).tolist(), torch.searchsorted(pos, ends).tolist()))
-    if verify and h.kind != FULL:  # before any write, from the changes (segments: the vLLM direct path)
-        delta = torch.zeros(3, dtype=torch.int64, device=pos.device)
-        for (off, v), a, z in cuts:
-            if z > a:
-                delta += _delta_parts(pos[a:z], v[(pos[a:z] - off).to(v.device)].to(pos.device), vals[a:z],
-                                      h.word)
-        got = base.plus(delta.tolist()).mixed
+    return _apply(views, buf, h, verify, base)
+
+
+def _apply(views: list[tuple[int, torch.Tensor]], buf: torch.Tensor, h: Header, verify: bool,
+           base: Sums | None = None) -> Header:
+    """decode_into / apply_segments: check the base, the positions and (``verify``) the result, then write."""
+    pos, vals = _values(buf, h)
+    if h.kind == FULL:  # whole slices; the values (padding included, zero) must carry the target checksum
+        if verify and sums(vals).mixed != h.target:
+            raise DeltaError("delta: the full values do not have the target checksum (corrupt buffer); nothing "
+                             "was written")
+        for off, v in views:
+            v.copy_(vals[off:off + v.numel()])
+        return h
+    base = base if base is not None else _segments_sums(views)
+    if base.mixed != h.base:
+        raise DeltaBaseMismatch(f"delta: the destination does not hold the base values (checksum {base.mixed:#x}, "
+                                f"the delta was made against {h.base:#x}); it needs a full push")
+    _check_positions(pos, vals, h.n)
+    cuts = _cuts(views, pos)
+    if verify:  # before any write, from the changes
+        got = base.plus(_change(views, cuts, pos, vals, h.word)).mixed
         if got != h.target:
             raise DeltaError(f"delta: the result's checksum {got:#x} would not be the target {h.target:#x} "
-                             f"(corrupt buffer, or changes outside the segments); nothing was written")
-    for (off, v), a, z in cuts:
-        if z > a:
-            v.index_copy_(0, (pos[a:z] - off).to(v.device), vals[a:z].to(v.device))
-    if verify and h.kind == FULL and _segments_sums(views).mixed != h.target:
-        raise DeltaError("delta: the segments do not have the target checksum after a full bucket (corrupt buffer)")
+                             f"(corrupt buffer, or changes outside the destination); nothing was written")
+    _write(cuts, pos, vals, h.word)
     return h
 
 
 def _segments_sums(views: list[tuple[int, torch.Tensor]]) -> Sums:
     if not views:
         return Sums((0, 0, 0))
+    if all(native.available(v) for _, v in views):
+        total = [0, 0, 0]
+        for off, v in views:
+            start = off * v.element_size()
+            if start % 8:
+                raise DeltaError(f"delta: checksummed segments must start at 8-byte offsets, not {start}")
+            total = [x + y for x, y in zip(total, native.sums(v.view(torch.uint8), start // 8))]
+        return Sums(total)
     device = views[0][1].device
     return Sums(torch.stack([_checksum_parts(v, off * v.element_size()).to(device)
                              for off, v in views]).sum(0).tolist())
+
+
+def segments_sums(segments: list[tuple[int, torch.Tensor]]) -> Sums:
+    """The checksum sums of a bucket holding these ``(byte_offset, tensor)`` segments and zeros elsewhere (the
+    checksum depends on the bytes only: no word size needed)."""
+    return _segments_sums([(off, words(t, 1)) for off, t in segments])
 
 
 def segments_checksum(views: list[tuple[int, torch.Tensor]]) -> int:

@@ -183,8 +183,21 @@ def _check_targets(targets: dict | None) -> None:
         raise ValueError(f"trainer_sync: Receiver targets must be contiguous (written in place): {bad}")
 
 
+def _segments(dest: dict[str, torch.Tensor], b: Bucket) -> list[tuple[int, torch.Tensor]]:
+    """The destination slices of bucket ``b``'s slots, each with its byte offset in the bucket."""
+    return [(s.offset, dest[s.name][s.start:s.start + s.numel]) for s in b.slots]
+
+
+def _base_sums(dest: dict[str, torch.Tensor] | None, plan: BucketPlan, buckets: list[Bucket]) -> list:
+    """The destination's checksum sums of each bucket (None without a destination): taken while the trainer still
+    encodes the bucket, so the base check costs the receiver no time on the push's critical path."""
+    if dest is None:
+        return [None] * len(buckets)
+    return [D.segments_sums(_segments(dest, b)) for b in buckets]
+
+
 def _apply_bucket(dest: dict[str, torch.Tensor] | None, plan: BucketPlan, b: Bucket, h: D.Header,
-                  buf: torch.Tensor) -> None:
+                  buf: torch.Tensor, base: D.Sums | None = None) -> None:
     if dest is None:
         raise D.DeltaBaseMismatch("delta: this receiver keeps no copy of the base version")
     if h.kind == D.FULL:
@@ -194,8 +207,8 @@ def _apply_bucket(dest: dict[str, torch.Tensor] | None, plan: BucketPlan, b: Buc
             dest[s.name][s.start:s.start + s.numel].view(torch.uint8).copy_(
                 body[s.offset:s.offset + s.numel * size])
         return
-    segments = [(s.offset // h.word, dest[s.name][s.start:s.start + s.numel]) for s in b.slots]
-    D.apply_segments(segments, buf, verify=True)
+    segments = [(off // h.word, t) for off, t in _segments(dest, b)]
+    D.apply_segments(segments, buf, verify=True, base=base)
 
 
 def receive_delta(plan: BucketPlan, groups: dict, dr: DeltaReceiver, deadline: Deadline, on_batch,
@@ -216,6 +229,7 @@ def receive_delta(plan: BucketPlan, groups: dict, dr: DeltaReceiver, deadline: D
     for buckets in rounds:
         t = time.perf_counter()
         posted = [(b, heads[i], broadcast_bucket(groups[b.src], heads[i])) for i, b in enumerate(buckets)]
+        bases = _base_sums(dr.dest if refused is None else None, plan, buckets)  # while the headers are on the way
         for b, _, w in posted:
             wait_work(w, deadline, f"delta header of bucket {b.index} (round {b.round})",
                       f"trainer rank {b.src} -> {me}")
@@ -235,10 +249,10 @@ def receive_delta(plan: BucketPlan, groups: dict, dr: DeltaReceiver, deadline: D
         times.transfer += time.perf_counter() - t
         t = time.perf_counter()
         ready = []
-        for b, h, buf, _ in bodies_posted:
+        for (b, h, buf, _), base in zip(bodies_posted, bases):
             if refused is None:
                 try:
-                    _apply_bucket(dr.dest, plan, b, h, buf)
+                    _apply_bucket(dr.dest, plan, b, h, buf, base)
                 except D.DeltaBaseMismatch as e:
                     refused = f"bucket {b.index}: {e}"
             for s in b.slots:

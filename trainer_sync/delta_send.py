@@ -101,7 +101,9 @@ class DeltaSender:
         """Make the cached base of ``bucket`` this push's bytes by writing only the changed words of the delta
         ``enc`` into it (O(changed), instead of copying the bucket), not yet acknowledged."""
         entry = self.cache.entries[bucket.index]
-        if st.kind == D.FULL:
+        if st.prev_updated:  # the encoder already wrote the changed words into the entry (native scan)
+            pass
+        elif st.kind == D.FULL:
             entry.data.copy_(enc[D.HEADER_BYTES:])
         elif st.changed:
             _, pos, vals = D.changes(enc)
@@ -157,7 +159,11 @@ def send_delta(plan: BucketPlan, source: Source, group, pool: BufferPool, num_bu
                 word = ds.word(bucket)
                 cached = ds.cache.base(bucket.index, bucket.nbytes, decision.base)
                 if cached is not None:
-                    enc, st = D.encode(cached[0], buf, word=word, base=cached[1])
+                    # The entry stops being version decision.base before the encoder may overwrite it in place
+                    # (CPU: the changed words are written during the same pass that finds them), so a push that
+                    # fails from here on leaves no entry claiming a version it no longer holds.
+                    ds.cache.entries[bucket.index].version = None
+                    enc, st = D.encode(cached[0], buf, word=word, base=cached[1], update_prev=True)
                     header, body, target = enc[:D.HEADER_BYTES], enc[D.HEADER_BYTES:], st.target
                     kind = D.KIND_NAMES[st.kind]
                     stats["changed"] += st.changed

@@ -114,7 +114,7 @@ def test_refused_delta_is_resent_full_within_the_push():
     assert reports[1]["full_reason"] is None and reports[3]["full_reason"] is None
     reason = reports[2]["full_reason"]
     assert reason.startswith("delta refused, resent full: receiver 0: bucket "), reason
-    assert "do not hold the base values" in reason, reason
+    assert "does not hold the base values" in reason, reason
     assert reports[2]["bytes_sent"] > reports[2]["bytes_full"]  # the delta and then the full push
     for j in range(2):
         assert_exact(states, res[("receiver", j)])

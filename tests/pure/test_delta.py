@@ -2,14 +2,25 @@
 
 Round trips of every encoding (full, bitmask, gap-coded indices at every gap width, fillers), empty and total
 change, random fractions, odd sizes and word sizes, bit-exactness (-0.0, NaN payloads), the choice rule, and a
-destination that is not at the base version refused before anything is written.
+destination that is not at the base version refused before anything is written. Every test runs twice: through
+the native CPU kernels (codec/delta_scan.c) and through the torch path (``TRAINER_SYNC_NATIVE=0``, what CUDA
+tensors take); tests/pure/test_delta_native.py checks that both give the same bytes.
 """
 import pytest
 import torch
 
 from trainer_sync import delta as D
+from trainer_sync.codec import delta_scan as native
 
 ALL = (D.FULL, D.BITMASK, D.INDICES)
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def path(request, monkeypatch):
+    if request.param == "native" and not native.enabled():
+        pytest.skip("the native delta kernels did not build on this host")
+    monkeypatch.setenv("TRAINER_SYNC_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -214,7 +225,7 @@ def test_corrupt_buffers():
         assert torch.equal(bits(dest), bits(prev)), "a corrupt sparse delta wrote something"
     dense, _ = D.encode(prev, changed_copy(prev, 0.3), kinds=(D.BITMASK,))
     dense[-1] ^= 0x10
-    with pytest.raises(D.DeltaError):  # many changes: checked after writing
+    with pytest.raises(D.DeltaError):  # many changes: checked before writing too
         D.decode_into(prev.clone(), dense)
     with pytest.raises(D.DeltaError):
         D.decode_into(bf16(5001), buf)  # another size
