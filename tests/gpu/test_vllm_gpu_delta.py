@@ -22,21 +22,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.vllm,
 vllm = pytest.importorskip("vllm")
 
 from tests.gpu.test_vllm_gpu import GPU_ARGS, MODEL, greedy, start_llm, stop_llm  # noqa: E402
-from tests.helpers.models import build_model, prompts, save_model  # noqa: E402
+from tests.helpers.models import adamw_step, build_model, prompts, save_model  # noqa: E402
 
 from trainer_sync import SyncConfig, WeightSync  # noqa: E402
 
 PUSHES = 6
-
-
-def adamw_step(model, opt, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, model.config.vocab_size, (2, 32), generator=gen)
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    model.eval()
 
 
 def fresh_bf16_tokens(model, path: str) -> list[list[int]]:
@@ -58,7 +48,7 @@ def test_delta_pushes_go_straight_into_the_served_slices(tied, tmp_path):
         reports = []
         with WeightSync(model, [llm], SyncConfig(bucket_mb=0.25)) as sync:
             for step in range(PUSHES):
-                adamw_step(model, opt, step)
+                adamw_step(model, opt, step, seq=32)
                 reports.append(sync.push())
         tokens = greedy(llm, list(prompts().values()))
     finally:

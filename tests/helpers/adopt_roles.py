@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import torch
+from trainer_sync import Receiver
 
-from trainer_sync import Receiver, Sender
-
-from .delta_roles import _batch, _cfg, bf16_targets, wire
-from .roles import full_state, info, mlp
+from .delta_roles import adamw_pushes, bf16_targets
+from .roles import info, mlp, receive_pushes
 
 
 def ready_key(push: int) -> str:
@@ -20,21 +18,11 @@ def ready_key(push: int) -> str:
 def waiting_trainer(rank, world, n, port, pushes, lr=1e-4):
     """AdamW steps on fp32 master weights, bf16 pushes; before push k+1 it waits until receiver 0 has acted on
     push k (adopted or dropped its targets). Returns the bf16 states and the reports."""
-    model = mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sender = Sender(model, _cfg(port, rank))
-    sender.connect(n)
-    states, reports = [], []
-    for i in range(pushes):
+    def wait_for_receiver(sender, i):
         if i:
             sender.bridge.store.wait([ready_key(i)], timedelta(seconds=60))
-        model(_batch(i)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        reports.append(sender.push().to_dict())
-        states.append(wire(full_state(model)))
-    sender.close()
-    return states, reports
+
+    return adamw_pushes(mlp(), rank, n, port, pushes, lr, before_push=wait_for_receiver)
 
 
 def adopting_receiver(j, n, m, port, actions):
@@ -70,14 +58,4 @@ def adopting_receiver(j, n, m, port, actions):
 
 def mirror_receiver(j, n, m, port, pushes):
     """An ordinary receiver keeping a mirror: deltas whenever every receiver can take them."""
-    r = Receiver(info(port, j, n, m, timeout=60.0))
-    r.connect()
-    out = []
-    try:
-        for _ in range(pushes):
-            got = {}
-            res = r.receive(lambda batch: got.update({k: v.clone() for k, v in batch}))
-            out.append((res.version, got))
-    finally:
-        r.close()
-    return out
+    return receive_pushes(Receiver(info(port, j, n, m, timeout=60.0)), pushes)

@@ -52,13 +52,22 @@ def adamw_trainer(rank, world, n, port, pushes, kind="plain", lr=1e-4, cfg=None)
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    return adamw_pushes(model, rank, n, port, pushes, lr, cfg)
+
+
+def adamw_pushes(model, rank, n, port, pushes, lr=1e-4, cfg=None, before_push=None):
+    """A Sender over ``model`` (plain or FSDP2): ``pushes`` times a real AdamW step, ``before_push(sender, i)`` if
+    given, then a push. Returns the bf16 weights after each push and the reports."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sender = Sender(model, _cfg(port, rank, **(cfg or {})))
     sender.connect(n)
+    states, reports = [], []
     for i in range(pushes):
         model(_batch(i)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+        if before_push is not None:
+            before_push(sender, i)
         reports.append(sender.push().to_dict())
         states.append(wire(full_state(model)))
     sender.close()

@@ -75,6 +75,17 @@ def train_step(model: torch.nn.Module, seed: int, lr: float = 0.5) -> float:
     return float(loss.detach())
 
 
+def adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int, seq: int = 16) -> None:
+    """One real optimizer step (``opt``, e.g. AdamW on fp32 master weights) on a random next-token batch."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (2, seq), generator=gen)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+
+
 @torch.no_grad()
 def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     """Greedy continuation of ``prompt`` by ``n`` tokens with plain transformers (the reference vLLM must match)."""

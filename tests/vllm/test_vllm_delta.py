@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-from tests.helpers.models import build_model, hf_greedy, prompts, save_model  # noqa: E402
+from tests.helpers.models import adamw_step, build_model, hf_greedy, prompts, save_model  # noqa: E402
 from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
 
 from trainer_sync import SyncConfig, WeightSync  # noqa: E402
@@ -25,16 +25,6 @@ from trainer_sync import SyncConfig, WeightSync  # noqa: E402
 pytestmark = pytest.mark.vllm
 PUSHES = 5
 N = 8
-
-
-def adamw_step(model, opt, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, model.config.vocab_size, (2, 16), generator=gen)
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    model.eval()
 
 
 def delta_pushes(llm, model, lr):
