@@ -24,6 +24,10 @@ import json
 import os
 import statistics
 import time
+import sys
+
+if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
