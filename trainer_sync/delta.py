@@ -568,6 +568,17 @@ def _check_buffer(buf: torch.Tensor, h: Header) -> None:
         raise DeltaError("delta: the encoded buffer must be a flat uint8 tensor")
     if buf.numel() < h.nbytes:
         raise DeltaError(f"delta: buffer holds {buf.numel()} bytes, its header says {h.nbytes}")
+    # The sections the header describes must fill exactly the bytes it says (the native kernels read count gaps and
+    # values without bounds of their own: a corrupt count must not send them past the buffer).
+    if h.kind == FULL:
+        want = HEADER_BYTES + h.n * h.word
+    elif h.kind == BITMASK:
+        want = HEADER_BYTES + _pad8(-(-h.n // 8)) + h.count * h.word
+    else:
+        want = HEADER_BYTES + _pad8(h.count * h.gap_width) + h.count * h.word
+    if h.n < 0 or h.count < 0 or want != h.nbytes:
+        raise DeltaError(f"delta: header says {h.nbytes} bytes but its {KIND_NAMES[h.kind]} sections take {want} "
+                         f"(n {h.n}, count {h.count}; corrupt buffer)")
 
 
 def _change(views: list[tuple[int, torch.Tensor]], cuts, pos: torch.Tensor, vals: torch.Tensor, word: int) -> list:

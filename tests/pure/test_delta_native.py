@@ -97,3 +97,20 @@ def test_corrupt_gap_refused_before_writing():
         with pytest.raises(D.DeltaError):
             D.apply_segments([(0, dest[:30_000]), (30_000, dest[30_000:])], bad)
         assert torch.equal(dest.view(torch.int16), prev.view(torch.int16)), "a corrupt delta wrote something"
+
+
+@pytest.mark.parametrize("kinds", [(D.INDICES,), (D.BITMASK,)])
+def test_corrupt_count_refused_before_any_read(kinds):
+    # a header whose count does not match its bytes would send the kernels past the buffer: refused up front
+    prev = torch.randn(20_000).to(torch.bfloat16)
+    new = changed(prev, list(range(0, 20_000, 50)))
+    buf, _ = D.encode(prev, new, kinds=kinds)
+    h = D.Header.unpack(buf)
+    for count in (h.count * 1000, h.count + 1, -1):
+        bad = buf.clone()
+        bad[:D.HEADER_BYTES] = torch.frombuffer(bytearray(D.Header(h.kind, h.word, h.gap_width, h.n, count, h.base,
+                                                                   h.target, h.nbytes).pack()), dtype=torch.uint8)
+        dest = prev.clone()
+        with pytest.raises(D.DeltaError, match="corrupt"):
+            D.decode_into(dest, bad)
+        assert torch.equal(dest.view(torch.int16), prev.view(torch.int16))
