@@ -286,6 +286,29 @@ def test_cuda_roundtrip_matches_cpu(frac):
     assert torch.equal(bits(dest.cpu()), bits(new))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("frac", [0.0, 0.02, 0.3, 1.0])
+def test_host_buffer_into_cuda_segments(frac):
+    # a gloo push lands in host memory; a GPU engine's slices are the destination (the vLLM GPU delta path)
+    sizes, offs = [1000, 77, 3001], [0, 1024, 1280]
+    n = offs[-1] + sizes[-1]
+    prev = torch.zeros(n, dtype=torch.bfloat16)
+    for i, (o, s) in enumerate(zip(offs, sizes)):
+        prev[o:o + s] = bf16(s, seed=i)
+    new = prev.clone()
+    for o, s in zip(offs, sizes):
+        new[o:o + s] = changed_copy(prev[o:o + s], frac, seed=o)
+    buf, st = D.encode(prev, new)
+    dests = [prev[o:o + s].cuda() for o, s in zip(offs, sizes)]
+    base = D.segments_sums([(2 * o, d) for o, d in zip(offs, dests)])
+    D.apply_segments(list(zip(offs, dests)), buf, base=base if st.kind != D.FULL else None)
+    for o, d in zip(offs, dests):
+        assert torch.equal(bits(d.cpu()), bits(new[o:o + d.numel()]))
+    if st.kind != D.FULL and st.changed:
+        with pytest.raises(D.DeltaBaseMismatch):  # already at the target: refused, nothing written
+            D.apply_segments(list(zip(offs, dests)), buf)
+
+
 def test_cache_versions_cap_and_abandon():
     c = D.DeltaCache(cap_bytes=3000)
     a, b = bf16(500), bf16(700, seed=2)  # 1000 and 1400 bytes
