@@ -583,7 +583,7 @@ def _check_buffer(buf: torch.Tensor, h: Header) -> None:
 
 def _change(views: list[tuple[int, torch.Tensor]], cuts, pos: torch.Tensor, vals: torch.Tensor, word: int) -> list:
     """The checksum parts' change of writing ``vals`` at ``pos`` into the segments (O(changed); native on CPU)."""
-    parts, acc = [0, 0, 0], None  # acc: the torch path's sum, on the device (one synchronization at the end)
+    parts = [0, 0, 0]
     for (off, v), a, z in cuts:
         if z <= a:
             continue
@@ -592,10 +592,8 @@ def _change(views: list[tuple[int, torch.Tensor]], cuts, pos: torch.Tensor, vals
                 raise DeltaError("delta: a position falls outside its segment (corrupt buffer)")
         else:
             p = pos[a:z]
-            d = _delta_parts(p, v[(p - off).to(v.device)].to(pos.device), vals[a:z], word)
-            acc = d if acc is None else acc + d
-    if acc is not None:
-        parts = [x + y for x, y in zip(parts, acc.tolist())]
+            d = _delta_parts(p, v[(p - off).to(v.device)].to(pos.device), vals[a:z], word).tolist()
+            parts = [x + y for x, y in zip(parts, d)]
     return parts
 
 
@@ -658,11 +656,6 @@ def apply_segments(segments: list[tuple[int, torch.Tensor]], buf: torch.Tensor, 
     h = Header.unpack(buf)
     _check_buffer(buf, h)
     views = sorted(((off, words(t, h.word)) for off, t in segments), key=lambda x: x[0])
-    devices = {v.device for _, v in views}
-    if len(devices) == 1 and (dev := next(iter(devices))) != buf.device:
-        # e.g. a gloo push received in host memory for a GPU engine's slices: one copy of the (small) encoded
-        # buffer, then positions, checks and writes all on the destination's device, not a transfer per segment
-        buf = buf[:h.nbytes].to(dev)
     return _apply(views, buf, h, verify, base)
 
 
