@@ -244,10 +244,7 @@ class Sums(tuple):
 
 def sums(t: torch.Tensor) -> Sums:
     """The checksum sums of a whole bucket (one synchronization; on CPU one native pass)."""
-    w = words(t)
-    if native.available(w):
-        return Sums(native.sums(w.view(torch.uint8)))
-    return Sums(_checksum_parts(w).tolist())
+    return _segments_sums([(0, words(t))])
 
 
 def _delta_parts(pos: torch.Tensor, old: torch.Tensor, new: torch.Tensor, word: int) -> torch.Tensor:
@@ -581,7 +578,7 @@ def _check_buffer(buf: torch.Tensor, h: Header) -> None:
                          f"(n {h.n}, count {h.count}; corrupt buffer)")
 
 
-def _change(views: list[tuple[int, torch.Tensor]], cuts, pos: torch.Tensor, vals: torch.Tensor, word: int) -> list:
+def _change(cuts, pos: torch.Tensor, vals: torch.Tensor, word: int) -> list:
     """The checksum parts' change of writing ``vals`` at ``pos`` into the segments (O(changed); native on CPU)."""
     parts = [0, 0, 0]
     for (off, v), a, z in cuts:
@@ -677,7 +674,7 @@ def _apply(views: list[tuple[int, torch.Tensor]], buf: torch.Tensor, h: Header, 
     _check_positions(pos, vals, h.n)
     cuts = _cuts(views, pos)
     if verify:  # before any write, from the changes
-        got = base.plus(_change(views, cuts, pos, vals, h.word)).mixed
+        got = base.plus(_change(cuts, pos, vals, h.word)).mixed
         if got != h.target:
             raise DeltaError(f"delta: the result's checksum {got:#x} would not be the target {h.target:#x} "
                              f"(corrupt buffer, or changes outside the destination); nothing was written")
@@ -768,6 +765,11 @@ class DeltaCache:
         e.sums = sums_ if sums_ is not None else sums(e.data)
         e.version = None
         return True
+
+    def overwriting(self, key) -> None:
+        """Bucket ``key``'s entry is about to be overwritten in place by this push: it holds no acknowledged
+        version from now on (a push failing half way leaves no entry claiming a version it no longer holds)."""
+        self.entries[key].version = None
 
     def commit(self, version: int) -> None:
         for e in self.entries.values():

@@ -159,10 +159,9 @@ def send_delta(plan: BucketPlan, source: Source, group, pool: BufferPool, num_bu
                 word = ds.word(bucket)
                 cached = ds.cache.base(bucket.index, bucket.nbytes, decision.base)
                 if cached is not None:
-                    # The entry stops being version decision.base before the encoder may overwrite it in place
-                    # (CPU: the changed words are written during the same pass that finds them), so a push that
-                    # fails from here on leaves no entry claiming a version it no longer holds.
-                    ds.cache.entries[bucket.index].version = None
+                    # before the encoder may overwrite it in place (CPU: the changed words are written during
+                    # the same pass that finds them)
+                    ds.cache.overwriting(bucket.index)
                     enc, st = D.encode(cached[0], buf, word=word, base=cached[1], update_prev=True)
                     header, body, target = enc[:D.HEADER_BYTES], enc[D.HEADER_BYTES:], st.target
                     kind = D.KIND_NAMES[st.kind]
