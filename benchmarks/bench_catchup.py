@@ -24,10 +24,10 @@ if __package__ in (None, ""):  # run as a script: the checkout root on the path 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.catchup import pull_latest
+from trainer_sync.rank.catchup import pull_latest
 from tests.helpers.cluster import free_port, run_roles
-from trainer_sync.pipeline import BufferPool
-from trainer_sync.protocol import JoinInfo
+from trainer_sync.pipeline.loops import BufferPool
+from trainer_sync.protocol.messages import JoinInfo
 
 from benchmarks.bench_core import build, parse_args
 from benchmarks.common import emit

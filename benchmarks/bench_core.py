@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script: the checkout root on the path 
 from trainer_sync import Receiver, Sender, SyncConfig
 from benchmarks.common import emit, timed
 from tests.helpers.cluster import free_port, run_roles
-from trainer_sync.pipeline import broadcast_bucket
-from trainer_sync.protocol import JoinInfo
+from trainer_sync.pipeline.loops import broadcast_bucket
+from trainer_sync.protocol.messages import JoinInfo
 from trainer_sync.transport.group import make_group
 
 

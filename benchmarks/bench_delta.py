@@ -4,7 +4,7 @@ A tiny Qwen3 built in code (nothing downloaded; default ~100 M parameters, ~400 
 of bf16 wire values) trains for --steps real AdamW steps on fp32 master weights (causal-LM loss on fixed random
 token batches), once per learning rate. After every step the wire values (``master.to(bfloat16)``, packed at
 256-byte offsets into --bucket-mb buckets, as pushes pack them) are encoded against the previous step's with
-trainer_sync.delta (the smallest of full / bitmask / gap-coded indices per bucket) and applied in place to a
+trainer_sync.codec.delta.format (the smallest of full / bitmask / gap-coded indices per bucket) and applied in place to a
 receiver's copy, which must equal the trainer's wire values bit for bit after every step. Per learning rate it
 reports the changed fraction, the encoded bytes per push against a full push, the encodings chosen, and the
 encode / apply seconds per push (on CPU; with --device cuda also on the GPU). Prints one JSON object.

@@ -1,7 +1,7 @@
 """What a delta costs on the device that holds the bucket (issue 16): encode and apply of one bucket, GPU vs CPU.
 
 A GPU trainer packs its buckets in GPU memory, so its delta encode runs there (delta.py's torch path on CUDA tensors);
-a CPU trainer's runs through the native kernels (codec/delta_scan.c). Per changed fraction this times, side by side
+a CPU trainer's runs through the native kernels (codec/delta/native.c). Per changed fraction this times, side by side
 in one run on the same bytes: the pack itself (fp32 master -> bf16 wire buffer, what a full push costs before the
 wire), ``delta.encode`` against the cached previous bucket with its sums known (what a sender does), and
 ``delta.decode_into`` on a destination holding the base (what a receiver does, base check and result check
@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: the checkout root on the path 
 import torch
 
 from trainer_sync import delta as D
-from trainer_sync.codec import delta_scan
+from trainer_sync.codec.delta import native as delta_scan
 
 
 def _time(fn, device: str, repeat: int) -> float:

@@ -113,7 +113,7 @@ def trainer(rank, world, channels, args):
 def receiver(j, world, host, port, netns, args, pushes):
     from benchmarks.shaped_link import enter
     from trainer_sync import Receiver
-    from trainer_sync.protocol import JoinInfo
+    from trainer_sync.protocol.messages import JoinInfo
 
     enter(netns)  # first: the store client and gloo's sockets and threads come later, in the link's namespace
     shapes = {n: p.shape for n, p in _model(args, "meta").named_parameters()}
@@ -184,7 +184,7 @@ def simulate(results: list[dict]) -> dict:
 
 
 def _native() -> bool:
-    from trainer_sync.codec import delta_scan
+    from trainer_sync.codec.delta import native as delta_scan
 
     return delta_scan.enabled()
 

@@ -279,7 +279,7 @@ def receiver(rank, world, args) -> dict:
 
         ipc_roles.use_standin()
     from trainer_sync import Receiver
-    from trainer_sync.protocol import JoinInfo
+    from trainer_sync.protocol.messages import JoinInfo
 
     shapes = shapes_for(args["small"], args["layers"])
     ctl = Ctl(args["ctl_port"], "receiver")

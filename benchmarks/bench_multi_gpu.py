@@ -49,10 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_sync import Receiver, Sender, SyncConfig  # noqa: E402
 from tests.helpers.cluster import free_port, outcomes  # noqa: E402
-from trainer_sync.pipeline import BufferPool, receive  # noqa: E402
+from trainer_sync.pipeline.loops import BufferPool, receive  # noqa: E402
 from trainer_sync.transport.wire import WireRecv  # noqa: E402
-from trainer_sync.plan import BucketPlan, LocalPiece, itemsize  # noqa: E402
-from trainer_sync.protocol import JoinInfo  # noqa: E402
+from trainer_sync.plan.buckets import BucketPlan, LocalPiece, itemsize  # noqa: E402
+from trainer_sync.protocol.messages import JoinInfo  # noqa: E402
 from benchmarks.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
 from trainer_sync.sources import make_source  # noqa: E402
 from trainer_sync.sources.fsdp import local_tensor  # noqa: E402

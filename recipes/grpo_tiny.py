@@ -274,7 +274,7 @@ def grpo_loss(model, prompt_ids, completions, rewards, group: int, device=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out is None:
-        from trainer_sync.metrics import run_dir
+        from trainer_sync.metrics.tensorboard import run_dir
 
         args.out = run_dir(os.path.join("runs", "grpo-tiny"))  # the same folder on every rank of this launch
     import torch

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
 
     from trainer_sync import SyncConfig, WeightSync
     from trainer_sync.integrations.transformers import WeightSyncCallback
-    from trainer_sync.metrics import launch_name, run_dir
+    from trainer_sync.metrics.tensorboard import launch_name, run_dir
 
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16

@@ -5,10 +5,10 @@ is ARCHITECTURE.md."""
 from .config import SyncConfig
 from .engines.clients import EngineClient  # stdlib only: no vLLM import
 from .errors import HandshakeMismatch, RendezvousRefused, SyncError
-from .protocol import JoinInfo
-from .receiver import Receiver
-from .report import SyncReport
-from .sender import Sender
+from .protocol.messages import JoinInfo
+from .rank.receiver import Receiver
+from .protocol.report import SyncReport
+from .rank.sender import Sender
 from .control import WeightSync
 
 __all__ = ["SyncConfig", "WeightSync", "Sender", "Receiver", "JoinInfo", "SyncReport", "SyncError",

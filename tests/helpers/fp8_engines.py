@@ -108,7 +108,7 @@ def checkpoint_receiver(j, n, m, port, ckpt_dir: str):
     """A receiver that states exactly what an engine serving ``ckpt_dir`` in bf16 expects (engines/checkpoint.py)."""
     from trainer_sync import Receiver
     from trainer_sync.engines.checkpoint import expected_tensors
-    from trainer_sync.protocol import JoinInfo
+    from trainer_sync.protocol.messages import JoinInfo
 
     from .roles import receive_pushes
 

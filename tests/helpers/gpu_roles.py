@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.protocol import JoinInfo
+from trainer_sync.protocol.messages import JoinInfo
 
 
 def gpu_model(device) -> torch.nn.Module:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.protocol import JoinInfo
+from trainer_sync.protocol.messages import JoinInfo
 from trainer_sync.sources.fsdp import local_tensor
 from trainer_sync.transport import IpcRecv, IpcSend, cuda
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from trainer_sync.protocol import JoinInfo
+from trainer_sync.protocol.messages import JoinInfo
 
 
 def info(port, j, n, m, token="tok", epoch=0, timeout=20.0):
@@ -420,7 +420,7 @@ def catchup_trainer(rank, world, n, port, pushes, extra_pushes_during_join=0):
 
 
 def joiner(j, n, m, port, expected=None):
-    from trainer_sync.catchup import pull_latest
+    from trainer_sync.rank.catchup import pull_latest
     import torch.distributed as dist
     from datetime import timedelta
 

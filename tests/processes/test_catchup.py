@@ -31,7 +31,7 @@ def test_catchup_server_stops_with_a_warning_when_rank_0s_store_goes_away():
     import time
     import warnings
 
-    from trainer_sync.catchup import CatchUpServer, Snapshot
+    from trainer_sync.rank.catchup import CatchUpServer, Snapshot
     from trainer_sync.transport.group import Rendezvous
 
     errors = []

@@ -17,7 +17,7 @@ import torch
 from trainer_sync import SyncError
 from trainer_sync.integrations import PushFailed, SyncWarning, attach
 from trainer_sync.integrations.accelerate import step_target
-from trainer_sync.report import SyncReport
+from trainer_sync.protocol.report import SyncReport
 
 
 class RecordingSync:
@@ -364,7 +364,7 @@ def test_trl_recipe_end_to_end(tmp_path):
     assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["6"], res["check"]
     runs = list((tmp_path / "runs" / "grpo-trl").iterdir())
     assert [r.name.startswith("cpu-2rank-") for r in runs] == [True] and Path(res["out"]) == runs[0]
-    from trainer_sync.metrics import read_scalars
+    from trainer_sync.metrics.tensorboard import read_scalars
 
     assert len(read_scalars(str(runs[0] / "tb" / "sync"))["sync/total_s"]) == 6
     assert "Failed to load weights" not in proc.stdout + proc.stderr

@@ -14,7 +14,7 @@ from trainer_sync.codec import (FP8_NAME, Fp8Arrival, Fp8Dequantizer, Fp8Rules, 
                                 quantize_with_scales, scale_name, scale_shape)
 from tests.helpers.fp8_roles import TinyLM
 from tests.helpers.tensors import bits
-from trainer_sync.plan import Expected, check_plan, plan_buckets
+from trainer_sync.plan.buckets import Expected, check_plan, plan_buckets
 from trainer_sync.sources import ModuleSource
 from trainer_sync.codec.fp8_source import Fp8Source
 
@@ -323,7 +323,7 @@ def test_arrival_expectations_and_dtypes():
 def test_fp8_rules_come_from_the_config_through_the_join_info():
     """SyncConfig.fp8_rules reaches the receiver in its JoinInfo: both sides pick the same tensors for FP8."""
     from trainer_sync import Receiver, SyncConfig
-    from trainer_sync.protocol import JoinInfo
+    from trainer_sync.protocol.messages import JoinInfo
 
     rules = Fp8Rules(include_lm_head=True, exclude=(r"layers\.1\.",))
     assert Fp8Rules.from_dict(rules.to_dict()) == rules and Fp8Rules.from_dict(None) is None

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from trainer_sync.engines import compat
+from trainer_sync.engines.vllm import compat
 from trainer_sync.engines.clients import HttpClient
 
 SHAPE_026 = compat.VllmApi("0.26.0", abstract_trainer_send=True, mtp_check_module=None, finish_takes_version=False,

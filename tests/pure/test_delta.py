@@ -3,14 +3,14 @@
 Round trips of every encoding (full, bitmask, gap-coded indices at every gap width, fillers), empty and total
 change, random fractions, odd sizes and word sizes, bit-exactness (-0.0, NaN payloads), the choice rule, and a
 destination that is not at the base version refused before anything is written. Every test runs twice: through
-the native CPU kernels (codec/delta_scan.c) and through the torch path (``TRAINER_SYNC_NATIVE=0``, what CUDA
+the native CPU kernels (codec/delta/native.c) and through the torch path (``TRAINER_SYNC_NATIVE=0``, what CUDA
 tensors take); tests/pure/test_delta_native.py checks that both give the same bytes.
 """
 import pytest
 import torch
 
-from trainer_sync import delta as D
-from trainer_sync.codec import delta_scan as native
+from trainer_sync.codec.delta import format as D
+from trainer_sync.codec.delta import native
 
 ALL = (D.FULL, D.BITMASK, D.INDICES)
 

@@ -1,11 +1,11 @@
-"""The native delta kernels (trainer_sync/codec/delta_scan.c) against delta.py's torch path: the same encoded bytes
+"""The native delta kernels (trainer_sync/codec/delta/native.c) against delta.py's torch path: the same encoded bytes
 for every encoding, word size, gap width and fraction, the cache entry advanced in place by the scan, the checksum
 of segments at any offset, and a corrupt buffer refused before the native apply writes anything."""
 import pytest
 import torch
 
-from trainer_sync import delta as D
-from trainer_sync.codec import delta_scan as native
+from trainer_sync.codec.delta import format as D
+from trainer_sync.codec.delta import native
 
 pytestmark = pytest.mark.skipif(not native.enabled(), reason="the native delta kernels did not build on this host")
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from trainer_sync import SyncConfig
-from trainer_sync import delta as D
-from trainer_sync.delta_policy import (DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest,
+from trainer_sync.codec.delta import format as D
+from trainer_sync.plan.delta_policy import (DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest,
                                        receiver_state)
-from trainer_sync.delta_recv import DeltaReceiver
-from trainer_sync.plan import Bucket, BucketPlan, Slot, WireTensor
+from trainer_sync.pipeline.delta_recv import DeltaReceiver
+from trainer_sync.plan.buckets import Bucket, BucketPlan, Slot, WireTensor
 
 DIGEST = plan_digest("{}")
 
@@ -108,7 +108,7 @@ def test_mirror_over_its_cap_takes_full_pushes():
 
 
 def test_sender_cache_zeroes_padding_advances_in_place_and_keeps_only_acknowledged_versions():
-    from trainer_sync.delta_send import DeltaSender
+    from trainer_sync.pipeline.delta_send import DeltaSender
 
     p = plan()
     b = p.buckets[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pickle
 
 from trainer_sync import HandshakeMismatch, RendezvousRefused, SyncError, WeightSync
-from trainer_sync.protocol import Verdict
+from trainer_sync.protocol.messages import Verdict
 
 
 def _sync_with(engines: dict[str, int]) -> WeightSync:

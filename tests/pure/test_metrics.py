@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_sync.metrics import LAYOUT, PREFIX, STAGES, TAGS, SyncMetrics, has_custom_layout, read_scalars
-from trainer_sync.report import SyncReport
+from trainer_sync.metrics.tensorboard import LAYOUT, PREFIX, STAGES, TAGS, SyncMetrics, has_custom_layout, read_scalars
+from trainer_sync.protocol.report import SyncReport
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,7 +207,7 @@ def test_run_dir_is_per_config_and_shared_by_the_ranks_of_one_launch(monkeypatch
     import subprocess
     import sys
 
-    from trainer_sync.metrics import launch_name, run_dir
+    from trainer_sync.metrics.tensorboard import launch_name, run_dir
 
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -221,7 +221,7 @@ def test_run_dir_is_per_config_and_shared_by_the_ranks_of_one_launch(monkeypatch
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert launch_name() == "zero3" and run_dir("runs/x").startswith("runs/x/zero3-")
     # Two "ranks" started a second apart by one parent get one folder.
-    code = "import time, sys; time.sleep(float(sys.argv[1])); from trainer_sync.metrics import run_dir; " \
+    code = "import time, sys; time.sleep(float(sys.argv[1])); from trainer_sync.metrics.tensorboard import run_dir; " \
            "print(run_dir('r', 'cpu-2rank'))"
     env = {k: v for k, v in os.environ.items()}
     env.update(LOCAL_RANK="0")

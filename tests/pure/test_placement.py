@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer_sync import delta as D
-from trainer_sync.engines.placement import DirectApply, checksum, ineligible_reason, learn, whole_targets
+from trainer_sync.codec.delta import format as D
+from trainer_sync.engines.vllm.placement import DirectApply, checksum, ineligible_reason, learn, whole_targets
 
 
 class FusedQKV(torch.nn.Module):

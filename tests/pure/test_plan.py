@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from trainer_sync.plan import ALIGN, BucketPlan, Expected, LocalPiece, PlanError, check_plan, fit_budget, \
+from trainer_sync.plan.buckets import ALIGN, BucketPlan, Expected, LocalPiece, PlanError, check_plan, fit_budget, \
     plan_buckets, resolve_wire_dtypes, merge_pieces
 
 

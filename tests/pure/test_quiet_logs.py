@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from trainer_sync.engines import quiet_logs
+from trainer_sync.engines.vllm import quiet_logs
 
 
 @pytest.fixture

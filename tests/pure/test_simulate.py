@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from trainer_sync.plan import LocalPiece
+from trainer_sync.plan.buckets import LocalPiece
 from benchmarks.simulate import (GB, KIMI_K2_FP8, QWEN3_8B, CeRates, Hardware, SyncRates, Workload, compare,
                                    pipeline_seconds, simulate_checkpoint_engine, simulate_trainer_sync)
 from trainer_sync.experimental.tp import llama_layout, plan_tp

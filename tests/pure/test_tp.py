@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from trainer_sync.pipeline import Assembler, pack_bucket
-from trainer_sync.plan import Expected, LocalPiece, PlanError, check_plan, dtype_name
+from trainer_sync.pipeline.loops import Assembler, pack_bucket
+from trainer_sync.plan.buckets import Expected, LocalPiece, PlanError, check_plan, dtype_name
 from trainer_sync.experimental.tp import (REPLICATED, ShardSource, Split, Strided, TpLayout, gather_strided, llama_layout,
                              loader_tensor, plan_tp, shard_bounds, shard_expected, tp_ranges)
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import torch
 
 from trainer_sync.errors import Deadline
-from trainer_sync.pipeline import BufferPool, send
-from trainer_sync.plan import plan_buckets
+from trainer_sync.pipeline.loops import BufferPool, send
+from trainer_sync.plan.buckets import plan_buckets
 from trainer_sync.sources import ModuleSource
 from trainer_sync.transport import IpcRecv, IpcSend, SendTransport, WireRecv, WireSend, open_recv, open_send
 from trainer_sync.transport.group import Member

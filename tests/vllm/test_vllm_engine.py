@@ -29,10 +29,10 @@ def assert_serves(llm, model):
 
 def test_backend_comes_from_the_entry_point(llm):
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
-    assert eps.get("trainer_sync") == "trainer_sync.engines.vllm:register"
+    assert eps.get("trainer_sync") == "trainer_sync.engines.vllm.backend:register"
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    from trainer_sync.engines.vllm import TrainerSyncWeightTransferEngine
+    from trainer_sync.engines.vllm.backend import TrainerSyncWeightTransferEngine
 
     assert "trainer_sync" in WeightTransferEngineFactory._registry
     assert isinstance(llm_worker(llm).weight_transfer_engine, TrainerSyncWeightTransferEngine)

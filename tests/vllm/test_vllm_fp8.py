@@ -24,7 +24,7 @@ from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  #
 from trainer_sync import SyncConfig, WeightSync  # noqa: E402
 from trainer_sync.codec import FP8_NAME, dequantize_fp8_blocks, fp8_eligible, quantize_fp8_blocks, scale_name  # noqa: E402
 from trainer_sync.engines.checkpoint import expected_tensors  # noqa: E402
-from trainer_sync.engines.vllm import serves_block_fp8  # noqa: E402
+from trainer_sync.engines.vllm.backend import serves_block_fp8  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 N = 8

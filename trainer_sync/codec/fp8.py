@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..protocol import SCALE_SUFFIX  # noqa: F401 - the scale tensor's name suffix, shared with planning
+from ..protocol.messages import SCALE_SUFFIX  # noqa: F401 - the scale tensor's name suffix, shared with planning
 
 BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
@@ -351,7 +351,7 @@ class Fp8Arrival:
     dtype the receiver expected for each weight (``dtype`` where it stated none)."""
 
     def __init__(self, expected, dtype: torch.dtype = torch.bfloat16, rules: Fp8Rules | None = None):
-        from ..protocol import Expected
+        from ..protocol.messages import Expected
 
         self.dtype = dtype
         self.dequant_to: dict[str, str | None] = {}

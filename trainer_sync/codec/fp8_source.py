@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .fp8 import (BLOCK, FP8_NAME, SCALE_SUFFIX, Fp8Rules, block_amax, quantize_fp8_blocks,
                      quantize_with_scales, scale_name, scale_shape, scales_from_amax)
-from ..plan import LocalPiece
+from ..plan.buckets import LocalPiece
 from ..sources.base import Source
 
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from ..errors import SyncError
 from ..engines.clients import EngineCallError
-from ..protocol import Verdict
+from ..protocol.messages import Verdict
 
 
 # vLLM call -> the stage a failure of it is reported under.

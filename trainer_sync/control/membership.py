@@ -6,7 +6,7 @@ import warnings
 
 from ..errors import RendezvousRefused, SyncError
 from ..engines.clients import EngineCallError, EngineClient, make_client
-from ..protocol import Verdict
+from ..protocol.messages import Verdict
 from .agreement import _Background, _stage
 
 

@@ -8,9 +8,9 @@ import time
 import warnings
 
 from ..errors import UNTOUCHED, HandshakeMismatch, SyncError
-from ..report import SyncReport
+from ..protocol.report import SyncReport
 from ..engines.clients import EngineCallError, EngineClient
-from ..protocol import Verdict
+from ..protocol.messages import Verdict
 from .agreement import _Background, _stage
 
 

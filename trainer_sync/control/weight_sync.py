@@ -34,9 +34,9 @@ import threading
 import torch
 
 from ..config import SyncConfig
-from ..sender import Sender
+from ..rank.sender import Sender
 from ..engines.clients import EngineCallError, EngineClient, make_client
-from ..metrics import SyncMetrics
+from ..metrics.tensorboard import SyncMetrics
 from .agreement import Agreement
 from .membership import Membership
 from .push import PushMachine

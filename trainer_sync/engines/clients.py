@@ -81,7 +81,7 @@ class LlmClient(EngineClient):
     already does the same)."""
 
     def __init__(self, llm, index: int = 0):
-        from . import compat  # imports vllm: only for in-process engines
+        from .vllm import compat  # imports vllm: only for in-process engines
 
         if compat.API is None:
             raise TypeError(f"trainer_sync: engine {index} looks like a vllm.LLM but vllm does not import here")
@@ -142,7 +142,7 @@ class HttpClient(EngineClient):
     """A ``vllm serve`` process reached over HTTP (stdlib urllib: no extra dependency on the trainer)."""
 
     def __init__(self, base_url: str, timeout_s: float = 120.0, index: int = 0):
-        from .compat import HttpRoutes  # no vllm import: the trainer may not have vllm at all
+        from .vllm.compat import HttpRoutes  # no vllm import: the trainer may not have vllm at all
 
         self.url = base_url.rstrip("/")
         self.timeout_s = timeout_s

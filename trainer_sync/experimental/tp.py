@@ -48,7 +48,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..plan import ALIGN, Bucket, BucketPlan, Expected, LocalPiece, PlanError, itemsize, merge_pieces, plan_buckets
+from ..plan.buckets import ALIGN, Bucket, BucketPlan, Expected, LocalPiece, PlanError, itemsize, merge_pieces, plan_buckets
 
 # vLLM's DEFAULT_VOCAB_PADDING_SIZE (vllm/model_executor/layers/vocab_parallel_embedding.py).
 VOCAB_PAD = 64
@@ -466,7 +466,7 @@ def wait_limit(timeout):
     """
     import inspect
 
-    from .. import pipeline
+    from ..pipeline import loops as pipeline
 
     if "deadline" not in inspect.signature(pipeline.wait_work).parameters:
         return timeout
@@ -482,7 +482,7 @@ def send_tp(tp_plan: TpPlan, source, groups: dict[int, object], pool, num_buffer
     Receivers of tp rank t run ``pipeline.receive(tp_plan.groups[t].plan, {src: group}, ...)`` unchanged.
     Returns ``pipeline.StageTimes``.
     """
-    from ..pipeline import StageTimes, broadcast_bucket, wait_work, pack_bucket
+    from ..pipeline.loops import StageTimes, broadcast_bucket, wait_work, pack_bucket
 
     limit = wait_limit(timeout_s)
     times = StageTimes()

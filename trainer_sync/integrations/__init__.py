@@ -5,7 +5,7 @@
     ``deepspeed.DeepSpeedHook``, after ``engine.step()`` at accumulation boundaries;
   * a torch optimizer or Accelerate's ``AcceleratedOptimizer``: ``accelerate.OptimizerHook``, the step post-hook.
 ``transformers.WeightSyncCallback`` is the ``TrainerCallback`` for HF / TRL trainers (``sync.callback(every=k)``).
-The TensorBoard charts are ``trainer_sync.metrics``; ``accelerator=`` routes them into an Accelerate TensorBoard
+The TensorBoard charts are ``trainer_sync.metrics.tensorboard``; ``accelerator=`` routes them into an Accelerate TensorBoard
 tracker when the SyncConfig has no ``tb_dir``.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ def attach(sync, target, every: int = 1, *, on_error: str = "raise", start_step:
            accelerator=None) -> PushHook:
     """Hook ``sync.push`` into the training loop behind ``target``; returns the hook (``.remove()`` undoes it)."""
     if accelerator is not None and getattr(sync, "metrics", None) is None:
-        from ..metrics import SyncMetrics
+        from ..metrics.tensorboard import SyncMetrics
 
         sync.metrics = SyncMetrics.from_accelerator(accelerator)
     from .deepspeed import DeepSpeedHook, is_deepspeed_engine

@@ -18,7 +18,7 @@ from __future__ import annotations
 import warnings
 
 from ..errors import SyncError
-from ..report import SyncReport
+from ..protocol.report import SyncReport
 
 ON_ERROR = ("raise", "warn")
 

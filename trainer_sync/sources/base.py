@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.distributed as dist
 
-from ..plan import LocalPiece, dtype_name
+from ..plan.buckets import LocalPiece, dtype_name
 
 # Wrappers that prefix parameter names: DDP / DeepSpeed ("module."), torch.compile ("_orig_mod."), FSDP1 and
 # activation checkpointing. The receiver knows the bare model's names.

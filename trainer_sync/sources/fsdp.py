@@ -12,7 +12,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ..plan import LocalPiece
+from ..plan.buckets import LocalPiece
 from .base import Source
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import LocalPiece
+from ..plan.buckets import LocalPiece
 from .base import Source
 
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import Deadline
-from ..plan import Bucket, BucketPlan
+from ..plan.buckets import Bucket, BucketPlan
 
 if TYPE_CHECKING:
-    from ..pipeline import Assembler
+    from ..pipeline.loops import Assembler
     from ..sources.base import Source
 
 Batch = list[tuple[str, torch.Tensor]]

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SyncError
-from ..plan import Bucket, BucketPlan
-from ..protocol import Keys
+from ..plan.buckets import Bucket, BucketPlan
+from ..protocol.messages import Keys
 from . import cuda
 from .base import Batch, RecvTransport, StageTimes
 from .counters import Counters

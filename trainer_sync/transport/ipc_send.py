@@ -53,8 +53,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Deadline, SyncError
-from ..plan import Bucket, BucketPlan, dtype_name
-from ..protocol import Keys
+from ..plan.buckets import Bucket, BucketPlan, dtype_name
+from ..protocol.messages import Keys
 from . import cuda
 from .base import SendTransport, StageTimes
 from .counters import Counters

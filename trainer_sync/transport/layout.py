@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..errors import SyncError
-from ..protocol import Keys
+from ..protocol.messages import Keys
 from .group import Member, wait_keys
 
 LAYOUT_KEY = Keys.LAYOUT

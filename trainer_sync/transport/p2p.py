@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..plan import Bucket
+from ..plan.buckets import Bucket
 from .base import RecvTransport
 from .group import make_group
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Deadline, SyncError
-from ..plan import Bucket
+from ..plan.buckets import Bucket
 from .base import BufferPool, RecvTransport, SendTransport, StageTimes
 
 

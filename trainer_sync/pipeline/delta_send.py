@@ -18,14 +18,14 @@ from collections import deque
 
 import torch
 
-from . import delta as D
-from .delta_policy import DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest
-from .errors import Deadline, SyncError
-from .pipeline import BufferPool, StageTimes, broadcast_bucket, pack_bucket, round_names, wait_work
-from .plan import Bucket, BucketPlan, dtype_of
-from .protocol import Keys
-from .transport.group import wait_keys
-from .sources.base import Source
+from ..codec.delta import format as D
+from ..plan.delta_policy import DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest
+from ..errors import Deadline, SyncError
+from .loops import BufferPool, StageTimes, broadcast_bucket, pack_bucket, round_names, wait_work
+from ..plan.buckets import Bucket, BucketPlan, dtype_of
+from ..protocol.messages import Keys
+from ..transport.group import wait_keys
+from ..sources.base import Source
 from .delta_recv import settle
 
 

@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from . import delta as D
-from .delta_policy import DeltaDecision, plan_digest, receiver_state
-from .errors import Deadline, SyncError
-from .pipeline import Assembler, BufferPool, StageTimes, broadcast_bucket, wait_work
-from .plan import Bucket, BucketPlan, dtype_of
-from .protocol import Keys
-from .transport.group import wait_keys
+from ..codec.delta import format as D
+from ..plan.delta_policy import DeltaDecision, plan_digest, receiver_state
+from ..errors import Deadline, SyncError
+from .loops import Assembler, BufferPool, StageTimes, broadcast_bucket, wait_work
+from ..plan.buckets import Bucket, BucketPlan, dtype_of
+from ..protocol.messages import Keys
+from ..transport.group import wait_keys
 
 
 class DeltaReceiver:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from .report import SyncReport
+from ..protocol.report import SyncReport
 
 PREFIX = "sync/"
 STAGES = ("plan_s", "pack_s", "transfer_s", "apply_s", "total_s")

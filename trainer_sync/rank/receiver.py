@@ -13,16 +13,16 @@ from typing import Callable
 
 import torch
 
-from . import delta_recv
-from .codec import Fp8Arrival, Fp8Rules
-from .errors import Aborted, Deadline, HandshakeMismatch, SyncError, describe
-from .pipeline import Batch, BufferPool, gc_paused, receive
-from .plan import BucketPlan, PlanCache
-from .delta_policy import receiver_state
-from .protocol import Expected, JoinInfo, Keys
-from .transport import RecvTransport, cuda, open_recv
-from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
-from .transport.layout import agree_layout
+from ..pipeline import delta_recv
+from ..codec import Fp8Arrival, Fp8Rules
+from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError, describe
+from ..pipeline.loops import Batch, BufferPool, gc_paused, receive
+from ..plan.buckets import BucketPlan, PlanCache
+from ..plan.delta_policy import receiver_state
+from ..protocol.messages import Expected, JoinInfo, Keys
+from ..transport import RecvTransport, cuda, open_recv
+from ..transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
+from ..transport.layout import agree_layout
 
 
 @dataclass

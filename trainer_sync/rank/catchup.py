@@ -28,11 +28,11 @@ from typing import Callable
 
 import torch
 
-from .errors import Deadline, HandshakeMismatch, SyncError
-from .pipeline import Batch, BufferPool, receive
-from .plan import Bucket, BucketPlan, Expected, PlanCache, check_plan
-from .transport.group import Member, Rendezvous, wait_keys
-from .transport.p2p import JOINER, TRAINER, PairRecv, pair_group, send_buckets
+from ..errors import Deadline, HandshakeMismatch, SyncError
+from ..pipeline.loops import Batch, BufferPool, receive
+from ..plan.buckets import Bucket, BucketPlan, Expected, PlanCache, check_plan
+from ..transport.group import Member, Rendezvous, wait_keys
+from ..transport.p2p import JOINER, TRAINER, PairRecv, pair_group, send_buckets
 
 POLL_S = 0.002  # a check on its own store connection costs ~50 us; joins start within 2 ms
 

@@ -1,4 +1,4 @@
-"""The native one-pass kernels of delta pushes on CPU (``delta_scan.c``), compiled on first use and loaded by ctypes.
+"""The native one-pass kernels of delta pushes on CPU (``native.c``), compiled on first use and loaded by ctypes.
 
 Why: delta.py's torch path reads a bucket ~6 times with large temporaries (see the C file); these kernels read it
 once. They are an accelerator only: delta.py calls them for contiguous CPU tensors when ``available()`` and keeps
@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("delta_scan.c")
+_SRC = Path(__file__).with_name("native.c")
 _lib = None
 _failed: str | None = None
 

@@ -38,7 +38,7 @@ delta's result before writing anything.
 Where the time goes (the native kernels)
 ----------------------------------------
 A delta push is bound by the CPU where a full push is bound by the wire, so on CPU tensors the work is done by one
-pass of C (codec/delta_scan.c, loaded by codec/delta_scan.py): ``td_scan`` compares the cached and the new bytes as
+pass of C (codec/delta/native.c, loaded by codec/delta/native.py): ``td_scan`` compares the cached and the new bytes as
 64-bit words and, for the few that differ, emits the changed elements' positions and values, the checksum change
 and the filler counts of every gap width, and writes the changed words into the cache (``update_prev``: the cache
 advances in the same pass); ``td_sums`` is the receiver's base checksum in one read; ``td_change`` / ``td_scatter``
@@ -74,7 +74,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import delta_scan as native
+from . import native
 
 FULL, BITMASK, INDICES = 0, 1, 2
 KIND_NAMES = {FULL: "full", BITMASK: "bitmask", INDICES: "indices"}
@@ -91,7 +91,7 @@ _MIX2 = 0xC2B2AE3D27D4EB4F
 
 assert _HEADER.size <= HEADER_BYTES
 if sys.byteorder != "little":  # the gap bytes are cut out of int32 words
-    raise ImportError("trainer_sync.delta assumes a little-endian machine")
+    raise ImportError("trainer_sync.codec.delta.format assumes a little-endian machine")
 
 
 class DeltaError(ValueError):
@@ -424,7 +424,7 @@ def encode(prev: torch.Tensor, new: torch.Tensor, *, word: int | None = None, ki
     compare them. ``update_prev``: ``prev`` may be overwritten with ``new`` on the way (the sender's cache
     advancing without a second pass); ``stats.prev_updated`` says whether it was.
 
-    Contiguous CPU tensors go through the native one-pass scan (codec/delta_scan.c), others through torch; both
+    Contiguous CPU tensors go through the native one-pass scan (codec/delta/native.c), others through torch; both
     give the same bytes."""
     if word is None:
         word = default_word(new)

@@ -13,20 +13,20 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import delta_send
+from ..pipeline import delta_send
 from .catchup import CatchUpServer, Snapshot
-from .config import SyncConfig
-from .errors import Aborted, Deadline, HandshakeMismatch, SyncError
-from .pipeline import BufferPool, gc_paused, send
-from .plan import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
+from ..config import SyncConfig
+from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError
+from ..pipeline.loops import BufferPool, gc_paused, send
+from ..plan.buckets import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
     plan_buckets, resolve_wire_dtypes, wants_block_fp8
-from .protocol import Expected, JoinInfo, Keys
-from .report import SyncReport
-from .sources import Source, make_source
-from .codec.fp8_source import Fp8Source
-from .transport import SendTransport, cuda, open_send
-from .transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
-from .transport.layout import agree_layout
+from ..protocol.messages import Expected, JoinInfo, Keys
+from ..protocol.report import SyncReport
+from ..sources import Source, make_source
+from ..codec.fp8_source import Fp8Source
+from ..transport import SendTransport, cuda, open_send
+from ..transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
+from ..transport.layout import agree_layout
 
 
 def _share_from_rank0(values: list, world: int) -> list:

@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from .errors import Deadline, SyncError
-from .plan import Bucket, BucketPlan, dtype_of
-from .sources.base import Source
+from ..errors import Deadline, SyncError
+from ..plan.buckets import Bucket, BucketPlan, dtype_of
+from ..sources.base import Source
 # Batch, StageTimes, BufferPool and the wire's two calls are the transport layer's; importable from here as before.
-from .transport.base import Batch, BufferPool, RecvTransport, SendTransport, StageTimes
-from .transport.wire import broadcast_bucket, wait_work
+from ..transport.base import Batch, BufferPool, RecvTransport, SendTransport, StageTimes
+from ..transport.wire import broadcast_bucket, wait_work
 
 __all__ = ["Assembler", "Batch", "BufferPool", "StageTimes", "broadcast_bucket", "gc_paused", "pack_bucket",
            "receive", "round_names", "send", "wait_work"]

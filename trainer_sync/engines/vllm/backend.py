@@ -1,7 +1,7 @@
 """The vLLM side: a weight-transfer backend named ``trainer_sync``, registered through a plugin entry point.
 
 ``pip install trainer_sync`` is all an engine needs: setup.cfg declares ``vllm.general_plugins: trainer_sync =
-trainer_sync.engines.vllm:register``, vLLM calls ``register()`` in every process it starts (API server, engine core,
+trainer_sync.engines.vllm.backend:register``, vLLM calls ``register()`` in every process it starts (API server, engine core,
 workers), and then ``vllm serve M --weight-transfer-config '{"backend": "trainer_sync"}'`` or
 ``LLM(model=M, weight_transfer_config={"backend": "trainer_sync"})`` uses the class below on every worker.
 
@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferUpdateInfo
 
-from ..codec import scale_name
-from ..plan import dtype_of
-from ..errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
-from ..receiver import Receiver
-from ..protocol import JoinInfo
+from ...codec import scale_name
+from ...plan.buckets import dtype_of
+from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
+from ...rank.receiver import Receiver
+from ...protocol.messages import JoinInfo
 from . import compat
-from .checkpoint import expected_tensors, find_checkpoint_dir
+from ..checkpoint import expected_tensors, find_checkpoint_dir
 from .placement import DirectApply
 
 BACKEND = "trainer_sync"
@@ -339,9 +339,9 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
 
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
-        from ..catchup import pull_latest
-        from ..plan import Expected
-        from ..receiver import ReceiveResult
+        from ...rank.catchup import pull_latest
+        from ...plan.buckets import Expected
+        from ...rank.receiver import ReceiveResult
 
         if self.receiver is not None:  # the slices change outside the bridging group: no delta base any more
             self.receiver.drop_targets("it caught up from a kept snapshot outside its bridging group")

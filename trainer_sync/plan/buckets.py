@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .protocol import SCALE_SUFFIX, Expected  # noqa: F401 - Expected: planning checks against it
+from ..protocol.messages import SCALE_SUFFIX, Expected  # noqa: F401 - Expected: planning checks against it
 
 ALIGN = 256
 

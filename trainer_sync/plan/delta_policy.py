@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .plan import Bucket
+from .buckets import Bucket
 
 DELTA_MODES = ("auto", "off")
 
