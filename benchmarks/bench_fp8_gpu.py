@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
             r["error"] = f"{type(e).__name__}: {e}"[:500]
         results[be] = r
     if "triton" in backends and "error" not in results.get("triton", {}):
-        from trainer_sync.codec._fp8_triton import quantize_fp8_blocks_triton
+        from trainer_sync.codec.fp8_triton import quantize_fp8_blocks_triton
 
         sweep = {}
         for nw in (4, 8, 16):

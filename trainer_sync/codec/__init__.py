@@ -2,7 +2,8 @@
 float32 ``scale_inv`` per 128x128 block, the checkpoint format) is all here:
 
 * ``fp8.py``: which tensors (``Fp8Rules``, ``fp8_eligible``), quantize / dequantize, the receiver's dequantizer;
-* ``_fp8_triton.py``: the GPU kernels behind ``quantize_fp8_blocks`` (Triton, loaded only when used);
+* ``fp8_constants.py``: the numbers of the format (block size, e4m3 max, smallest scale), shared by the two below;
+* ``fp8_triton.py``: the GPU kernels behind ``quantize_fp8_blocks`` (Triton, loaded only when used);
 * ``fp8_source.py``: ``Fp8Source``, a trainer source presenting eligible weights as fp8 + scales (block maxima agreed
   across FSDP / ZeRO shards).
 """

@@ -51,11 +51,7 @@ import torch
 
 from ..protocol.messages import SCALE_SUFFIX  # noqa: F401 - the scale tensor's name suffix, shared with planning
 
-BLOCK = 128
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-MIN_SCALE = 2.0 ** -126  # smallest normal float32: the scale of all-zero (and tiny) blocks
-FP8_NAME = "float8_e4m3fn"
+from .fp8_constants import BLOCK, FP8_DTYPE, FP8_MAX, FP8_NAME, MIN_SCALE  # noqa: F401 - re-exported
 
 
 # ----------------------------------------------------------------------------------------------------------- names
@@ -155,7 +151,7 @@ _TRITON: list = []
 def _triton_ok() -> bool:
     if not _TRITON:
         try:
-            from . import _fp8_triton  # noqa: F401
+            from . import fp8_triton  # noqa: F401
 
             _TRITON.append(True)
         except Exception:  # noqa: BLE001 - no triton (CPU wheels) or a broken install: torch ops then
@@ -227,7 +223,7 @@ def quantize_with_scales(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 
     _check2d(w, "quantize_with_scales")
     rows, cols = w.shape
     if out is None and w.numel() and _backend(w, backend) == "triton":
-        from ._fp8_triton import quantize_with_scales_triton
+        from .fp8_triton import quantize_with_scales_triton
 
         return quantize_with_scales_triton(w, scale_inv, block, row_offset)
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=w.device) if out is None else out
@@ -252,7 +248,7 @@ def quantize_fp8_blocks(w: torch.Tensor, block: int = BLOCK, backend: str | None
     if not w.is_floating_point() or w.dtype.itemsize == 1:
         raise ValueError(f"quantize_fp8_blocks: expected a bf16/fp16/fp32 tensor, got {w.dtype}")
     if _backend(w, backend) == "triton" and w.numel():
-        from ._fp8_triton import quantize_fp8_blocks_triton
+        from .fp8_triton import quantize_fp8_blocks_triton
 
         return quantize_fp8_blocks_triton(w, block)
     scale_inv = scales_from_amax(block_amax(w, block))

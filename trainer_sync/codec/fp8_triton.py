@@ -1,4 +1,4 @@
-"""Fused Triton kernel for the FP8 block codec (CUDA only; imported lazily by codec/fp8.py).
+"""Fused Triton kernels for the FP8 block codec (CUDA only; imported lazily by codec/fp8.py, never importing it).
 
 One program per 128x128 block: load the block once (bf16/fp16/fp32), amax in registers, scale_inv, IEEE division
 (``div_rn``: Triton's plain ``/`` on float32 is an approximate division on NVIDIA GPUs), round-to-nearest-even cast to
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from .fp8_constants import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 
 @triton.jit
