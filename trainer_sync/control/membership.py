@@ -7,7 +7,7 @@ import warnings
 from ..errors import RendezvousRefused, SyncError
 from ..engines.clients import EngineCallError, EngineClient, make_client
 from ..protocol.messages import Verdict
-from .agreement import _Background, _stage
+from .engine_calls import Background, stage_of
 
 
 class Membership:
@@ -65,12 +65,12 @@ class Membership:
         self._raise(plan)
         n = plan.data["num_receivers"]
         self.engine_version = plan.data["engine_version"]
-        calls: list[tuple[EngineClient, _Background]] = []
+        calls: list[tuple[EngineClient, Background]] = []
         if self.rank == 0:
             # Join infos are made before connect() opens the new epoch they name.
             infos = [self.sender.join_info(off, n).to_dict() for off in plan.data["offsets"]]
             epoch = infos[0]["epoch"] if infos else self.sender.epoch + 1
-            calls = [(c, _Background(lambda c=c, i=i: c.init(i),
+            calls = [(c, Background(lambda c=c, i=i: c.init(i),
                                      on_error=lambda e, c=c, epoch=epoch: self.sender.abort_epoch(
                                          epoch, f"{c.name} did not join: {e}")))
                      for c, i in zip(self.clients, infos)]
@@ -139,7 +139,7 @@ class Membership:
             c.reset_prefix_cache()
             c.resume()
         except EngineCallError as e:
-            raise SyncError(str(e), _stage(e), c.name) from e
+            raise SyncError(str(e), stage_of(e), c.name) from e
         with self._joined_lock:
             self._joined.append(c)
             self.served[c.name] = version

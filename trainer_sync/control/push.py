@@ -11,7 +11,7 @@ from ..errors import UNTOUCHED, HandshakeMismatch, SyncError
 from ..protocol.report import SyncReport
 from ..engines.clients import EngineCallError, EngineClient
 from ..protocol.messages import Verdict
-from .agreement import _Background, _stage
+from .engine_calls import Background, stage_of
 
 
 class PushMachine:
@@ -47,10 +47,10 @@ class PushMachine:
                 warnings.warn(f"trainer_sync: dropping {e.engine} from the membership: {e.detail}")
                 self.clients = [c for c in self.clients if c.name not in dead]
                 self.served.pop(e.engine, None)
-            return Verdict(str(e), _stage(e), e.engine, members=[e.engine], dead=dead)
+            return Verdict(str(e), stage_of(e), e.engine, members=[e.engine], dead=dead)
         return Verdict()
 
-    def _end(self, version: int, updates: list[tuple[EngineClient, _Background]], error: BaseException | None
+    def _end(self, version: int, updates: list[tuple[EngineClient, Background]], error: BaseException | None
              ) -> Verdict:
         """Rank 0: finish, reset and resume every engine that received the whole push; leave the others paused."""
         refused = isinstance(error, HandshakeMismatch)
@@ -80,7 +80,7 @@ class PushMachine:
                     self.served[c.name] = str(version)
                 c.resume()
             except EngineCallError as e:
-                problems.append((_stage(e), c.name, f"{e}; the engine stays paused"))
+                problems.append((stage_of(e), c.name, f"{e}; the engine stays paused"))
         if error is not None and not refused:
             problems.append((failed_stage, getattr(error, "who", "") or "trainer rank 0", f"trainer rank 0: {error}"))
         if problems:
@@ -167,7 +167,7 @@ class PushMachine:
             self.stale = True
             self._raise(begun)
         seq = self.sender.seq  # the number of the push below: an engine whose update call fails aborts it
-        updates = [(c, _Background(c.update, on_error=lambda e: self.sender.abort_push(seq, str(e))))
+        updates = [(c, Background(c.update, on_error=lambda e: self.sender.abort_push(seq, str(e))))
                    for c in self.clients]
         report, error = None, None
         try:
