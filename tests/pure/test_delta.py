@@ -9,8 +9,8 @@ tensors take); tests/pure/test_delta_native.py checks that both give the same by
 import pytest
 import torch
 
-from trainer_sync.codec.delta import format as D
-from trainer_sync.codec.delta import native
+from trainer_sync.codec import delta as D
+from trainer_sync.codec.delta import format as delta_format, native
 
 ALL = (D.FULL, D.BITMASK, D.INDICES)
 
@@ -81,7 +81,7 @@ def test_every_gap_width_with_fillers(width):
 
 def test_with_fillers_splits_long_gaps():
     gaps = torch.tensor([0, 255, 256, 511, 1000])
-    out = D._with_fillers(gaps, 1)
+    out = delta_format._with_fillers(gaps, 1)
     assert int(out.max()) <= 255 and int(out.min()) >= 0
     assert torch.cumsum(out, 0)[-1] == gaps.sum()
     # every original position is still there

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer_sync import SyncConfig
-from trainer_sync.codec.delta import format as D
+from trainer_sync.codec import delta as D
 from trainer_sync.plan.delta_policy import (DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest,
                                        receiver_state)
 from trainer_sync.pipeline.delta_recv import DeltaReceiver

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..codec.delta import format as D
+from ..codec import delta as D
 from ..plan.delta_policy import DeltaDecision, plan_digest, receiver_state
 from ..errors import Deadline, SyncError
 from .loops import Assembler, BufferPool, StageTimes, broadcast_bucket, wait_work

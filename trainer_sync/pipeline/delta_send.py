@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from ..codec.delta import format as D
+from ..codec import delta as D
 from ..plan.delta_policy import DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest
 from ..errors import Deadline, SyncError
 from .loops import BufferPool, StageTimes, broadcast_bucket, pack_bucket, round_names, wait_work

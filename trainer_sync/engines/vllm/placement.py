@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ...codec.delta.checksums import checksum_parts
+
 logger = logging.getLogger(__name__)
 
 # Quantization methods whose post-load processing is a no-op on CUDA (vLLM's linear.py / vocab_parallel_embedding.py:
 # they repack only on CPU). Any other method (fp8, MoE, ...) may transform weights after loading.
 PLAIN_METHODS = frozenset({"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"})
-_INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,9 @@ def whole_targets(slots: dict[str, list[Slot]], shapes: dict[str, tuple[tuple[in
 
 
 def checksum(t: torch.Tensor) -> torch.Tensor:
-    """An exact integer checksum of a tensor's bits (a device scalar; nothing is synchronized)."""
-    return t.view(_INT_OF[t.element_size()]).sum(dtype=torch.int64)
+    """The package's one checksum (codec/delta/checksums.py, the one a delta's base is checked with) of a tensor's
+    bits in element order, as a device tensor of its three sums: nothing is synchronized."""
+    return checksum_parts(t)
 
 
 class DirectApply:
@@ -248,7 +250,7 @@ class DirectApply:
             self.armed = True
             logger.info("trainer_sync: %d tensors proven in place; pushes now copy straight into the model", expected)
         else:
-            bad = [s.param for (s, _), ok in zip(proof, (got == want).tolist()) if not ok]
+            bad = [s.param for (s, _), ok in zip(proof, (got == want).all(1).tolist()) if not ok]
             self.slots, self.why_not = None, f"after layerwise reload {bad[:3]} differ from what was received"
             logger.info("trainer_sync: keeping vLLM's layerwise reload: %s", self.why_not)
 
