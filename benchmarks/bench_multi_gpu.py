@@ -4,23 +4,23 @@ Per model (Qwen3-8B-shaped bf16, 16.38 GB, 399 tensors; Qwen3-32B-shaped bf16, 6
 GPUs and with the same bytes, in one run:
 
   * ``plain``: trainer_sync ``Sender``/``Receiver`` (backend nccl): FSDP2 trainer ranks each send their own shard;
-    every receiver gets the whole model and keeps its tp shard (what a vLLM TP worker does with a full push);
-  * ``tp``: TP-aware bytes (``trainer_sync.tp``): receivers grouped by tp rank, each group gets only its shard, one
-    NCCL sub-group per (trainer rank, tp rank), ``send_tp`` on the trainer, ``pipeline.receive`` on the receivers;
+    every receiver gets the whole model and keeps its tp shard (what a vLLM TP worker does with a full push;
+    ``tp_shards.py``);
   * ``ce``: checkpoint-engine 0.4.2 ``ParameterServer`` broadcast on the receiver GPUs (one parameter server per
     GPU, 1/N of the checkpoint registered on each, the worker on the same GPU applies through its
     ``update_weights_from_ipc`` with the same apply function), if ``checkpoint_engine`` imports.
 
 ``--colocate`` is the hybrid (colocated) layout instead: a trainer rank on every GPU and receiver j on trainer rank
 j's GPU; ``plain`` then maps the local shard by CUDA IPC and takes the other GPUs' shards over NCCL in the same push,
-``ce`` is checkpoint-engine's own colocated setup on the same GPUs, and ``tp`` is skipped.
+``ce`` is checkpoint-engine's own colocated setup on the same GPUs.
 
 All of them leave each receiver holding exactly its tp shard; after the timed pushes every receiver's shard is checked
 bit for bit against the trainer's weights (regenerated deterministically on the receiver). Push seconds are wall
 time on trainer rank 0 from a barrier to every receiver's ``cuda.synchronize()`` after applying (checkpoint-engine:
 ``update()`` on rank 0). Reported per method: push seconds (median of --iters after a warm-up), bytes each receiver
 GPU received, receive GB/s (those bytes / push seconds), effective GB/s (model bytes / push seconds), and the
-simulator's estimate for the same configuration.
+simulator's estimate for the same configuration (full pushes, and on paper TP-aware ones: each receiver sent only the
+shard it keeps).
 
     python benchmarks/bench_multi_gpu.py                          # all visible GPUs, half trainers, both models
     python benchmarks/bench_multi_gpu.py --gpus 4 --models qwen3_8b --tp 2
@@ -49,14 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_sync import Receiver, Sender, SyncConfig  # noqa: E402
 from tests.helpers.cluster import free_port, outcomes  # noqa: E402
-from trainer_sync.pipeline.loops import BufferPool, receive  # noqa: E402
-from trainer_sync.transport.wire import WireRecv  # noqa: E402
-from trainer_sync.plan.buckets import BucketPlan, LocalPiece, itemsize  # noqa: E402
 from trainer_sync.protocol.messages import JoinInfo  # noqa: E402
 from benchmarks.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
-from trainer_sync.sources import make_source  # noqa: E402
+from benchmarks.tp_shards import shard_numel, shard_slice  # noqa: E402
 from trainer_sync.sources.fsdp import local_tensor  # noqa: E402
-from trainer_sync.experimental.tp import llama_layout, make_tp_groups, plan_tp, send_tp, shard_bounds, wait_limit  # noqa: E402
 
 SHAPES = {
     "qwen3_8b": dict(layers=36, hidden=4096, heads=32, kv=8, head_dim=128, inter=12288, vocab=151936),
@@ -83,10 +79,6 @@ def tensor_shapes(shape: str) -> dict[str, tuple[int, ...]]:
     out["model.norm.weight"] = (h,)
     out["lm_head.weight"] = (s["vocab"], h)
     return out
-
-
-def layout(shape: str):
-    return llama_layout(SHAPES[shape]["heads"], SHAPES[shape]["kv"])
 
 
 def initial(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -168,11 +160,12 @@ def client_store(cfg: dict) -> dist.TCPStore:
 
 def shard_of(cfg: dict, name: str, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
     """The slab of ``full`` that tp rank ``tp_rank`` keeps (vLLM's layout)."""
-    split = layout(cfg["shape"]).split_of(name)
-    if split.kind == "replicated":
+    s = SHAPES[cfg["shape"]]
+    cut = shard_slice(name, tuple(full.shape), s["heads"], s["kv"], cfg["tp"], tp_rank)
+    if cut is None:
         return full
-    lo, hi = shard_bounds(split, full.shape[split.dim], cfg["tp"], tp_rank, name)
-    return full.narrow(split.dim, lo, hi - lo)
+    dim, lo, hi = cut
+    return full.narrow(dim, lo, hi - lo)
 
 
 def make_sink(cfg: dict, j: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -259,69 +252,6 @@ def receiver_plain(j, n, cfg):
     return {"bytes": nbytes, "mismatches": verify_sink(cfg, j, sink, device, cfg["iters"] + 1)}
 
 
-# ---- TP-aware push ------------------------------------------------------------------------------------------
-
-def receiver_tp_ranks(cfg) -> list[int]:
-    return [j % cfg["tp"] for j in range(cfg["n"])]
-
-
-def trainer_tp(rank, world, cfg):
-    device = device_of(cfg, "trainer", rank)
-    model = build_trainer_model(cfg, rank, world, device)
-    store = client_store(cfg)
-    source = make_source(model, rank=rank, world=world)
-    mine = [[p.name, list(p.shape), p.dtype, p.start, p.numel] for p in source.pieces()]
-    everyone = [None] * world
-    if world > 1:
-        dist.all_gather_object(everyone, mine)
-    else:
-        everyone = [mine]
-    pieces = [LocalPiece(nm, tuple(s), d, a, b, r) for r, lst in enumerate(everyone) for nm, s, d, a, b in lst]
-    tp_plan = plan_tp(pieces, world, int(cfg["bucket_mb"] * 2**20), layout(cfg["shape"]), cfg["tp"],
-                      receiver_tp_ranks(cfg))
-    if rank == 0:
-        for t, g in tp_plan.groups.items():
-            store.set(f"tp/plan/{t}", g.plan.to_json())
-    groups = make_tp_groups(dist.PrefixStore("tpgroups/", store), "trainer", rank, world, receiver_tp_ranks(cfg),
-                            cfg["backend"], TIMEOUT)
-    pool = BufferPool(device)
-    times = []
-    for i in range(cfg["iters"] + 1):
-        t0 = train_then_start_clock(model, device, world)
-        send_tp(tp_plan, source, groups, pool, 2, TIMEOUT)
-        if rank == 0:
-            store.wait([f"tp/{i}/synced/{j}" for j in range(cfg["n"])], timedelta(seconds=TIMEOUT))
-        times.append(time.perf_counter() - t0)
-    for g in groups.values():
-        g.shutdown()
-    return {"push_s": times[1:], "bytes_per_tp_rank": tp_plan.bytes_per_tp_rank(), "full_bytes": tp_plan.full_bytes}
-
-
-def receiver_tp(j, n, cfg):
-    device = device_of(cfg, "receiver", j)
-    store = client_store(cfg)
-    t = receiver_tp_ranks(cfg)[j]
-    sink = make_sink(cfg, j, device)
-    groups = make_tp_groups(dist.PrefixStore("tpgroups/", store), "receiver", j, cfg["m"], receiver_tp_ranks(cfg),
-                            cfg["backend"], TIMEOUT)
-    store.wait([f"tp/plan/{t}"], timedelta(seconds=TIMEOUT))
-    plan = BucketPlan.from_json(store.get(f"tp/plan/{t}").decode())
-    pool = BufferPool(device)
-
-    def on_batch(batch):
-        for name, shard in batch:
-            sink[name].copy_(shard)
-
-    nbytes = sum(s.numel * itemsize(plan.tensors[s.name].dtype) for b in plan.buckets for s in b.slots)
-    for i in range(cfg["iters"] + 1):
-        receive(plan, WireRecv(groups), pool, 2, wait_limit(TIMEOUT), on_batch, None, f"receiver {j}")
-        sync(device)
-        store.set(f"tp/{i}/synced/{j}", "1")
-    for g in groups.values():
-        g.shutdown()
-    return {"bytes": nbytes, "mismatches": verify_sink(cfg, j, sink, device, cfg["iters"] + 1)}
-
-
 # ---- checkpoint-engine 0.4.2 broadcast ------------------------------------------------------------------------
 
 def _ce_env(cfg, rank):
@@ -394,9 +324,6 @@ def run_method(method: str, cfg: dict) -> dict:
     if method == "plain":
         roles = [("trainer", r, m, trainer_plain, (cfg,)) for r in range(m)] + \
                 [("receiver", j, n, receiver_plain, (cfg,)) for j in range(n)]
-    elif method == "tp":
-        roles = [("trainer", r, m, trainer_tp, (cfg,)) for r in range(m)] + \
-                [("receiver", j, n, receiver_tp, (cfg,)) for j in range(n)]
     else:
         roles = [("ce", r, n, ce_server, (cfg,)) for r in range(n)] + \
                 [("ce_worker", r, n, ce_worker, (cfg,)) for r in range(n)]
@@ -432,32 +359,28 @@ def simulated(cfg: dict, full_bytes: int, spec: dict) -> dict:
             "checkpoint_engine_s": round(simulate_checkpoint_engine(w, hw).seconds, 4)}
 
 
+def shard_bytes_per_receiver(cfg: dict) -> list[int]:
+    """Bytes of the tp shard each receiver keeps: what a TP-aware push would send it (on paper)."""
+    s, size = SHAPES[cfg["shape"]], dtype_of(cfg).itemsize
+    return [sum(shard_numel(name, shape, s["heads"], s["kv"], cfg["tp"], j % cfg["tp"]) * size
+                for name, shape in tensor_shapes(cfg["shape"]).items()) for j in range(cfg["n"])]
+
+
 def dry_plan(cfg: dict) -> dict:
-    """What a run would do, without processes: placement, bytes per receiver from tp.plan_tp, simulator."""
+    """What a run would do, without processes: placement, the shard each receiver keeps, the simulator's estimate."""
     shapes = tensor_shapes(cfg["shape"])
-    dtype = cfg["dtype"]
-    m = cfg["m"]
-    pieces = []
-    for name, s in shapes.items():  # FSDP2 dim-0 shards (torch.chunk) on m trainer ranks
-        rows, per = s[0], math.prod(s[1:])
-        chunk = -(-rows // m)
-        for r in range(m):
-            lo, hi = min(r * chunk, rows), min((r + 1) * chunk, rows)
-            if hi > lo:
-                pieces.append(LocalPiece(name, s, dtype, lo * per, (hi - lo) * per, r))
-    tp_plan = plan_tp(pieces, m, int(cfg["bucket_mb"] * 2**20), layout(cfg["shape"]), cfg["tp"],
-                      receiver_tp_ranks(cfg))
+    size = dtype_of(cfg).itemsize
+    full = sum(math.prod(v) for v in shapes.values()) * size
     s = SHAPES[cfg["shape"]]
-    kv = sum(math.prod(v) for k, v in shapes.items() if "k_proj" in k or "v_proj" in k) * dtype_of(cfg).itemsize
-    spec = {"replicated_bytes": tp_plan.replicated_bytes(), "kv_bytes": kv, "num_kv_heads": s["kv"],
+    whole = sum(math.prod(v) for k, v in shapes.items() if shard_slice(k, v, s["heads"], s["kv"], 2, 0) is None)
+    kv = sum(math.prod(v) for k, v in shapes.items() if "k_proj" in k or "v_proj" in k)
+    spec = {"replicated_bytes": whole * size, "kv_bytes": kv * size, "num_kv_heads": s["kv"],
             "num_tensors": len(shapes), "bucket_bytes": cfg["bucket_mb"] * 2**20}
-    return {"trainer_gpus": list(range(m)) if cfg["device"] == "cuda" else f"{m} cpu processes",
+    return {"trainer_gpus": list(range(cfg["m"])) if cfg["device"] == "cuda" else f"{cfg['m']} cpu processes",
             "receiver_gpus": [receiver_gpu(cfg, j) for j in range(cfg["n"])] if cfg["device"] == "cuda" else
                              f"{cfg['n']} cpu processes",
-            "tensors": len(shapes), "full_bytes": tp_plan.full_bytes,
-            "tp_bytes_per_receiver": tp_plan.bytes_per_receiver(), "buckets_per_tp_group":
-                {t: len(g.plan.buckets) for t, g in tp_plan.groups.items()},
-            "simulated": simulated(cfg, tp_plan.full_bytes, spec)}
+            "tensors": len(shapes), "full_bytes": full, "shard_bytes_per_receiver": shard_bytes_per_receiver(cfg),
+            "simulated": simulated(cfg, full, spec)}
 
 
 def have_checkpoint_engine() -> str | None:
@@ -477,7 +400,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--trainers", type=int, default=None, help="trainer ranks (default: half)")
     ap.add_argument("--tp", type=int, default=None, help="tp size of the receivers' engine (default: receivers)")
     ap.add_argument("--models", default="qwen3_8b,qwen3_32b")
-    ap.add_argument("--methods", default="plain,tp,ce")
+    ap.add_argument("--methods", default="plain,ce")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--bucket-mb", type=float, default=256)
     ap.add_argument("--dtype", default="bfloat16")
@@ -517,15 +440,11 @@ def main(argv=None) -> dict:
                     if why:
                         entry["ce"] = {"skipped": why}
                         continue
-                if method == "tp" and args.colocate:  # its sub-groups would put two ranks of one GPU in NCCL
-                    entry["tp"] = {"skipped": "the TP-aware sub-groups are not colocation-aware"}
-                    continue
                 entry[method] = run_method(method, cfg)
             if "ce" in entry and "push_s" in entry["ce"]:
-                for method in ("plain", "tp"):
-                    if "push_s" in entry.get(method, {}):
-                        entry[method]["speedup_vs_checkpoint_engine"] = round(
-                            entry["ce"]["push_s"] / entry[method]["push_s"], 2)
+                if "push_s" in entry.get("plain", {}):
+                    entry["plain"]["speedup_vs_checkpoint_engine"] = round(
+                        entry["ce"]["push_s"] / entry["plain"]["push_s"], 2)
         out["models"][model] = entry
         print(json.dumps({model: entry}), file=sys.stderr, flush=True)
     print(json.dumps(out))

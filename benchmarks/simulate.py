@@ -22,7 +22,7 @@ Assumptions (the model)
  1. Weights: the model has ``model_bytes`` on the wire; ``replicated_bytes`` of them every tp rank needs whole
     (norms, MLA's q_a/kv_a projections, routers); ``kv_bytes`` are GQA k/v projections, which vLLM replicates when
     ``tp > num_kv_heads``. Everything else splits evenly over tp ranks. So one tp rank needs
-    ``(model - replicated - kv) / tp + replicated + kv / min(tp, num_kv_heads)`` bytes (``tp.plan_tp`` gives the
+    ``(model - replicated - kv) / tp + replicated + kv / min(tp, num_kv_heads)`` bytes (``tp_shards.py`` gives the
     exact figure for a real layout; this is its closed form).
  2. Placement: ``num_gpus`` inference GPUs run ``num_gpus / tp`` engine replicas, each on consecutive GPUs, nodes
     of ``gpus_per_node``. Trainer ranks are ``trainer_gpus`` separate GPUs on their own nodes, or (``trainer_gpus=0``)

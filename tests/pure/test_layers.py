@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # Training-loop hooks know WeightSync only by its push(); WeightSync.attach()/callback() hand out these hooks.
     ("integrations", ["integrations"]),
     ("control", ["control"]),
-    ("entry points", ["cli", "experimental", "__init__"]),
+    ("entry points", ["cli", "__init__"]),
 ]
 # Imports against the order that are known and not yet cut (each must still exist: remove it here once it is gone).
 KNOWN: set[tuple[str, str]] = set()
@@ -106,9 +106,3 @@ def test_the_checker_sees_relative_and_absolute_imports(tmp_path):
     assert {"protocol.messages", "rank.receiver", "engines.vllm.compat"} <= names
     assert layer_of("codec.fp8_source") == RANK["codec"] and layer_of("transport.ipc_send") == RANK["transport"]
 
-
-def test_nothing_on_the_default_path_imports_experimental():
-    users = [f"{path.relative_to(PKG)}:{line}" for path in sorted(PKG.rglob("*.py"))
-             if "experimental" not in path.parts for line, name in imports_of(path)
-             if name.split(".")[0] == "experimental"]
-    assert not users, users

@@ -1,13 +1,13 @@
-"""Push-time simulator (benchmarks/simulate.py): invariants, calibration points, and agreement with tp.plan_tp."""
+"""Push-time simulator (benchmarks/simulate.py): invariants, calibration points, and agreement with the shards a
+vLLM TP rank keeps (benchmarks/tp_shards.py)."""
 import itertools
 import math
 
 import pytest
 
-from trainer_sync.plan.buckets import LocalPiece
 from benchmarks.simulate import (GB, KIMI_K2_FP8, QWEN3_8B, CeRates, Hardware, SyncRates, Workload, compare,
-                                   pipeline_seconds, simulate_checkpoint_engine, simulate_trainer_sync)
-from trainer_sync.experimental.tp import llama_layout, plan_tp
+                                 pipeline_seconds, simulate_checkpoint_engine, simulate_trainer_sync)
+from benchmarks.tp_shards import shard_numel
 
 CONFIGS = [  # (num_gpus, tp, trainer_gpus): one node, colocated; one node, separate; several nodes, both
     (4, 4, 4), (2, 2, 2), (4, 2, 0), (8, 8, 0), (16, 16, 0), (64, 8, 16), (256, 16, 0), (256, 16, 64)]
@@ -79,8 +79,8 @@ def test_pipeline_formula():
     assert pipeline_seconds([1.0, 2.0, 3.0], 7, overlap=False) == 6.0
 
 
-def test_closed_form_bytes_match_tp_planner():
-    """Workload.bytes_per_tp_rank (assumption 1) equals what tp.plan_tp plans for the Qwen3-8B layout."""
+def test_closed_form_bytes_match_the_engine_shards():
+    """Workload.bytes_per_tp_rank (assumption 1) equals the bytes of the shards a vLLM TP rank keeps (tp_shards)."""
     shapes = {"model.embed_tokens.weight": (151936, 4096), "model.norm.weight": (4096,),
               "lm_head.weight": (151936, 4096)}
     for i in range(36):
@@ -92,14 +92,12 @@ def test_closed_form_bytes_match_tp_planner():
                        p + "mlp.down_proj.weight": (4096, 12288), p + "input_layernorm.weight": (4096,),
                        p + "post_attention_layernorm.weight": (4096,)})
     assert len(shapes) == 399
-    pieces = [LocalPiece(n, s, "bfloat16", 0, math.prod(s), 0) for n, s in shapes.items()]
     for tp in (1, 2, 4, 8, 16):
-        plan = plan_tp(pieces, 1, 256 * 2**20, llama_layout(32, 8), tp, list(range(tp)))
         w = Workload(num_gpus=tp, tp=tp, **QWEN3_8B)
-        assert plan.full_bytes == w.model_bytes == 16_381_470_720
-        for t, nbytes in plan.bytes_per_tp_rank().items():
+        assert sum(math.prod(s) for s in shapes.values()) * 2 == w.model_bytes == 16_381_470_720
+        for t in range(tp):
+            nbytes = sum(shard_numel(n, s, 32, 8, tp, t) for n, s in shapes.items()) * 2
             assert nbytes == pytest.approx(w.bytes_per_tp_rank(), rel=1e-9), (tp, t)
-        assert plan.total_bytes == pytest.approx(w.tp_total_bytes(), rel=1e-9)
 
 
 def test_calibration_points():
