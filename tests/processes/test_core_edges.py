@@ -1,5 +1,4 @@
 """Core data path: awkward tensors, handshake mismatches, refused peers, missing peers, epochs, memory budget."""
-import pytest
 import torch
 
 from tests.helpers import roles

@@ -8,7 +8,6 @@ import torch
 from tests.helpers import roles
 from tests.helpers.cluster import free_port, outcomes, run_roles
 from trainer_sync import Sender, SyncConfig
-from trainer_sync.protocol.messages import JoinInfo
 
 
 def test_receiver_killed_mid_push_is_named_within_the_timeout():

@@ -1,9 +1,8 @@
 """Core data path with real processes on gloo: trainer ranks -> bridging group -> receivers, bit for bit."""
-import pytest
 import torch
 
 from tests.helpers import roles
-from tests.helpers.cluster import free_port, outcomes, run_roles
+from tests.helpers.cluster import free_port, run_roles
 
 PUSHES = 3
 
@@ -33,7 +32,8 @@ def test_fsdp2_two_ranks_to_two_receivers():
 def test_zero3_two_ranks_to_one_receiver():
     port = free_port()
     res = run_roles([("trainer", r, 2, roles.zero3_trainer, (1, port, PUSHES)) for r in range(2)]
-                    # 90 s to reach the store: the trainer ranks import DeepSpeed first (over 20 s on a loaded 2-core box)
+                    # 90 s to reach the store: the trainer ranks import DeepSpeed first (over 20 s on a loaded 2-core
+                    # box)
                     + [("receiver", 0, 1, roles.collect_receiver, (2, port, PUSHES, None, "tok", 90.0))], timeout=240)
     states, _ = res[("trainer", 0)]
     assert_bitwise(states, res[("receiver", 0)])

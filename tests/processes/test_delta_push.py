@@ -4,7 +4,6 @@ AdamW steps, bf16 on the wire, receivers keeping a mirror or writing into their 
 Every test compares each receiver's tensors with the trainer's bf16 weights bit for bit after every push, and checks
 the report: the first push is full (no base yet), later ones carry only the changes (bytes_sent < bytes_full, a
 changed fraction strictly between 0 and 1), and a push that could not go as deltas says why (full_reason)."""
-import pytest
 import torch
 
 from tests.helpers import delta_roles as R

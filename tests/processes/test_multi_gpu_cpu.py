@@ -1,8 +1,6 @@
 """benchmarks/bench_multi_gpu.py's logic on CPU (gloo, tiny Qwen3-shaped model): the plain push leaves every
 receiver holding exactly its tp shard, bit for bit, after several pushes with training in between. The GPU run of
 the same script needs a multi-GPU machine."""
-import os
-import sys
 
 import pytest
 import torch

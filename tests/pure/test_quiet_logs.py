@@ -1,6 +1,7 @@
 """The plugin's log filter (trainer_sync/engines/quiet_logs.py): the known-harmless vLLM warnings become DEBUG, every
 other record of those loggers passes as it was. Real ``logging`` records on vLLM's own logger names; no vLLM needed
-(the end-to-end check that a real engine's pushes stay quiet is tests/processes/test_integrations.py::test_trl_recipe_end_to_end).
+(the end-to-end check that a real engine's pushes stay quiet is
+tests/processes/test_integrations.py::test_trl_recipe_end_to_end).
 """
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
-from tests.helpers.models import build_model, perturb, prompts  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
+import torch
+from tests.helpers.models import build_model, perturb, prompts
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
 
-from trainer_sync import WeightSync  # noqa: E402
+from trainer_sync import WeightSync
 
 pytestmark = pytest.mark.vllm
 

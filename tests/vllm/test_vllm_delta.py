@@ -16,11 +16,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
-from tests.helpers.models import adamw_step, build_model, hf_greedy, prompts, save_model  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
+import torch
+from tests.helpers.models import adamw_step, build_model, hf_greedy, prompts, save_model
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
 
-from trainer_sync import SyncConfig, WeightSync  # noqa: E402
+from trainer_sync import SyncConfig, WeightSync
 
 pytestmark = pytest.mark.vllm
 PUSHES = 5

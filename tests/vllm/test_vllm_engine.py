@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts, train_step  # noqa: E402
-from tests.helpers.vllm_engines import llm_greedy, llm_worker  # noqa: E402
+from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts, train_step
+from tests.helpers.vllm_engines import llm_greedy, llm_worker
 
-from trainer_sync import HandshakeMismatch, SyncConfig, SyncError, WeightSync  # noqa: E402
+from trainer_sync import HandshakeMismatch, SyncConfig, SyncError, WeightSync
 
 pytestmark = pytest.mark.vllm
 N = 8  # tokens generated per prompt

@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_reference, prompts, train_step  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
+from tests.helpers.models import build_model, hf_reference, prompts, train_step
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
 
-from trainer_sync import SyncConfig, SyncError, WeightSync  # noqa: E402
+from trainer_sync import SyncConfig, SyncError, WeightSync
 
 pytestmark = pytest.mark.vllm
 N = 8

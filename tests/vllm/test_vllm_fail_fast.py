@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import tiny_config  # noqa: E402
-from tests.helpers.cluster import run_roles  # noqa: E402
-from tests.helpers.vllm_engines import ENGINE_ARGS, oversized_trainer, running_server  # noqa: E402
+from tests.helpers.models import tiny_config
+from tests.helpers.cluster import run_roles
+from tests.helpers.vllm_engines import ENGINE_ARGS, oversized_trainer, running_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 TIMEOUT_S = 60.0

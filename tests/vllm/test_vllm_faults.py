@@ -21,13 +21,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers import fault_roles  # noqa: E402
-from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts  # noqa: E402
-from tests.helpers.cluster import free_port, outcomes, run_roles  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy  # noqa: E402
+from tests.helpers import fault_roles
+from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts
+from tests.helpers.cluster import free_port, outcomes, run_roles
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy
 
-from trainer_sync import RendezvousRefused, SyncConfig, SyncError, WeightSync  # noqa: E402
-from trainer_sync.engines.clients import HttpClient  # noqa: E402
+from trainer_sync import RendezvousRefused, SyncConfig, SyncError, WeightSync
+from trainer_sync.engines.clients import HttpClient
 
 pytestmark = pytest.mark.vllm
 N = 8

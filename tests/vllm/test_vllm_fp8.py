@@ -15,16 +15,16 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
-from tests.helpers.fp8_engines import auto_trainer, block_fp8_engine, checkpoint_receiver, fp8_roundtrip, save_block_fp8  # noqa: E402
-from tests.helpers.models import build_model, hf_greedy, perturb, prompts, save_model  # noqa: E402
-from tests.helpers.cluster import free_port, run_roles  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker  # noqa: E402
+import torch
+from tests.helpers.fp8_engines import auto_trainer, block_fp8_engine, checkpoint_receiver, fp8_roundtrip, save_block_fp8
+from tests.helpers.models import build_model, hf_greedy, perturb, prompts, save_model
+from tests.helpers.cluster import free_port, run_roles
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
 
-from trainer_sync import SyncConfig, WeightSync  # noqa: E402
-from trainer_sync.codec import FP8_NAME, dequantize_fp8_blocks, fp8_eligible, quantize_fp8_blocks, scale_name  # noqa: E402
-from trainer_sync.engines.checkpoint import expected_tensors  # noqa: E402
-from trainer_sync.engines.vllm.backend import serves_block_fp8  # noqa: E402
+from trainer_sync import SyncConfig, WeightSync
+from trainer_sync.codec import FP8_NAME, dequantize_fp8_blocks, fp8_eligible, quantize_fp8_blocks, scale_name
+from trainer_sync.engines.checkpoint import expected_tensors
+from trainer_sync.engines.vllm.backend import serves_block_fp8
 
 pytestmark = pytest.mark.vllm
 N = 8

@@ -5,7 +5,8 @@ warning naming it) and the next push succeeds for the rest.
 Engines: an in-process LLM that sees every push, and a `vllm serve` process (TP 1) that joins late and is killed
 at the end. Weights are compared through the engines themselves: greedy tokens, and the top-5 tokens and their
 logprobs at every generated position (to float32 rounding: the engines run in processes with different thread
-counts). That the pulled bytes equal the kept version bit for bit is tested without engines in tests/processes/test_catchup.py.
+counts). That the pulled bytes equal the kept version bit for bit is tested without engines in
+tests/processes/test_catchup.py.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_reference, prompts, train_step  # noqa: E402
-from tests.helpers.vllm_engines import in_process_llm  # noqa: E402
+from tests.helpers.models import build_model, hf_reference, prompts, train_step
+from tests.helpers.vllm_engines import in_process_llm
 
-from trainer_sync import SyncConfig, WeightSync  # noqa: E402
+from trainer_sync import SyncConfig, WeightSync
 
 pytestmark = pytest.mark.vllm
 N = 6

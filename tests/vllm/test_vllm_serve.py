@@ -16,11 +16,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.helpers.models import build_model, hf_reference, perturb, prompts, train_step  # noqa: E402
-from tests.helpers.cluster import run_roles  # noqa: E402
-from tests.helpers.vllm_engines import fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer  # noqa: E402
+from tests.helpers.models import build_model, hf_reference, perturb, prompts, train_step
+from tests.helpers.cluster import run_roles
+from tests.helpers.vllm_engines import fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer
 
-from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync  # noqa: E402
+from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync
 
 pytestmark = pytest.mark.vllm
 N = 8

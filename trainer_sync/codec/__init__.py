@@ -7,7 +7,7 @@ float32 ``scale_inv`` per 128x128 block, the checkpoint format) is all here:
 * ``fp8_source.py``: ``Fp8Source``, a trainer source presenting eligible weights as fp8 + scales (block maxima agreed
   across FSDP / ZeRO shards).
 """
-from .fp8 import *  # noqa: F401,F403
+from .fp8 import *  # noqa: F403
 from .fp8 import (BLOCK, FP8_DTYPE, FP8_MAX, FP8_NAME, MIN_SCALE, SCALE_SUFFIX, Fp8Arrival, Fp8Dequantizer,  # noqa: F401
                   Fp8Rules, block_amax, dequantize_fp8_blocks, fp8_eligible, fp8_wire_expected, fp8_wire_nbytes,
                   plan_fp8_names, quantize_fp8_blocks, quantize_with_scales, row_block_amax, scale_name, scale_shape,

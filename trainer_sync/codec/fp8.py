@@ -19,8 +19,8 @@ Exact definition (every backend gives these bits; tests check them against an in
   that clamp anyway (Triton's saturating cast) give the same bits.
 * dequantize: ``fl_dtype(fl32(float(q) * scale_inv))``.
 
-Error bound (derived; checked per element in tests/pure/test_codec.py). With ``s = scale_inv`` and ``v = w / s`` (exact),
-e4m3fn has 3 mantissa bits: for ``|v| >= 2**-6`` (normal range) the grid spacing at ``v`` is ``2**(e-3)`` with
+Error bound (derived; checked per element in tests/pure/test_codec.py). With ``s = scale_inv`` and ``v = w / s``
+(exact), e4m3fn has 3 mantissa bits: for ``|v| >= 2**-6`` (normal range) the grid spacing at ``v`` is ``2**(e-3)`` with
 ``e = floor(log2|v|)``, below it the subnormal spacing ``2**-9``. Round-to-nearest is off by at most half a spacing,
 the float32 division and the float32 product add at most ``2**-24`` relative each, so::
 
@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..protocol.messages import SCALE_SUFFIX  # noqa: F401 - the scale tensor's name suffix, shared with planning
+from ..protocol.messages import SCALE_SUFFIX  # the scale tensor's name suffix, shared with planning
 
 from .fp8_constants import BLOCK, FP8_DTYPE, FP8_MAX, FP8_NAME, MIN_SCALE  # noqa: F401 - re-exported
 

@@ -92,7 +92,7 @@ class LlmClient(EngineClient):
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - re-raised with the engine's name; the original is chained
+        except Exception as e:  # re-raised with the engine's name; the original is chained
             raise EngineCallError(self.name, what, f"{type(e).__name__}: {e}") from e
 
     def world_size(self) -> int:
@@ -110,7 +110,7 @@ class LlmClient(EngineClient):
             if mode != "wait":
                 raise EngineCallError(self.name, "pause", f"{type(e).__name__}: {e}") from e
             self._call("pause", self.llm.sleep, level=0, mode="keep")
-        except Exception as e:  # noqa: BLE001 - see _call
+        except Exception as e:  # see _call
             raise EngineCallError(self.name, "pause", f"{type(e).__name__}: {e}") from e
 
     def resume(self) -> None:

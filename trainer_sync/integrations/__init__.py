@@ -5,8 +5,8 @@
     ``deepspeed.DeepSpeedHook``, after ``engine.step()`` at accumulation boundaries;
   * a torch optimizer or Accelerate's ``AcceleratedOptimizer``: ``accelerate.OptimizerHook``, the step post-hook.
 ``transformers.WeightSyncCallback`` is the ``TrainerCallback`` for HF / TRL trainers (``sync.callback(every=k)``).
-The TensorBoard charts are ``trainer_sync.metrics.tensorboard``; ``accelerator=`` routes them into an Accelerate TensorBoard
-tracker when the SyncConfig has no ``tb_dir``.
+The TensorBoard charts are ``trainer_sync.metrics.tensorboard``; ``accelerator=`` routes them into an Accelerate
+TensorBoard tracker when the SyncConfig has no ``tb_dir``.
 """
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ class PushHook:
         version = step if step > last else None
         try:
             report = self.sync.push(version)
-        except Exception as e:  # noqa: BLE001 - every rank gets the same verdict from WeightSync
+        except Exception as e:  # every rank gets the same verdict from WeightSync
             failure = PushFailed(step, e)
             if self.on_error == "raise":
                 raise failure from e

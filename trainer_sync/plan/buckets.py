@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..protocol.messages import SCALE_SUFFIX, Expected  # noqa: F401 - Expected: planning checks against it
+from ..protocol.messages import SCALE_SUFFIX, Expected  # Expected: planning checks against it
 
 ALIGN = 256
 
@@ -157,7 +157,8 @@ class PlanCache:
         return self.plan
 
 
-def merge_pieces(pieces: list[LocalPiece]) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, list[LocalPiece]]]:
+def merge_pieces(pieces: list[LocalPiece]
+                 ) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, list[LocalPiece]]]:
     """Group every rank's pieces by tensor, checking that ranks agree on each tensor's shape and dtype.
 
     Returns (tensor name -> (shape, dtype)) in first-seen order, and (tensor name -> pieces).
@@ -353,7 +354,8 @@ def fit_budget(
 ) -> BufferFit:
     """Fit transfer buffers into a memory budget (bytes per process).
 
-    A stage holds ``buffers_per_stage`` buffers (a receiver holds one per sender). A buffer must hold the larger of a bucket and the largest piece (which gets a bucket of its own). When
+    A stage holds ``buffers_per_stage`` buffers (a receiver holds one per sender). A buffer must hold the larger of a
+    bucket and the largest piece (which gets a bucket of its own). When
     ``num_buffers`` of them do not fit: first shrink buckets (keeps the overlap), then drop to one buffer (no
     overlap). A budget below the largest piece is an error: that tensor could not be sent at all.
     """

@@ -44,8 +44,9 @@ class SyncReport:
             return f"{count} {noun}{'' if count == 1 else 's'}"
 
         return (f"v{self.version}: {self.bytes / 1e6:.1f} MB in {n(self.num_buckets, 'bucket')} to "
-                f"{n(self.num_receivers, 'receiver')}, total {self.total_s * 1e3:.1f} ms (plan {self.plan_s * 1e3:.1f}, "
-                f"pack {self.pack_s * 1e3:.1f}, transfer {self.transfer_s * 1e3:.1f}, apply {self.apply_s * 1e3:.1f}), "
+                f"{n(self.num_receivers, 'receiver')}, total {self.total_s * 1e3:.1f} ms "
+                f"(plan {self.plan_s * 1e3:.1f}, pack {self.pack_s * 1e3:.1f}, "
+                f"transfer {self.transfer_s * 1e3:.1f}, apply {self.apply_s * 1e3:.1f}), "
                 f"{self.gbps:.2f} GB/s" + (f", fallback: {self.fallback}" if self.fallback else "") +
                 (f", delta: {self.bytes_sent / 1e6:.1f} of {self.bytes_full / 1e6:.1f} MB sent, "
                  f"{self.changed_fraction:.2%} changed" if self.changed_fraction is not None else ""))

@@ -6,7 +6,6 @@ the receive buffers: copy what must outlive the callback.
 """
 from __future__ import annotations
 
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable

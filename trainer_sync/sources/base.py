@@ -86,7 +86,8 @@ class Source(ABC):
 
     def nonfinite(self) -> list[str]:
         """Names whose local data hold NaN or Inf (checked before a push when SyncConfig.check_finite)."""
-        return [n for n in self.params if self.flat(n).is_floating_point() and not bool(torch.isfinite(self.flat(n)).all())]
+        return [n for n in self.params
+                if self.flat(n).is_floating_point() and not bool(torch.isfinite(self.flat(n)).all())]
 
     def _piece(self, name: str, shape, dtype, start: int, numel: int) -> LocalPiece:
         return LocalPiece(name, tuple(int(s) for s in shape), dtype_name(dtype), int(start), int(numel), self.rank)

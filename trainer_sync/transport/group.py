@@ -109,7 +109,7 @@ class Rendezvous:
                 listen_fd = listener.detach()
             self.store = dist.TCPStore(host, port, is_master=is_server, timeout=timedelta(seconds=timeout_s),
                                        wait_for_workers=False, use_libuv=True, master_listen_fd=listen_fd)
-        except Exception as e:  # noqa: BLE001 - the store's own error does not say which address
+        except Exception as e:  # the store's own error does not say which address
             raise SyncError(f"cannot {'listen on' if is_server else 'reach'} the trainer_sync rendezvous at "
                             f"{host}:{port}: {e}", stage="rendezvous") from e
         self.host = host
@@ -144,11 +144,12 @@ class Rendezvous:
                                "aborted" if refused else "ok")
             if refused:
                 # Let the refused peers read their verdict before this rank raises (and may close the store).
-                wait_keys(self.store, [base + "seen/" + m.key for m in others if str(m) in refused], min(5.0, self.timeout_s))
+                wait_keys(self.store, [base + "seen/" + m.key for m in others if str(m) in refused],
+                          min(5.0, self.timeout_s))
                 msg = f"trainer_sync rendezvous (epoch {epoch}) refused {', '.join(refused)}: wrong token"
                 self.store.set(abort_key, msg)
-                raise RendezvousRefused(msg, stage="rendezvous", who=", ".join(refused),
-                                        receivers=[m.rank for m in others if m.role == "receiver" and str(m) in refused])
+                refused_receivers = [m.rank for m in others if m.role == "receiver" and str(m) in refused]
+                raise RendezvousRefused(msg, stage="rendezvous", who=", ".join(refused), receivers=refused_receivers)
         else:
             if wait_keys(self.store, [nonce_key], self.timeout_s):
                 raise SyncError(f"{me}: trainer rank 0 opened no rendezvous epoch {epoch} within "
@@ -162,8 +163,9 @@ class Rendezvous:
             verdict = self.store.get(verdict_key).decode()
             self.store.set(base + "seen/" + me.key, "1")
             if verdict == "aborted":
+                why = self.store.get(abort_key).decode() if self.store.check([abort_key]) else ""
                 raise SyncError(f"{me}: the trainer_sync rendezvous of epoch {epoch} was aborted: another peer was "
-                                f"refused ({self.store.get(abort_key).decode() if self.store.check([abort_key]) else ''})",
+                                f"refused ({why})",
                                 stage="rendezvous", who="another peer")
             if verdict != "ok":
                 raise RendezvousRefused(f"{me} was refused by the trainer_sync rendezvous: wrong token",
@@ -248,7 +250,7 @@ class BridgeGroup:
                 rank = 0 if me.role == "trainer" else 1 + wired.index(me.rank)
                 self.groups[r] = make_group(dist.PrefixStore(f"src{r}/", self.store), rank, 1 + len(wired),
                                             backend, timeout_s, rdzv.host)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.close()
             raise SyncError(f"{me}: could not form the bridging group of epoch {epoch}: {e}",
                             stage="rendezvous") from e

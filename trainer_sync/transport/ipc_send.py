@@ -64,9 +64,9 @@ from .wire import WireSend, broadcast_bucket, wait_work
 
 class IpcSend(SendTransport):
     """The trainer-rank side of one epoch, for the receivers on this rank's GPU (``local``); ``open_send``
-    (transport/__init__.py) builds it when the layout gives this rank any. The receivers on other GPUs, if any, are reached through
-    ``wire`` (this rank's group): in the direct path it carries the push as it would without IPC, in the staged
-    path it broadcasts the very buffer the local receivers map."""
+    (transport/__init__.py) builds it when the layout gives this rank any. The receivers on other GPUs, if any, are
+    reached through ``wire`` (this rank's group): in the direct path it carries the push as it would without IPC, in
+    the staged path it broadcasts the very buffer the local receivers map."""
 
     def __init__(self, store: dist.Store, rank: int, local: tuple[int, ...], num_receivers: int,
                  device: torch.device, timeout_s: float, direct: bool = True, wire: WireSend | None = None):

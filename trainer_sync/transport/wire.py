@@ -44,7 +44,7 @@ def wait_work(work, deadline: Deadline, what: str, who: str) -> None:
             pause = min(pause * 2, 1e-3)
     try:
         ok = work.wait(timedelta(seconds=timeout_s))
-    except Exception as e:  # noqa: BLE001 - gloo/nccl raise plain RuntimeErrors without context
+    except Exception as e:  # gloo/nccl raise plain RuntimeErrors without context
         raise SyncError(f"{what} failed or timed out after {timeout_s:g}s ({who}): {e}", stage="transfer",
                         who=who) from e
     if ok is False:

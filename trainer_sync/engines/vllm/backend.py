@@ -1,8 +1,8 @@
 """The vLLM side: a weight-transfer backend named ``trainer_sync``, registered through a plugin entry point.
 
 ``pip install trainer_sync`` is all an engine needs: setup.cfg declares ``vllm.general_plugins: trainer_sync =
-trainer_sync.engines.vllm.backend:register``, vLLM calls ``register()`` in every process it starts (API server, engine core,
-workers), and then ``vllm serve M --weight-transfer-config '{"backend": "trainer_sync"}'`` or
+trainer_sync.engines.vllm.backend:register``, vLLM calls ``register()`` in every process it starts (API server,
+engine core, workers), and then ``vllm serve M --weight-transfer-config '{"backend": "trainer_sync"}'`` or
 ``LLM(model=M, weight_transfer_config={"backend": "trainer_sync"})`` uses the class below on every worker.
 
 Lifecycle (driven by the trainer, see trainer_sync/control/push.py), per worker:
@@ -293,7 +293,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                 self.receiver.fail(e)
             try:
                 self._finalize()
-            except Exception:  # noqa: BLE001 - the original error is the one worth reporting
+            except Exception:  # the original error is the one worth reporting
                 logger.exception("trainer_sync: resetting the layerwise reload after a failed push failed too")
         self._end_update(error)
 
@@ -403,7 +403,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                        "paused until a push completes)")
         try:
             worker.finish_weight_update()
-        except Exception:  # noqa: BLE001 - the new trainer's start_weight_update then names the problem
+        except Exception:  # the new trainer's start_weight_update then names the problem
             logger.exception("trainer_sync: closing the abandoned update session failed")
 
     def _worker(self):
