@@ -6,7 +6,7 @@ joining receiver pulls the latest version point to point from both trainer ranks
 joins). Both receivers copy every tensor into their own model by name, as an engine would. Prints one JSON object.
 checkpoint-engine publishes its P2P path at 1.1-2.2x its broadcast; the aim here is at most 1.3x.
 
-    python benchmarks/bench_catchup.py [--tensors 1200] [--mb 300] [--iters 3]
+    python -m benchmarks.bench_catchup [--tensors 1200] [--mb 300] [--iters 3]
 """
 from __future__ import annotations
 
@@ -17,15 +17,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.rank.catchup import pull_latest
-from tests.helpers.cluster import free_port, run_roles
+from trainer_sync.testing.local_cluster import free_port, run_roles
 from trainer_sync.pipeline.loops import BufferPool
 from trainer_sync.protocol.messages import JoinInfo
 

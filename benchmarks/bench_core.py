@@ -8,7 +8,7 @@ same processes:
   * one-by-one: each tensor broadcast separately followed by a barrier, as TRL's and OpenRLHF's vLLM clients do.
 Each figure is the median of --iters runs after a warm-up. Prints one JSON object.
 
-    python benchmarks/bench_core.py [--tensors 1200] [--mb 300] [--iters 3]
+    python -m benchmarks.bench_core [--tensors 1200] [--mb 300] [--iters 3]
 """
 from __future__ import annotations
 
@@ -19,15 +19,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from trainer_sync import Receiver, Sender, SyncConfig
 from benchmarks.common import emit, timed
-from tests.helpers.cluster import free_port, run_roles
+from trainer_sync.testing.local_cluster import free_port, run_roles
 from trainer_sync.pipeline.loops import broadcast_bucket
 from trainer_sync.protocol.messages import JoinInfo
 from trainer_sync.transport.group import make_group
@@ -101,7 +95,8 @@ def run(n: int, args) -> dict:
     ours = statistics.median(max(a, b) for a, b in zip(t0["ours"], res[("trainer", 1)]["ours"]))
     raw, obo = statistics.median(t0["raw"]), statistics.median(t0["one_by_one"])
     return {"receivers": n, "trainer_sync_s": round(ours, 4), "raw_broadcast_s": round(raw, 4),
-            "one_by_one_s": round(obo, 4), "vs_raw": round(ours / raw, 3), "speedup_vs_one_by_one": round(obo / ours, 2)}
+            "one_by_one_s": round(obo, 4), "vs_raw": round(ours / raw, 3),
+            "speedup_vs_one_by_one": round(obo / ours, 2)}
 
 
 def parse_args() -> argparse.Namespace:

@@ -4,12 +4,12 @@ A tiny Qwen3 built in code (nothing downloaded; default ~100 M parameters, ~400 
 of bf16 wire values) trains for --steps real AdamW steps on fp32 master weights (causal-LM loss on fixed random
 token batches), once per learning rate. After every step the wire values (``master.to(bfloat16)``, packed at
 256-byte offsets into --bucket-mb buckets, as pushes pack them) are encoded against the previous step's with
-trainer_sync.codec.delta.format (the smallest of full / bitmask / gap-coded indices per bucket) and applied in place to a
-receiver's copy, which must equal the trainer's wire values bit for bit after every step. Per learning rate it
+trainer_sync.codec.delta.format (the smallest of full / bitmask / gap-coded indices per bucket) and applied in place to
+a receiver's copy, which must equal the trainer's wire values bit for bit after every step. Per learning rate it
 reports the changed fraction, the encoded bytes per push against a full push, the encodings chosen, and the
 encode / apply seconds per push (on CPU; with --device cuda also on the GPU). Prints one JSON object.
 
-    python benchmarks/bench_delta.py [--steps 50] [--lrs 1e-6,1e-5] [--hidden 768 --layers 8 --vocab 32000]
+    python -m benchmarks.bench_delta [--steps 50] [--lrs 1e-6,1e-5] [--hidden 768 --layers 8 --vocab 32000]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from trainer_sync import delta as D
+from trainer_sync.codec.delta import format as D
 
 ALIGN = 256
 
@@ -73,7 +73,6 @@ def run_lr(args, lr: float, batches) -> dict:
     receiver = prev.cpu().clone()  # the engine's copy, updated only through the deltas (applied on CPU)
     receiver_dev = prev.clone() if dev.type == "cuda" else None
     targets = [D.sums(prev[a:z]) for a, z in buckets]  # the sender keeps each bucket's sums (next base)
-    names = [n for n, _ in model.named_parameters()]
     steps = []
     for step in range(args.steps):
         tokens = batches[step % len(batches)].to(dev)

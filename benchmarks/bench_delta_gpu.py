@@ -10,23 +10,18 @@ included); on the GPU and on the host. The update is synthetic but at the measur
 bench_delta_push.py measured over real AdamW steps at lr 1e-6 and 1e-5) is moved far enough to change its bf16
 value. Prints one JSON object.
 
-    python benchmarks/bench_delta_gpu.py [--mb 64] [--fractions 0.0117,0.0749] [--repeat 10]
+    python -m benchmarks.bench_delta_gpu [--mb 64] [--fractions 0.0117,0.0749] [--repeat 10]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-import sys
-
-if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from trainer_sync import delta as D
+from trainer_sync.codec.delta import format as D
 from trainer_sync.codec.delta import native as delta_scan
 
 

@@ -14,7 +14,7 @@ seconds (SyncReport.total_s, medians) delta vs full with their stages, and a bit
 against the trainer's bf16 weights at the end. The measured byte ratios then go into the push simulator
 (benchmarks/simulate.py) for the 1T-parameter / 256-GPU case. Prints one JSON object; ``--out`` saves it.
 
-    python benchmarks/bench_delta_push.py [--steps 50] [--lrs 1e-6,1e-5] [--links loopback,1000]
+    python -m benchmarks.bench_delta_push [--steps 50] [--lrs 1e-6,1e-5] [--links loopback,1000]
                                           [--out benchmarks/results/x.json]
 """
 from __future__ import annotations
@@ -24,10 +24,6 @@ import json
 import os
 import statistics
 import time
-import sys
-
-if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
@@ -210,7 +206,7 @@ def main() -> None:
     args = ap.parse_args()
     args.lrs = [float(x) for x in args.lrs.split(",")]
     from benchmarks import shaped_link
-    from tests.helpers.cluster import free_port, run_roles
+    from trainer_sync.testing.local_cluster import free_port, run_roles
 
     t0 = time.perf_counter()
     wanted = [x.strip() for x in args.links.split(",") if x.strip()]
@@ -223,17 +219,18 @@ def main() -> None:
     with shaped_link.shaped_links(rates) as shaped:
         links = ([shaped_link.LOOPBACK] if "loopback" in wanted or not rates else []) + shaped
         channels = [(link, kind, free_port()) for link in links for kind in KINDS]
-        roles = [("trainer", 0, 1, trainer, ([(l.name, k, l.trainer_host, p) for l, k, p in channels], args))]
-        roles += [("receiver", i, 1, receiver, (l.receiver_host, p, l.netns, args, pushes))
-                  for i, (l, k, p) in enumerate(channels)]
+        ends = [(link.name, k, link.trainer_host, p) for link, k, p in channels]
+        roles = [("trainer", 0, 1, trainer, (ends, args))]
+        roles += [("receiver", i, 1, receiver, (link.receiver_host, p, link.netns, args, pushes))
+                  for i, (link, k, p) in enumerate(channels)]
         res = run_roles(roles, timeout=args.timeout)
-    names = [l.name for l in links]
-    summary = summarize({"trainer": res[("trainer", 0)],
-                         "receivers": {f"{l.name}/{k}": res[("receiver", i)] for i, (l, k, _) in enumerate(channels)}},
-                        names)
+    names = [link.name for link in links]
+    receivers = {f"{link.name}/{k}": res[("receiver", i)] for i, (link, k, _) in enumerate(channels)}
+    summary = summarize({"trainer": res[("trainer", 0)], "receivers": receivers}, names)
     out = {"benchmark": "delta_push",
            "path": "Sender -> Receiver processes, CPU gloo, bf16 wire; links: " + ", ".join(
-               "loopback" if l.rate_mbit is None else f"veth + tc tbf at {l.rate_mbit} Mbit/s" for l in links),
+               "loopback" if link.rate_mbit is None else f"veth + tc tbf at {link.rate_mbit} Mbit/s"
+               for link in links),
            "model": {"hidden": args.hidden, "inter": args.inter, "layers": args.layers, "vocab": args.vocab},
            "steps": args.steps, "bucket_mb": args.bucket_mb, "cpus": os.cpu_count(), "native_delta_kernels":
            _native(), **summary,

@@ -1,7 +1,7 @@
 """FP8 block quantization throughput on a Qwen3-8B-shaped set of bf16 weights, against a D2D copy of the same bytes.
 
-    python benchmarks/bench_fp8_gpu.py                      # CUDA, Qwen3-8B shapes (399 tensors, 16.38 GB)
-    python benchmarks/bench_fp8_gpu.py --small --device cpu # the same logic on a tiny model (CI / no GPU)
+    python -m benchmarks.bench_fp8_gpu                      # CUDA, Qwen3-8B shapes (399 tensors, 16.38 GB)
+    python -m benchmarks.bench_fp8_gpu --small --device cpu # the same logic on a tiny model (CI / no GPU)
 
 Prints one JSON line. Rates are input bytes per second: ``gbps = bytes of the bf16 tensors quantized / time``; the
 D2D copy's rate is counted the same way (bytes of the source / time, so it moves 2x that through memory). The goal
@@ -13,26 +13,14 @@ of every distinct shape, and the GPU's torch ops with the CPU's on one tensor.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-import types
 
 import torch
 
-# Import the codec without running trainer_sync/__init__.py (which pulls in the transport, engines, ...): the GPU
-# image has torch and Triton but not every dependency of the package.
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, _ROOT)  # benchmarks.shapes
-if "trainer_sync" not in sys.modules:
-    _pkg = types.ModuleType("trainer_sync")
-    _pkg.__path__ = [os.path.join(_ROOT, "trainer_sync")]
-    sys.modules["trainer_sync"] = _pkg
-
-from trainer_sync.codec import Fp8Rules, quantize_fp8_blocks  # noqa: E402
-from benchmarks.common import emit, timed  # noqa: E402
-from benchmarks.shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from benchmarks.common import emit, timed
+from benchmarks.shapes import qwen3_shapes
+from trainer_sync.codec import Fp8Rules, quantize_fp8_blocks
 
 
 class Timer:
@@ -104,7 +92,7 @@ def main(argv=None) -> dict:
 
     t, _ = timer(copy_each, args.warmup, args.iters)
     out["d2d_per_tensor_gbps"] = elig_bytes / t / 1e9
-    del dsts, dst
+    dsts = dst = None  # free the copies before quantizing
 
     # Quantization, per backend.
     backends = args.backends.split(",") if args.backends != "auto" else \

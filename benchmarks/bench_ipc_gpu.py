@@ -1,7 +1,7 @@
 """Colocated weight sync on one GPU: trainer_sync's CUDA IPC push against checkpoint-engine 0.4.2 and the floor.
 
-    python benchmarks/bench_ipc_gpu.py > bench.json               # one H200: Qwen3-8B shapes, 399 tensors, 16.38 GB
-    python benchmarks/bench_ipc_gpu.py --small --device cpu       # the orchestration on a tiny model, no GPU (the
+    python -m benchmarks.bench_ipc_gpu > bench.json               # one H200: Qwen3-8B shapes, 399 tensors, 16.38 GB
+    python -m benchmarks.bench_ipc_gpu --small --device cpu       # the orchestration on a tiny model, no GPU (the
                                                                   # CUDA calls replaced by the tests' host stand-in)
 
 Two processes on the GPU: a trainer holding the bf16 weights (its ``nn.Module``) and a receiver holding tensors of
@@ -35,14 +35,10 @@ from datetime import timedelta
 
 import torch
 
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, _ROOT)
+from benchmarks.common import stats, sync, timed
+from benchmarks.shapes import qwen3_shapes
 
 GB = 1e9
-
-
-from benchmarks.common import stats, sync, timed  # noqa: E402
-from benchmarks.shapes import qwen3_shapes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def log(*a) -> None:
@@ -329,7 +325,7 @@ def receiver(rank, world, args) -> dict:
                     update_weights_from_ipc(zctx, paths.get(uuid) or next(iter(paths.values())),
                                             device_id=device.index or 0, run=apply)
                     ctl.put(f"ce/{k}/done", "ok")
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     ctl.put(f"ce/{k}/done", f"{type(e).__name__}: {e}")
                     raise
             ctl.put("sum/ce", checksum(own[n] for n, _ in shapes))
@@ -350,10 +346,11 @@ def main() -> None:
     ap.add_argument("--ce-steps", type=int, default=4, help="checkpoint-engine RL steps (the first is warm-up)")
     ap.add_argument("--partial", help="also write the trainer's results to this file after each phase")
     a = ap.parse_args()
-    from tests.helpers.cluster import free_port, run_roles
+    from trainer_sync.testing.local_cluster import free_port, run_roles
 
     args = {"device": a.device, "small": a.small, "layers": a.layers, "reps": a.reps, "warmup": a.warmup,
-            "ce_steps": a.ce_steps, "partial": a.partial, "port": free_port(), "ctl_port": free_port(), "ce_port": free_port()}
+            "ce_steps": a.ce_steps, "partial": a.partial, "port": free_port(), "ctl_port": free_port(),
+            "ce_port": free_port()}
     t = time.perf_counter()
     out = run_roles([("trainer", 0, 1, trainer, (args,)), ("receiver", 0, 1, receiver, (args,))], timeout=1500)
     tr, rc = out[("trainer", 0)], out[("receiver", 0)]

@@ -22,10 +22,10 @@ GPU received, receive GB/s (those bytes / push seconds), effective GB/s (model b
 simulator's estimate for the same configuration (full pushes, and on paper TP-aware ones: each receiver sent only the
 shard it keeps).
 
-    python benchmarks/bench_multi_gpu.py                          # all visible GPUs, half trainers, both models
-    python benchmarks/bench_multi_gpu.py --gpus 4 --models qwen3_8b --tp 2
-    python benchmarks/bench_multi_gpu.py --dry-run                # plan + simulator only, no processes
-    python benchmarks/bench_multi_gpu.py --device cpu --small     # the same logic on gloo with a tiny model
+    python -m benchmarks.bench_multi_gpu                          # all visible GPUs, half trainers, both models
+    python -m benchmarks.bench_multi_gpu --gpus 4 --models qwen3_8b --tp 2
+    python -m benchmarks.bench_multi_gpu --dry-run                # plan + simulator only, no processes
+    python -m benchmarks.bench_multi_gpu --device cpu --small     # the same logic on gloo with a tiny model
 
 On the device machine carry the checkpoint-engine wheel (``.whl/checkpoint_engine-0.4.2-py3-none-any.whl``; it also
 needs pyzmq, loguru, pydantic, fastapi, uvicorn, httpx) and pip install it before running.
@@ -45,14 +45,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer_sync import Receiver, Sender, SyncConfig  # noqa: E402
-from tests.helpers.cluster import free_port, outcomes  # noqa: E402
-from trainer_sync.protocol.messages import JoinInfo  # noqa: E402
-from benchmarks.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync  # noqa
-from benchmarks.tp_shards import shard_numel, shard_slice  # noqa: E402
-from trainer_sync.sources.fsdp import local_tensor  # noqa: E402
+from benchmarks.simulate import Hardware, Workload, simulate_checkpoint_engine, simulate_trainer_sync
+from benchmarks.tp_shards import shard_numel, shard_slice
+from trainer_sync import Receiver, Sender, SyncConfig
+from trainer_sync.protocol.messages import JoinInfo
+from trainer_sync.sources.fsdp import local_tensor
+from trainer_sync.testing.local_cluster import free_port, outcomes
 
 SHAPES = {
     "qwen3_8b": dict(layers=36, hidden=4096, heads=32, kv=8, head_dim=128, inter=12288, vocab=151936),

@@ -1,6 +1,6 @@
 """A push into a REAL vLLM engine on one GPU: trainer_sync against vLLM's own ``ipc`` backend and the copy floor.
 
-    source /tmp/gpu-stash/activate.sh && python benchmarks/bench_vllm_gpu.py > bench.json   # one H200, vLLM 0.26
+    source /tmp/gpu-stash/activate.sh && python -m benchmarks.bench_vllm_gpu > bench.json   # one H200, vLLM 0.26
 
 One GPU, two processes: this script is the trainer (a Qwen3-8B-shaped bf16 model, 399 tensors, 16.38 GB, on
 cuda:0) and it starts ``vllm.LLM`` engines with vLLM's multiprocess engine core, so the engine's worker is another
@@ -31,20 +31,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.join(_HERE, ".."))
-
-from bench_ipc_gpu import build_module, log, shapes_for, stats, timed  # noqa: E402
-
-from trainer_sync import SyncConfig, WeightSync  # noqa: E402
-from trainer_sync.engines.clients import LlmClient  # noqa: E402
+from benchmarks.bench_ipc_gpu import build_module, log, shapes_for, stats, timed
+from trainer_sync import SyncConfig, WeightSync
+from trainer_sync.engines.clients import LlmClient
 
 BACKEND = {"backend": "trainer_sync"}
 
@@ -57,8 +51,8 @@ def config_dir(small: bool) -> str:
                 head_dim=32) if small else \
         dict(hidden_size=4096, intermediate_size=12288, vocab_size=151936, num_attention_heads=32,
              num_key_value_heads=8, head_dim=128)
-    cfg = Qwen3Config(architectures=["Qwen3ForCausalLM"], num_hidden_layers=36, tie_word_embeddings=False, max_position_embeddings=4096,
-                      dtype="bfloat16", **dims)
+    cfg = Qwen3Config(architectures=["Qwen3ForCausalLM"], num_hidden_layers=36, tie_word_embeddings=False,
+                      max_position_embeddings=4096, dtype="bfloat16", **dims)
     path = tempfile.mkdtemp(prefix="qwen3-shape-")
     cfg.save_pretrained(path)
     return path
@@ -231,7 +225,7 @@ def main() -> None:
         log("starting checkpoint-engine into vLLM")
         try:
             res["checkpoint_engine"] = bench_checkpoint_engine(path, model, args.reps)
-        except Exception as e:  # noqa: BLE001 - reported in the JSON; the other figures stand
+        except Exception:  # noqa: BLE001 - reported in the JSON; the other figures stand
             import traceback
 
             res["checkpoint_engine"] = {"error": traceback.format_exc()[-3000:]}

@@ -1,8 +1,8 @@
 """Print the push-time simulator's estimates as JSON (benchmarks/simulate.py holds the model and its assumptions).
 
-    python benchmarks/simulate_push.py                      # the report: 1T on 256 GPUs + the x2/x4/x8 bench configs
-    python benchmarks/simulate_push.py --model qwen3_8b --gpus 4 --tp 4 --trainer-gpus 4
-    python benchmarks/simulate_push.py --model-bytes 1e12 --gpus 256 --tp 16 --stream-cap 50 --per-tensor-us 20
+    python -m benchmarks.simulate_push                      # the report: 1T on 256 GPUs + the x2/x4/x8 bench configs
+    python -m benchmarks.simulate_push --model qwen3_8b --gpus 4 --tp 4 --trainer-gpus 4
+    python -m benchmarks.simulate_push --model-bytes 1e12 --gpus 256 --tp 16 --stream-cap 50 --per-tensor-us 20
 
 Runs anywhere (pure Python, no GPU).
 """
@@ -11,11 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.simulate import (KIMI_K2_FP8, QWEN3_8B, QWEN3_32B, CeRates, Hardware, SyncRates, Workload,
                                    compare, simulate_checkpoint_engine, simulate_trainer_sync)

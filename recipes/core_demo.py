@@ -11,14 +11,9 @@ import argparse
 
 import torch
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: the checkout root on the path (benchmarks.*, tests.helpers)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from tests.helpers.cluster import free_port, run_roles
+from trainer_sync.testing.local_cluster import free_port, run_roles
 
 
 def model(mb: float) -> torch.nn.Module:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -221,7 +220,6 @@ def shard_on_cpu(model, world: int):
 
 def full_weights(model) -> dict:
     """Every trainer rank together: the full float32 weights (FSDP2 DTensors, ZeRO-3 partitions or plain)."""
-    import torch
     from torch.distributed.tensor import DTensor
 
     inner = getattr(model, "module", model)

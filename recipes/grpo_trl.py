@@ -42,8 +42,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from grpo_tiny import full_weights, generate, hf_greedy, log, start_engine  # noqa: E402 (shared with grpo_tiny)
+# the recipe's folder is sys.path[0] when it runs as a script (accelerate launch recipes/grpo_trl.py)
+from grpo_tiny import full_weights, generate, hf_greedy, log, start_engine  # shared with grpo_tiny
 
 
 def parse_args(argv=None):

@@ -3,18 +3,16 @@
     trainer-sync demo [recipe options]   the CPU GRPO recipe: 2 trainer ranks (accelerate launch, gloo, FSDP2) and a
                                          vLLM-CPU engine, a push after every step (recipes/grpo_tiny.py --help)
     trainer-sync demo --trl [options]    the same with TRL's GRPOTrainer + sync callback (recipes/grpo_trl.py)
-    trainer-sync bench [options]         the CPU benchmark (benchmarks/bench_core.py)
+    trainer-sync bench [options]         the CPU benchmark (python -m benchmarks.bench_core, from the checkout)
 """
 from __future__ import annotations
 
 import argparse
 import os
-import runpy
 import subprocess
 import sys
 import time
 from pathlib import Path
-
 
 
 def source_checkout() -> Path | None:
@@ -97,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if not script.exists():
         print(NO_CHECKOUT.format(cmd="bench", path=script), file=sys.stderr)
         return 2
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    # A module of the checkout (benchmarks/ imports benchmarks.common), run from its root beside the installed package.
+    return subprocess.call([sys.executable, "-m", "benchmarks.bench_core", *rest], cwd=str(ROOT))
 
 
 if __name__ == "__main__":

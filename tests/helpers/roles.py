@@ -421,7 +421,6 @@ def catchup_trainer(rank, world, n, port, pushes, extra_pushes_during_join=0):
 
 def joiner(j, n, m, port, expected=None):
     from trainer_sync.rank.catchup import pull_latest
-    import torch.distributed as dist
     from datetime import timedelta
 
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))

@@ -1,7 +1,8 @@
 """Run trainer ranks (with their own default gloo group) and receivers as local processes.
 
-Used by the tests, the benchmarks and the CPU demo: each role is a plain function run in a spawned process, and its
-return value comes back to the parent. Spawned (not forked) so every process starts like a real launcher's would.
+Used by the tests (through ``tests.helpers.cluster``), the benchmarks and ``recipes/core_demo.py``: each role is a
+plain function run in a spawned process, and its return value comes back to the parent. Spawned (not forked) so
+every process starts like a real launcher's would.
 """
 from __future__ import annotations
 

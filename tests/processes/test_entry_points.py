@@ -1,0 +1,46 @@
+"""The commands outside the test suite run on the package alone: `trainer-sync bench` (the CPU benchmark, as
+``python -m benchmarks.bench_core`` in the checkout) and ``recipes/core_demo.py`` as a script, both started from a
+folder that is not the checkout; neither the package, the benchmarks nor the recipes import tests/."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _run(cmd, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # the package of this checkout, as the editable install points at it
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_bench_runs_the_benchmark_module(tmp_path):
+    out = _run([sys.executable, "-m", "trainer_sync.cli", "bench", "--tensors", "8", "--mb", "1", "--iters", "1"],
+               tmp_path)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["results"] and all(r["trainer_sync_s"] > 0 for r in res["results"]), res
+
+
+@pytest.mark.slow
+def test_core_demo_recipe_is_bit_exact(tmp_path):
+    out = _run([sys.executable, str(ROOT / "recipes" / "core_demo.py"), "--pushes", "2", "--mb", "1"], tmp_path)
+    assert "bit" in out.lower(), out
+
+
+def test_package_benchmarks_and_recipes_do_not_import_tests():
+    """Only bench_ipc_gpu's ``--device cpu`` logic check borrows the tests' CPU stand-in for CUDA IPC."""
+    allowed = {("benchmarks/bench_ipc_gpu.py", "tests.helpers")}
+    found = set()
+    for folder in ("trainer_sync", "benchmarks", "recipes"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                found |= {(str(path.relative_to(ROOT)), n) for n in names if n.split(".")[0] == "tests"}
+    assert found == allowed, found
