@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from trainer_sync.codec.delta import format as D
+from trainer_sync.codec import delta as D
 
 ALIGN = 256
 

@@ -51,7 +51,7 @@ import torch
 
 from ..protocol.messages import SCALE_SUFFIX  # the scale tensor's name suffix, shared with planning
 
-from .fp8_constants import BLOCK, FP8_DTYPE, FP8_MAX, FP8_NAME, MIN_SCALE  # noqa: F401 - re-exported
+from .fp8_constants import BLOCK, FP8_DTYPE, FP8_MAX, FP8_NAME, MIN_SCALE  # re-exported
 
 
 # ----------------------------------------------------------------------------------------------------------- names
