@@ -29,12 +29,9 @@ def assert_serves(llm, model):
 
 def test_backend_comes_from_the_entry_point(llm):
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
-    assert eps.get("trainer_sync") == "trainer_sync.engines.vllm.backend:register"
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
-
+    assert eps.get("trainer_sync") == "trainer_sync.engines.vllm.registration:register"
     from trainer_sync.engines.vllm.backend import TrainerSyncWeightTransferEngine
 
-    assert "trainer_sync" in WeightTransferEngineFactory._registry
     assert isinstance(llm_worker(llm).weight_transfer_engine, TrainerSyncWeightTransferEngine)
 
 
@@ -110,7 +107,7 @@ def test_failure_mid_update_names_engine_keeps_it_paused_and_next_push_recovers(
     model = build_model(seed=0)
     perturb(model, seed=11)
     engine = llm_worker(llm).weight_transfer_engine
-    real_apply = engine._apply
+    real_apply = engine.applier.apply
     calls = []
 
     def failing_apply(batch):
@@ -121,10 +118,10 @@ def test_failure_mid_update_names_engine_keeps_it_paused_and_next_push_recovers(
 
     core = llm.llm_engine.engine_core.engine_core
     with WeightSync(model, [llm], SyncConfig(bucket_mb=0.05, timeout_s=6)) as sync:
-        monkeypatch.setattr(engine, "_apply", failing_apply)
+        monkeypatch.setattr(engine.applier, "apply", failing_apply)
         with pytest.raises(SyncError) as err:
             sync.push(version=20)
-        monkeypatch.setattr(engine, "_apply", real_apply)
+        monkeypatch.setattr(engine.applier, "apply", real_apply)
         assert err.value.who == "engine 0 (in-process LLM)" or "engine 0 (in-process LLM)" in str(err.value)
         assert "injected apply failure" in str(err.value)
         assert core.is_scheduler_paused()  # not resumed on a half-applied model

@@ -50,7 +50,7 @@ def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(mo
             assert llm_greedy(llm, ps, N) == victim.greedy(ps, N) == hf_reference(model, N)
 
             train_step(model, seed=301)
-            real_apply, batches, killed = survivor._apply, [], {}
+            real_apply, batches, killed = survivor.applier.apply, [], {}
 
             def apply_and_kill(batch):
                 batches.append(len(batch))
@@ -59,13 +59,13 @@ def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(mo
                     killed["at"] = time.monotonic()
                 real_apply(batch)
 
-            monkeypatch.setattr(survivor, "_apply", apply_and_kill)
+            monkeypatch.setattr(survivor.applier, "apply", apply_and_kill)
             t0 = time.monotonic()
             with warnings.catch_warnings(record=True) as caught, pytest.raises(SyncError) as err:
                 warnings.simplefilter("always")
                 sync.push()
             elapsed = time.monotonic() - killed["at"]
-            monkeypatch.setattr(survivor, "_apply", real_apply)
+            monkeypatch.setattr(survivor.applier, "apply", real_apply)
             print(f"SyncError {elapsed:.2f}s after the kill ({time.monotonic() - t0:.2f}s push): {err.value}")
 
             assert victim.proc.wait(10) == -signal.SIGKILL

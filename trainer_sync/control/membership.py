@@ -2,11 +2,12 @@
 catch-up (``add_engine``) and engines that left."""
 from __future__ import annotations
 
+import json
 import warnings
 
 from ..errors import RendezvousRefused, SyncError
 from ..engines.clients import EngineCallError, EngineClient, make_client
-from ..protocol.messages import Verdict
+from ..protocol.messages import Keys, Verdict
 from .engine_calls import Background, stage_of
 
 
@@ -105,6 +106,22 @@ class Membership:
             raise error
         self.num_receivers = n
         self.stale = False
+        if self.rank == 0:
+            self._close_abandoned_sessions()
+
+    def _close_abandoned_sessions(self) -> None:
+        """Rank 0, once every engine joined: end the vLLM update sessions that an earlier trainer left open when it
+        died mid-update (each worker of the vLLM backend says so when it joins, ``Keys.open_session``).
+
+        vLLM gives the backend no handle on its worker, and only the worker's own ``finish_weight_update`` closes
+        its session, so the trainer calls it on the engine (the workers without an open session refuse, as
+        ``_close_session`` expects). Receivers that write no such key (not the vLLM backend) have none."""
+        store = self.sender.bridge.store
+        keys = [Keys.open_session(j) for j in range(len(self.receiver_engines))]
+        held = {self.receiver_engines[j] for j, k in enumerate(keys) if store.check([k]) and json.loads(store.get(k))}
+        for c in self.clients:
+            if c.name in held:
+                self._close_session(c)
 
     # --- dynamic membership ------------------------------------------------------------------------------------
     def add_engine(self, engine) -> str:

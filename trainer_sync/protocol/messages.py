@@ -120,6 +120,12 @@ class Keys:
         return f"{p}abort"
 
     @staticmethod
+    def open_session(receiver: int) -> str:
+        """Whether a receiver's engine worker holds an update session an earlier trainer left open (the vLLM backend
+        writes it when it joins; the trainer closes such sessions before its first push)."""
+        return f"open-session/{receiver}"
+
+    @staticmethod
     def delta_state(receiver: int) -> str:
         """What a receiver holds when it joins (delta_policy.receiver_state); later states come with its acks."""
         return f"delta/state/{receiver}"

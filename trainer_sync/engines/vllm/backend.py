@@ -1,9 +1,4 @@
-"""The vLLM side: a weight-transfer backend named ``trainer_sync``, registered through a plugin entry point.
-
-``pip install trainer_sync`` is all an engine needs: setup.cfg declares ``vllm.general_plugins: trainer_sync =
-trainer_sync.engines.vllm.backend:register``, vLLM calls ``register()`` in every process it starts (API server,
-engine core, workers), and then ``vllm serve M --weight-transfer-config '{"backend": "trainer_sync"}'`` or
-``LLM(model=M, weight_transfer_config={"backend": "trainer_sync"})`` uses the class below on every worker.
+"""The vLLM weight-transfer backend ``trainer_sync``: one instance per vLLM worker (registration.py has vLLM build it).
 
 Lifecycle (driven by the trainer, see trainer_sync/control/push.py), per worker:
   init   ``init_weight_transfer_engine(join_info)``: join the bridging group as receiver
@@ -16,18 +11,23 @@ Lifecycle (driven by the trainer, see trainer_sync/control/push.py), per worker:
          ``shutdown_weight_transfer_engine`` (WeightSync.close does) or by dying.
   start  ``start_weight_update``: nothing touches the model yet.
   update ``update_weights({})``: take one push. The handshake runs first; only once the trainer's plan is accepted
-         does the first batch switch the model into vLLM's layerwise reload. So a refused push (names, shapes or
-         dtypes that do not match) raises HandshakeMismatch with the model untouched and still serving.
+         does the first batch switch the model into vLLM's layerwise reload (worker.py). So a refused push (names,
+         shapes or dtypes that do not match) raises HandshakeMismatch with the model untouched and still serving.
   finish ``finish_weight_update``: finalize the layerwise reload (each layer was already processed, i.e. repacked
          for oneDNN on CPU or re-quantized, as soon as its last tensor arrived).
-Why layerwise reload rather than ``load_weights`` into the live model: vLLM repacks or quantizes weights after
-loading (on CPU for oneDNN), so checkpoint-format tensors can only be applied through the reload path.
+
+What this class gets from vLLM, and what it does not: vLLM (0.26 to 0.33) builds it in ``Worker.load_model`` as
+``WeightTransferEngineFactory.create_engine(config, vllm_config, device, model_runner.get_model())``, so it holds
+the worker's model, device and configs, never the worker itself; and a worker calls into it only from its own
+session methods. The one thing only the worker can do is close vLLM's update session of a worker (its
+``finish_weight_update``), needed after a trainer died mid-update and left sessions open (``open_session`` below).
+That is done through the public route to the worker's own method: the next trainer calls ``finish_weight_update``
+on the engine (control/membership.py), told to by what this backend announces when it joins.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,39 +38,21 @@ from ...codec import scale_name
 from ...plan.buckets import dtype_of
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
-from ...protocol.messages import JoinInfo
+from ...protocol.messages import JoinInfo, Keys
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
-from .placement import DirectApply
-
-BACKEND = "trainer_sync"
+from .worker import WeightApplier
+# Editable installs made before the entry point moved to registration.py still name backend:register; a pip install
+# of the checkout refreshes their metadata, after which nothing imports it from here.
+from .registration import register  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-
-def tied_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules that hold a parameter object another module holds too (a tied embedding / LM head)."""
-    owners: dict[int, list[torch.nn.Module]] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(module)
-    return [m for mods in owners.values() if len(mods) > 1 for m in mods]
 
 
 def serves_block_fp8(expected: dict | None) -> bool:
     """Whether a served checkpoint is block-FP8: some ``x.weight`` is float8 and has its ``x.weight_scale_inv``."""
     return bool(expected) and any(str(dtype).startswith("float8") and scale_name(name) in expected
                                   for name, (_, dtype) in expected.items())
-
-
-def register() -> None:
-    """Entry point of the ``vllm.general_plugins`` group. vLLM may call it several times per process: idempotent."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
-
-    from .quiet_logs import install
-    install()  # known-harmless vLLM warnings of every push / start-up become DEBUG (see quiet_logs.py)
-    if BACKEND not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "TrainerSyncWeightTransferEngine")
 
 
 @dataclass
@@ -93,15 +75,11 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
     def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.receiver: Receiver | None = None
-        self.reloading = False  # layerwise reload initialized on this worker and not yet finalized
         self.last = None  # ReceiveResult of the last push
-        self.touched = False  # this worker applied a weight of the current update (see _report)
-        self.tied = tied_modules(model)
-        # The fast apply path (placement.py): off when the trainer asks for the layerwise path (JoinInfo.apply).
-        self.direct = DirectApply(model, device)
+        self.applier = WeightApplier(model, self.model_config, device)  # puts received tensors into the model
         self._checkpoint_shapes: dict | None = None
         # This worker's vLLM update session is open (start_weight_update ran, finish_weight_update did not, and
-        # vLLM did not close it on a raise): see _close_abandoned_session.
+        # vLLM did not close it on a raise): announced when a trainer joins, see _join.
         self.in_session = False
 
     # --- init -------------------------------------------------------------------------------------------------
@@ -169,12 +147,22 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             receiver.close()  # the current receiver (if any) stays: a refused join changes nothing
             raise
         # Passed the rendezvous: a re-init (new epoch after a failure, more engines, or a new owner after the
-        # last one closed or died) replaces the old group, and closes an update session the old owner left open.
+        # last one closed or died) replaces the old group.
         old, self.receiver = self.receiver, receiver
         if old is not None:
             old.close()
-        self._close_abandoned_session()
-        self.direct.enable(info.engine_apply == "auto")
+        # A session still open here was left by an earlier trainer that died mid-update (a failed update raises
+        # from one worker only, see _report, and vLLM closes the session of that worker alone; or the trainer died
+        # between start and finish). It can never complete, and vLLM would refuse the new trainer's start on this
+        # worker only, leaving the engine's workers out of step. Only the worker's own finish_weight_update closes
+        # it, so this worker tells the new trainer, which calls it on the engine before its first push (the workers
+        # without an open session refuse that call; the one that raised is the engine's last, whose reply vLLM
+        # reads last, so the refusal leaves no reply queued).
+        receiver.bridge.set_json(Keys.open_session(rank), self.in_session)
+        if self.in_session:
+            logger.warning("trainer_sync: an update session abandoned by an earlier trainer is open on this worker; "
+                           "the new trainer closes it (the engine stays paused until a push completes)")
+        self.applier.enable_direct(info.engine_apply == "auto")
 
     def _check_owner(self, host: str, port: int) -> None:
         """Refuse a join from another trainer while the one that holds this engine is alive.
@@ -257,12 +245,12 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
 
     # --- one update -------------------------------------------------------------------------------------------
     def start_weight_update(self) -> None:
-        if self.reloading:  # a previous session was abandoned half-way: start from a clean slate
-            self._finalize()
+        if self.applier.reloading:  # a previous session was abandoned half-way: start from a clean slate
+            self.applier.finalize()
         self.in_session = True
 
     def receive_weights(self, update_info: TrainerSyncUpdateInfo) -> None:
-        self.touched = False
+        self.applier.touched = False
         if self.receiver is None and not update_info.catchup:
             # Through _report (one worker raises) and marked untouched: the trainer resumes the engine.
             return self._end_update(RuntimeError("trainer_sync: update_weights before init_weight_transfer_engine "
@@ -278,8 +266,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                 if update_info.catchup:
                     self.last = self._catch_up(update_info.catchup)
                 else:
-                    self.receiver.note = {"engine_apply": "direct" if self.direct.armed else "layerwise"}
-                    self.last = self.receiver.receive(self._apply, on_plan=self._prepare_direct)
+                    self.receiver.note = {"engine_apply": self.applier.how}
+                    self.last = self.receiver.receive(self.applier.apply, on_plan=self._prepare_direct)
         except HandshakeMismatch as e:
             # Raised before the first batch: the model was never touched and keeps serving its weights.
             error = e
@@ -291,15 +279,12 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             error = e if str(e) else RuntimeError(describe(e))
             if self.receiver is not None and not update_info.catchup:
                 self.receiver.fail(e)
-            try:
-                self._finalize()
-            except Exception:  # the original error is the one worth reporting
-                logger.exception("trainer_sync: resetting the layerwise reload after a failed push failed too")
+            self.applier.reset()
         self._end_update(error)
 
     def _end_update(self, error: BaseException | None) -> None:
         try:
-            self._report(error, self.touched)
+            self._report(error, self.applier.touched)
         except BaseException:
             self.in_session = False  # vLLM ends the session of a worker whose update_weights raised
             raise
@@ -314,10 +299,10 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         shapes = self._checkpoint_shapes
         if not shapes and self.receiver.fp8 is None:
             shapes = {n: (t.shape, dtype_of(t.dtype)) for t in plan.tensors.values() for n in (t.name, *t.aliases)}
-        self.direct.prepare(shapes)
-        if not self.direct.armed:  # before anything is written: the slices are no delta destination now
+        self.applier.prepare(shapes)
+        if self.applier.how != "direct":  # before anything is written: the slices are no delta destination now
             self._sync_targets()
-        self.receiver.note = {"engine_apply": "direct" if self.direct.armed else "layerwise"}
+        self.receiver.note = {"engine_apply": self.applier.how}
 
     def _sync_targets(self) -> None:
         """Keep the receiver's delta destination in step with the fast path (after every push, and before one that
@@ -331,11 +316,11 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         if r.fp8 is not None:
             r.drop_targets("fp8 on the wire is dequantized on arrival (a delta needs the served bytes)", for_good=True)
             return
-        targets, why = self.direct.delta_targets()
+        targets, why, for_good = self.applier.delta_targets()
         if targets is not None:
             r.adopt_targets(targets)
         else:
-            r.drop_targets(why, for_good=self.direct.armed or self.direct.why_not is not None)
+            r.drop_targets(why, for_good=for_good)
 
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
@@ -347,96 +332,14 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             self.receiver.drop_targets("it caught up from a kept snapshot outside its bridging group")
         expected = self.expected()
         exp = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()}) if expected else None
-        version = pull_latest(where["host"], where["port"], where["token"], where["num_trainers"], self._apply,
+        version = pull_latest(where["host"], where["port"], where["token"], where["num_trainers"], self.applier.apply,
                               expected=exp, timeout_s=where.get("timeout_s", 120.0))
         return ReceiveResult(version, 0, 0.0, 0.0)
 
-    def _apply(self, batch: list[tuple[str, torch.Tensor]]) -> None:
-        """Put one round of whole tensors into the model.
-
-        Fast path (placement.py), once proven for this model: one batched copy straight into each tensor's place.
-        Otherwise vLLM's layerwise reload: it buffers a layer's tensors until its last one arrives, and the receiver
-        reuses its buffers two rounds later, so each tensor is copied out first (once, even when tied names share
-        it); the first such push also proves the fast path's placement.
-        """
-        self.touched = True
-        if self.direct.armed:
-            self.direct.apply(batch)
-            return
-        if not self.reloading:
-            initialize, _, _ = compat.API.layerwise()
-            initialize(self.model)
-            self.reloading = True
-        copies: dict[int, torch.Tensor] = {}
-        owned = []
-        for name, t in batch:
-            if id(t) not in copies:
-                copies[id(t)] = t.clone()
-            owned.append((name, copies[id(t)]))
-        self.direct.observe(owned)
-        self.model.load_weights(owned)
-
     def finish_weight_update(self) -> None:
         self.in_session = False
-        if self._finalize():
-            self.direct.verify()
+        self.applier.finish()
         self._sync_targets()
-
-    def _close_abandoned_session(self) -> None:
-        """A trainer joins (init) while this worker's update session from an earlier trainer is still open.
-
-        That happens when the earlier trainer died mid-update: a failed update raises from one worker only (see
-        ``_report``), vLLM closes the session of that worker alone, and the dead trainer never sent the
-        ``finish_weight_update`` that closes the others'; or it died between start and finish. vLLM would then
-        refuse the new trainer's ``start_weight_update`` on these workers only, leaving the engine's workers out
-        of step. A new bridging group means the old session can never complete, so it is closed here through the
-        worker's own ``finish_weight_update`` (finalizing whatever was loaded: the engine stays paused, as the
-        earlier trainer left it, until the new trainer's push completes and resumes it).
-        """
-        if not self.in_session:
-            return
-        worker = self._worker()
-        if worker is None or not getattr(worker, "_weight_update_active", True):
-            self.in_session = False
-            return
-        logger.warning("trainer_sync: closing an update session abandoned by an earlier trainer (the engine stays "
-                       "paused until a push completes)")
-        try:
-            worker.finish_weight_update()
-        except Exception:  # the new trainer's start_weight_update then names the problem
-            logger.exception("trainer_sync: closing the abandoned update session failed")
-
-    def _worker(self):
-        """The vLLM worker that owns this backend, found on the call stack (every call into the backend comes from
-        one of its methods); None if not found."""
-        frame = sys._getframe(1)
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if owner is not None and owner is not self and getattr(owner, "weight_transfer_engine", None) is self:
-                return owner
-            frame = frame.f_back
-        logger.warning("trainer_sync: the vLLM worker owning this backend was not found on the call stack")
-        return None
-
-    def _finalize(self) -> bool:
-        """End a layerwise reload (True if one was open)."""
-        if not self.reloading:
-            return False
-        _, finalize_layerwise_reload, LAYERWISE_INFO = compat.API.layerwise()
-
-        self.reloading = False
-        # A tied LM head receives nothing itself (its weight is the embedding's), so layerwise reload puts its
-        # kernel tensors back unprocessed. On CPU its processing built a packed GEMM copy of the weight, which then
-        # still holds the OLD embedding: the model would compute logits with stale weights. Re-run the processing
-        # of such modules once the shared tensor is fresh (on GPU it is a no-op for unquantized heads).
-        stale = [m for m in self.tied if (i := LAYERWISE_INFO.get(m)) is not None and i.can_load()
-                 and i.load_numel == 0]
-        finalize_layerwise_reload(self.model, self.model_config)
-        for module in stale:
-            method = getattr(module, "quant_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
-        return True
 
     def shutdown(self) -> None:
         if self.receiver is not None:

@@ -99,7 +99,7 @@ class VllmApi:
 
     def shutdown(self, llm) -> None:
         """Leave the bridging group. Releases without vLLM's shutdown call get the backend's own leave message
-        through the init call every release has (see engines/vllm.py ``LEAVE``)."""
+        through the init call every release has (``LEAVE`` below)."""
         if self.has_shutdown:
             llm.shutdown_weight_transfer_engine()
         else:

@@ -1,6 +1,6 @@
 """The fast apply path: copy each checkpoint tensor straight into its place in the live vLLM model.
 
-Why: vLLM's layerwise reload (the general path, engines/vllm.py) moves every layer to meta, buffers its tensors,
+Why: vLLM's layerwise reload (the general path, worker.py) moves every layer to meta, buffers its tensors,
 re-materializes the layer, runs its loaders and its post-load processing, and copies the result back into the
 original storages: 103-119 ms for a Qwen3-8B-shaped model on an H200, where moving the 16.38 GB takes 8 ms. When no
 layer transforms its weights after loading (unquantized layers on CUDA: their ``process_weights_after_loading`` is a
