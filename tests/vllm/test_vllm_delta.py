@@ -9,7 +9,8 @@ delta pushes:
   bit for bit (the repacked linear layers are only checked to compute sensibly: a step's change is below that
   check's tolerance). (Its greedy tokens are not compared:
   vLLM's and transformers' bf16 kernels round differently and a long prompt drifts by a token.)
-In-process engines only (bf16 in a worker process can hit an AMX "Illegal instruction" here, see test_vllm_bf16)."""
+The bf16 and single-worker fp32 engines are in-process (bf16 in a worker process can hit an AMX "Illegal instruction"
+here, see test_vllm_bf16); the TP-2 fp32 engine is conftest's ``vllm serve`` with two worker processes."""
 from __future__ import annotations
 
 import pytest
@@ -74,3 +75,27 @@ def test_delta_pushes_into_a_bf16_engine_are_bit_exact(tmp_path):
         out = served.model.layers[0].mlp.down_proj(x)[0].float()
         ref = x.float() @ params["model.layers.0.mlp.down_proj.weight"].detach().to(torch.bfloat16).float().T
         assert torch.allclose(out, ref, atol=2e-2, rtol=2e-2), (out - ref).abs().max()
+
+
+def test_delta_pushes_into_a_tp2_engine_serve_transformers_tokens(server):
+    """A ``vllm serve`` engine with two TP workers (conftest's ``server``, fp32), two receivers: each worker receives
+    every tensor of a push, checks each delta against the base checksum of its own mirror and applies it there, and
+    hands whole tensors to vLLM's loader, which takes that worker's shard. The pushes after the first go as deltas
+    (not full), and the engine then serves transformers' greedy tokens on the trainer's weights."""
+    model = build_model(seed=0)
+    ps = list(prompts().values())
+    before = server.greedy(ps, N)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with WeightSync(model, [server.url], SyncConfig(bucket_mb=0.05)) as sync:
+        reports = []
+        for step in range(PUSHES):
+            adamw_step(model, opt, step)
+            reports.append(sync.push())
+    assert reports[0].num_receivers == 2
+    assert reports[0].full_reason == "first push (no base version yet)"
+    for r in reports[1:]:
+        assert r.full_reason is None, r
+        assert 0 < r.bytes_sent < r.bytes_full == r.bytes and 0 < r.changed_fraction < 1, r
+    tokens = server.greedy(ps, N)
+    assert tokens == [hf_greedy(model, p, N) for p in ps]
+    assert tokens != before
