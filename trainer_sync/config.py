@@ -73,7 +73,7 @@ class SyncConfig:
     # Receiver-side names: a mapping from trainer names (after unwrapping DDP/FSDP/compile prefixes) to the names
     # the engine expects. Unmapped names pass through.
     rename: dict[str, str] = field(default_factory=dict)
-    # Delta pushes (delta_send.py, delta_recv.py): "auto" sends each bucket as the smallest of full values, a
+    # Delta pushes (codec/delta/codec.py): "auto" sends each bucket as the smallest of full values, a
     # changed-element bitmask + values, or changed-element indices + values, whenever every receiver holds the
     # trainer's last acknowledged version (else the push goes full and SyncReport.full_reason says why); "off"
     # always sends full. CUDA IPC hops always go full (a same-GPU copy gains nothing from a delta).

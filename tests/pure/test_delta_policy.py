@@ -1,4 +1,4 @@
-"""Delta pushes, the pure part (trainer_sync/delta_policy.py, delta_recv's destination binding, the settings):
+"""Delta pushes, the pure part (trainer_sync/delta_policy.py, the receiver's delta destination, the settings):
 which push may go as deltas and why not, the bucket geometry both sides agree on, and bad input refused clearly."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ from trainer_sync import SyncConfig
 from trainer_sync.codec import delta as D
 from trainer_sync.plan.delta_policy import (DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest,
                                        receiver_state)
-from trainer_sync.pipeline.delta_recv import DeltaReceiver
+from trainer_sync.codec.delta.destination import DeltaDestination
 from trainer_sync.plan.buckets import Bucket, BucketPlan, Slot, WireTensor
 
 DIGEST = plan_digest("{}")
@@ -69,7 +69,7 @@ def plan():
 
 def test_targets_bind_by_name_or_alias():
     targets = {"tied": torch.zeros(4, 8, dtype=torch.bfloat16), "v": torch.zeros(5)}
-    dr = DeltaReceiver("auto", None, targets, torch.device("cpu"))
+    dr = DeltaDestination("auto", None, targets, torch.device("cpu"))
     p = plan()
     dr.prepare(p, p.to_json())
     assert dr.dest["w"].data_ptr() == targets["tied"].data_ptr()
@@ -84,7 +84,7 @@ def test_targets_bind_by_name_or_alias():
     ({"w": torch.zeros(3, 8, dtype=torch.bfloat16), "v": torch.zeros(5)}, "target w is [3, 8] bfloat16"),
 ])
 def test_bad_targets_are_refused_naming_the_tensor(targets, message):
-    dr = DeltaReceiver("auto", None, targets, torch.device("cpu"))
+    dr = DeltaDestination("auto", None, targets, torch.device("cpu"))
     p = plan()
     with pytest.raises(D.DeltaError, match="Receiver targets do not match") as e:
         dr.prepare(p, p.to_json())
@@ -93,13 +93,13 @@ def test_bad_targets_are_refused_naming_the_tensor(targets, message):
 
 def test_targets_must_be_tensors_and_contiguous():
     with pytest.raises(TypeError, match="dict of tensor name"):
-        DeltaReceiver("auto", None, {"w": [1, 2]}, torch.device("cpu"))
+        DeltaDestination("auto", None, {"w": [1, 2]}, torch.device("cpu"))
     with pytest.raises(ValueError, match="contiguous"):
-        DeltaReceiver("auto", None, {"w": torch.zeros(8, 4).t()}, torch.device("cpu"))
+        DeltaDestination("auto", None, {"w": torch.zeros(8, 4).t()}, torch.device("cpu"))
 
 
 def test_mirror_over_its_cap_takes_full_pushes():
-    dr = DeltaReceiver("auto", 50, None, torch.device("cpu"))  # the plan needs 64 + 20 bytes
+    dr = DeltaDestination("auto", 50, None, torch.device("cpu"))  # the plan needs 64 + 20 bytes
     p = plan()
     dr.prepare(p, p.to_json())
     st = dr.state()
@@ -108,11 +108,11 @@ def test_mirror_over_its_cap_takes_full_pushes():
 
 
 def test_sender_cache_zeroes_padding_advances_in_place_and_keeps_only_acknowledged_versions():
-    from trainer_sync.pipeline.delta_send import DeltaSender
+    from trainer_sync.codec.delta.cache import DeltaSendState
 
     p = plan()
     b = p.buckets[0]
-    ds = DeltaSender("auto", None)
+    ds = DeltaSendState("auto", None)
     ds.begin(p.to_json(), p)
     assert ds.pads(b) == [(64, 256), (276, 512)] and ds.word(b) == 2
     g = torch.Generator().manual_seed(0)
@@ -153,7 +153,7 @@ def test_receiver_adopting_targets_at_run_time():
     """No targets: full pushes, hopeful (the trainer caches); adopted: deltas into them from the version they hold;
     dropped: full again, for good or not; a late state is marked so that the trainer reads it again."""
     p = plan()
-    dr = DeltaReceiver("auto", None, None, torch.device("cpu"), adopts_targets=True)
+    dr = DeltaDestination("auto", None, None, torch.device("cpu"), adopts_targets=True)
     st = dr.state()
     assert st["late"] and st["ok"] and st["version"] is None and "no delta targets yet" in st["why"]
     dr.prepare(p, p.to_json())
@@ -176,4 +176,4 @@ def test_receiver_adopting_targets_at_run_time():
     st = dr.state()
     assert dr.targets is None and not st["ok"] and "target tied is [4, 8] float32" in st["why"]
     with pytest.raises(ValueError, match="adopts_targets"):
-        DeltaReceiver("auto", None, None, torch.device("cpu")).adopt_targets(targets, 1)
+        DeltaDestination("auto", None, None, torch.device("cpu")).adopt_targets(targets, 1)

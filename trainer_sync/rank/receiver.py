@@ -12,12 +12,15 @@ from typing import Callable
 
 import torch
 
-from ..pipeline import delta_recv
 from ..codec import Fp8Arrival, Fp8Rules
+from ..codec.delta.codec import DeltaReceive
+from ..codec.delta.destination import DeltaDestination, absent_state
+from ..codec.plain import PLAIN
 from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError, describe
 from ..pipeline.loops import Batch, BufferPool, gc_paused, receive
+from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import BucketPlan, PlanCache
-from ..plan.delta_policy import receiver_state
+from ..plan.delta_policy import DeltaDecision
 from ..protocol.messages import Expected, JoinInfo, Keys
 from ..transport import RecvTransport, cuda, open_recv
 from ..transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
@@ -62,17 +65,16 @@ class Receiver:
         self.note: dict = {}  # extra fields of the acknowledgement (the vLLM backend says how it applied the push)
         self.version = 0
         self._plans = PlanCache()
-        # Delta pushes (delta_recv.py): ``targets`` are the served tensors, written in place by every push (a delta
-        # writes only what changed); without them a mirror of the last version is kept (SyncConfig.delta_mirror_mb)
-        # so that deltas can be turned into whole tensors for ``on_batch``.
-        self.delta: delta_recv.DeltaReceiver | None = None
+        # Delta pushes (codec/delta/destination.py): ``targets`` are the served tensors, written in place by every
+        # push (a delta writes only what changed); without them a mirror of the last version is kept
+        # (SyncConfig.delta_mirror_mb) so that deltas can be turned into whole tensors for ``on_batch``.
+        self.delta: DeltaDestination | None = None
         # ``delta_mirror=False``: no mirror (this receiver takes full pushes unless it has targets).
         # ``adopts_targets=True``: no mirror either, but the engine may hand over its served tensors later
         # (``adopt_targets``; the vLLM backend does once its fast path is proven) and take deltas from then on.
         if targets is not None or (self.info.delta != "off" and (delta_mirror or adopts_targets)):
             cap = None if self.info.delta_mirror_mb is None else int(self.info.delta_mirror_mb * 2**20)
-            self.delta = delta_recv.DeltaReceiver(self.info.delta, cap, targets, self.device,
-                                                  adopts_targets=adopts_targets)
+            self.delta = DeltaDestination(self.info.delta, cap, targets, self.device, adopts_targets=adopts_targets)
         self.whole_version: int | None = None  # the version of the last push this receiver completed (None: failed)
 
     def adopt(self, old: "Receiver") -> None:
@@ -97,47 +99,37 @@ class Receiver:
             self.device = dev
             self.pool = BufferPool(dev)
         self.transport = open_recv(self.bridge, self.me, self.device, i.timeout_s)
+        if self.delta is not None:
+            self.delta.ipc = bool(self.transport.local_srcs)
+            self.delta.publish = lambda state, bridge=self.bridge: bridge.set_json(Keys.delta_state(i.receiver_rank),
+                                                                                 state)
         self.bridge.set_json(Keys.delta_state(i.receiver_rank), self._delta_state())
         self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
 
     def _delta_state(self) -> dict:
         """What this receiver tells the trainer about deltas (delta_policy.receiver_state)."""
-        if self.delta is not None and not self.transport.local_srcs:
-            return self.delta.state()
-        return receiver_state(None, None, False, "CUDA IPC" if self.transport.local_srcs else "delta off"
-                              if self.info.delta == "off" else "it keeps no delta mirror")
+        return self.delta.told() if self.delta is not None else absent_state(self.info.delta,
+                                                                            bool(self.transport.local_srcs))
 
+    # The engine's side of delta targets (the vLLM backend): thin calls into the destination (destination.py).
     def adopts(self) -> bool:
         """Whether targets can be adopted at run time (``adopts_targets=True``, and no CUDA IPC hop: those go full)."""
-        return (self.delta is not None and self.delta.adopts and self.transport is not None
-                and not self.transport.local_srcs)
+        return self.delta is not None and self.delta.takes_adopted()
 
     def adopt_targets(self, targets: dict[str, torch.Tensor]) -> bool:
         """From the next push on, write pushes (deltas too) straight into ``targets``: the served tensors, which
         must hold exactly what the last push delivered (names as the trainer sends them, its wire dtype, contiguous).
         Returns whether the receiver now holds targets; when they do not fit the trainer's plan it says why in its
         state and keeps taking full pushes. Trainer rank 0 reads the new state before its next push."""
-        if not self.adopts():
-            return False
-        if self.delta.adopt_targets(targets, self.whole_version):
-            self.publish_delta_state()
-        return self.delta.targets is not None
+        return self.delta is not None and self.delta.offer(targets, self.whole_version)
 
     def drop_targets(self, why: str, for_good: bool = False) -> None:
         """Stop writing into adopted targets (before the engine changes them some other way): pushes go full, with
         ``why`` in the trainer's ``SyncReport.full_reason``. ``for_good``: none will be adopted again (the trainer
         then stops keeping a copy of its pushes for this receiver)."""
-        if not self.adopts():
-            return
-        self.whole_version = None  # the engine may change them now: only a later push makes them a version again
-        if self.delta.drop_targets(why, for_good):
-            self.publish_delta_state()
-
-    def publish_delta_state(self) -> None:
-        """Write this receiver's delta state to its join key, where trainer rank 0 reads a ``late`` state again
-        before deciding each push (no wait on either side: the key exists since ``connect``)."""
-        if self.bridge is not None:
-            self.bridge.set_json(Keys.delta_state(self.info.receiver_rank), self._delta_state())
+        if self.adopts():
+            self.whole_version = None  # the engine may change them now: only a later push makes them a version again
+            self.delta.withdraw(why, for_good)
 
     def receive(self, on_batch: Callable[[Batch], None], on_plan: Callable[[BucketPlan], None] | None = None
                 ) -> ReceiveResult:
@@ -172,14 +164,15 @@ class Receiver:
             i = self.info
             deadline = Deadline(i.bucket_timeout_s or i.timeout_s, i.push_timeout_s,
                                 abort=lambda: abort_reason(store, abort_key))
-            if self.delta is not None and not self.transport.local_srcs:  # as deltas when the trainer says so
-                times = delta_recv.take(self.delta, plan, msg, lambda callback: receive(
-                    plan, self.transport, self.pool, msg["num_buffers"], deadline, callback, wanted, str(self.me),
-                    push=p), cb, store, p, self.me.rank, i.num_receivers, i.timeout_s, deadline, wanted,
-                    str(self.me), abort_key, self.bridge.groups)
-            else:
-                times = receive(plan, self.transport, self.pool, msg["num_buffers"], deadline, cb, wanted,
-                                str(self.me), push=p)
+            codec = PLAIN
+            if self.delta is not None and not self.transport.local_srcs:  # into the destination; deltas if told
+                self.delta.prepare(plan, msg["plan"])
+                codec = DeltaReceive(self.delta, plan, DeltaDecision.from_json(msg.get("delta")).on, str(self.me))
+            times = receive(plan, self.transport, self.pool, msg["num_buffers"], deadline, cb, wanted, str(self.me),
+                            p, codec, VerdictRound(store, p, i.num_receivers, i.timeout_s, abort_key, str(self.me),
+                                                   self.me.rank))
+            if codec is not PLAIN:
+                codec.finished(msg["version"])
             if self.fp8:
                 cb.finish()
         except Exception as e:
@@ -187,7 +180,7 @@ class Receiver:
             raise
         state = self.delta.state() if self.delta else None
         if state is not None and state.get("late"):
-            self.publish_delta_state()  # first: the join key is never older than the acknowledgement
+            self.delta.publish(self.delta.told())  # first: the join key is never older than the acknowledgement
         self.bridge.set_json(Keys.done(p, self.me.rank), {"apply_s": times.apply, "transfer_s": times.transfer,
                                                          "delta_state": state, **self.note})
         self._open = False

@@ -13,11 +13,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..pipeline import delta_send
 from .catchup import CatchUpServer, Snapshot
+from .delta_push import DeltaPushes, report_fields
 from ..config import SyncConfig
 from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from ..pipeline.loops import BufferPool, gc_paused, send
+from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
     plan_buckets, resolve_wire_dtypes, wants_block_fp8
 from ..protocol.messages import Expected, JoinInfo, Keys
@@ -73,8 +74,8 @@ class Sender:
         self._expected: list[Expected] | None = None
         self._auto_wrapped = False  # wire_dtype "auto" wrapped the source in an Fp8Source (see _auto_fp8)
         self._plans = PlanCache()
-        # Delta pushes (delta_send.py): this rank's last pushed wire bytes, and rank 0's view of the receivers.
-        self.delta = delta_send.DeltaSender(cfg.delta, cfg.delta_cache_bytes)
+        # Delta pushes (delta_push.py): this rank's last pushed wire bytes, and rank 0's view of the receivers.
+        self.delta = DeltaPushes(cfg.delta, cfg.delta_cache_bytes)
         self._last_plan: tuple[list[bytes], dict] | None = None  # rank 0: (every rank's pieces, plan message)
         # Dynamic clusters: keep the latest version for joiners and serve them from a thread (catchup.py).
         self.snapshot: Snapshot | None = None
@@ -237,15 +238,15 @@ class Sender:
         if self.snapshot is not None:
             self.snapshot.begin()  # invalid until commit
         failed = None
-        dstats = None  # this rank's delta stats (delta_send.transfer)
+        # full, or as deltas (codec/delta/codec.py) when every receiver holds the last version (CUDA IPC: always
+        # full): the same send loop either way, the codec made from rank 0's decision
+        codec, dstats = self.delta.codec_for(plan, msg, any(bridge.layout.local), self.rank)
         try:
             wire_deadline.check()
-            # full, or as deltas (delta_send.py) when every receiver holds the last version (CUDA IPC: always full)
-            times, dstats = delta_send.transfer(
-                self.delta, plan, msg, lambda on_packed: send(plan, self.source, self.transport, msg["num_buffers"],
-                                                              wire_deadline, p, on_packed),
-                self.source, group, self.pool, wire_deadline, store, p, self.num_receivers, cfg.timeout_s,
-                abort_key, any(bridge.layout.local), snapshot.keep if snapshot is not None else None)
+            times = send(plan, self.source, self.transport, msg["num_buffers"], wire_deadline, p,
+                         snapshot.keep if snapshot is not None else None, codec,
+                         VerdictRound(store, p, self.num_receivers, cfg.timeout_s, abort_key,
+                                      f"trainer rank {self.rank}"))
         except SyncError as e:
             if group is None:  # all by IPC: no group to shut down, and the error already names the peer
                 raise
@@ -268,7 +269,7 @@ class Sender:
         self.transport.after_push()
         self.delta.acknowledged(acks)
         self.delta.commit(version)
-        delta = delta_send.report_fields(store, p, self.world, self.rank, dstats, cfg.timeout_s)
+        delta = report_fields(store, p, self.world, self.rank, dstats, cfg.timeout_s)
         if snapshot is not None:
             snapshot.commit(msg["plan"], version, {b.index for b in plan.buckets if b.src == self.rank})
         if self.rank == 0 and self.seq >= 2:

@@ -57,7 +57,8 @@ class SendTransport(ABC):
     ``buffer(...)`` and hands it to ``post(...)``; the transport decides where the bytes go and when a buffer is free.
 
     The loop calls, per push: ``begin`` once (False: this rank packs nothing this push), then per bucket
-    ``make_room`` (before the round's gather), ``buffer``, ``packed``, ``post``, and ``drain`` at the end; ``drop``
+    ``make_room`` (before the round's gather), ``buffer``, ``packed``, ``post_frames`` (``post`` for one frame), and
+    ``drain`` at the end; ``drop``
     when a bucket failed (the in-flight work must not outlive the error: see pipeline.send)."""
 
     #: Whether the packed buckets are what every receiver got (the catch-up snapshot keeps a copy of them). Not so
@@ -81,6 +82,13 @@ class SendTransport(ABC):
     @abstractmethod
     def post(self, bucket: Bucket, data: torch.Tensor) -> None:
         """Start the transfer of ``data`` (``buf[:bucket.nbytes]``)."""
+
+    def post_frames(self, bucket: Bucket, frames: list[torch.Tensor]) -> None:
+        """Start the transfer of ``bucket`` as the frames its codec made (codec/base.py), in order. One frame (a
+        full push) is ``post``; a transport that carries several (a delta's header and body) overrides this."""
+        if len(frames) != 1:
+            raise NotImplementedError(f"{type(self).__name__} carries one frame per bucket (full pushes only)")
+        self.post(bucket, frames[0])
 
     @abstractmethod
     def drain(self, times: StageTimes, deadline: Deadline) -> None:

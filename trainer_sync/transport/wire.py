@@ -60,7 +60,7 @@ class WireSend(SendTransport):
     def __init__(self, group, pool: BufferPool, rank: int):
         self.group, self.pool, self.who = group, pool, f"trainer rank {rank} -> receivers"
         self._buffers: list[torch.Tensor] = []
-        self._inflight: deque = deque()  # (bucket, Work), oldest first
+        self._inflight: deque = deque()  # (bucket, its Works, its frames), oldest first
 
     def begin(self, push, plan, source, num_buffers) -> bool:
         self._buffers = self.pool.get(num_buffers, plan.max_bucket_bytes)
@@ -74,7 +74,11 @@ class WireSend(SendTransport):
         return self._buffers[rnd % len(self._buffers)]
 
     def post(self, bucket: Bucket, data: torch.Tensor) -> None:
-        self._inflight.append((bucket, broadcast_bucket(self.group, data)))
+        self.post_frames(bucket, [data])
+
+    def post_frames(self, bucket: Bucket, frames: list[torch.Tensor]) -> None:
+        """One broadcast per frame, in order (the frames stay referenced until their Works completed)."""
+        self._inflight.append((bucket, [broadcast_bucket(self.group, f) for f in frames], frames))
 
     def drain(self, times, deadline) -> None:
         while self._inflight:
@@ -84,9 +88,10 @@ class WireSend(SendTransport):
         self._inflight.clear()
 
     def _retire(self, times: StageTimes, deadline: Deadline) -> None:
-        bucket, work = self._inflight.popleft()
+        bucket, works, _ = self._inflight.popleft()
         t = time.perf_counter()
-        wait_work(work, deadline, f"bucket {bucket.index} (round {bucket.round})", self.who)
+        for work in works:
+            wait_work(work, deadline, f"bucket {bucket.index} (round {bucket.round})", self.who)
         times.transfer += time.perf_counter() - t
 
     def close(self) -> None:

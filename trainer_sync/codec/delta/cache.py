@@ -4,7 +4,8 @@ Each trainer rank keeps the last pushed wire bytes of its own buckets (its shard
 bucket index for one plan (a new plan clears it), on the device of its pack buffers, capped by
 ``SyncConfig.delta_cache_mb`` (buckets past the cap go FULL). A delta bucket advances its entry in place (only the
 changed words); entries become the base of a version only once every receiver acknowledged it (``commit``), a failed
-push drops what it overwrote (``abandon``). The delta codec (codec/delta/codec.py) holds one per Sender.
+push drops what it overwrote (``abandon``). ``DeltaSendState`` (one per Sender) holds it with the plan's padding
+and word sizes; the delta codec (codec/delta/codec.py) encodes against it.
 """
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ...plan.buckets import Bucket, BucketPlan, dtype_of
+from ...plan.delta_policy import bucket_word, padding_ranges, plan_digest
 from .checksums import Sums, sums
+from .decode import changes
+from .format import FULL, HEADER_BYTES, DeltaStats
 
 
 @dataclass
@@ -85,3 +90,66 @@ class DeltaCache:
     def clear(self) -> None:
         self.entries.clear()
         self.refused.clear()
+
+
+class DeltaSendState:
+    """One trainer rank's delta state across pushes (one per Sender): the cache (capped by
+    ``SyncConfig.delta_cache_mb``) of the buckets this rank packed, keyed by bucket index for one plan (a new plan
+    clears it), and each bucket's padding and word size. Entries written during a push become the base of its
+    version only once every receiver acknowledged it (``commit``); a failed push drops them (``abandon``), so those
+    buckets go full next time. Padding between slots is zeroed before encoding and caching: receivers count it as
+    zeros in their checksums."""
+
+    def __init__(self, mode: str, cap_bytes: int | None):
+        self.mode = mode
+        self.cache = DeltaCache(cap_bytes)
+        self.digest: str | None = None
+        self._pads: dict[int, list[tuple[int, int]]] = {}
+        self._words: dict[int, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def begin(self, plan_json: str, plan: BucketPlan) -> None:
+        digest = plan_digest(plan_json)
+        if digest != self.digest:
+            self.cache.clear()
+            self.digest = digest
+            sizes = {n: dtype_of(t.dtype).itemsize for n, t in plan.tensors.items()}
+            self._pads = {b.index: padding_ranges(b, sizes) for b in plan.buckets}
+            self._words = {b.index: bucket_word(b, sizes) for b in plan.buckets}
+
+    def pads(self, bucket: Bucket) -> list[tuple[int, int]]:
+        return self._pads[bucket.index]
+
+    def word(self, bucket: Bucket) -> int:
+        return self._words[bucket.index]
+
+    def keep(self, bucket: Bucket, buf: torch.Tensor, target: Sums | None = None) -> None:
+        """Cache this push's packed bytes of ``bucket`` (padding zeroed in the copy), not yet acknowledged."""
+        if not self.cache.store(bucket.index, buf, Sums((0, 0, 0))):
+            return
+        entry = self.cache.entries[bucket.index]
+        for lo, hi in self.pads(bucket):
+            entry.data[lo:hi].zero_()
+        entry.sums = target if target is not None else sums(entry.data)
+
+    def advance(self, bucket: Bucket, enc: torch.Tensor, st: DeltaStats) -> None:
+        """Make the cached base of ``bucket`` this push's bytes by writing only the changed words of the delta
+        ``enc`` into it (O(changed), instead of copying the bucket), not yet acknowledged."""
+        entry = self.cache.entries[bucket.index]
+        if st.prev_updated:  # the encoder already wrote the changed words into the entry (native scan)
+            pass
+        elif st.kind == FULL:
+            entry.data.copy_(enc[HEADER_BYTES:])
+        elif st.changed:
+            _, pos, vals = changes(enc)
+            entry.data.view(vals.dtype).index_copy_(0, pos, vals)  # fillers rewrite unchanged words: no-ops
+        entry.sums, entry.version = st.target, None
+
+    def commit(self, version: int) -> None:
+        self.cache.commit(version)
+
+    def abandon(self) -> None:
+        self.cache.abandon()

@@ -1,0 +1,93 @@
+"""Delta pushes, the trainer's decisions around the codec (issue 16): whether a push goes as deltas, and its report.
+
+Trainer rank 0 allows deltas against its last acknowledged version only when every receiver said (when it joined,
+then with every acknowledgement) that it holds that version of the same plan in a destination it can apply deltas
+to (plan/delta_policy.delta_allowed); the decision travels with the plan message. Every rank then makes the push's
+codec from it (``codec_for``): the delta codec (codec/delta/codec.py) against its cache, or the plain one when no
+receiver could take a delta against this push (its cache is then dropped: nothing worth its memory and copies).
+"""
+from __future__ import annotations
+
+import json
+
+from ..codec.base import Codec
+from ..codec.delta.cache import DeltaSendState
+from ..codec.delta.codec import DeltaSend
+from ..codec.plain import PLAIN
+from ..errors import SyncError
+from ..plan.buckets import BucketPlan
+from ..plan.delta_policy import DeltaDecision, delta_allowed, plan_digest
+from ..protocol.messages import Keys
+from ..transport.group import wait_keys
+
+
+class DeltaPushes:
+    """One Sender's delta side: this rank's ``DeltaSendState`` (the cache) and, on trainer rank 0, the receivers'
+    last states (this epoch)."""
+
+    def __init__(self, mode: str, cap_bytes: int | None):
+        self.state = DeltaSendState(mode, cap_bytes)
+        self.receivers: list[dict | None] | None = None
+
+    def connected(self) -> None:
+        """A new bridging group: the receivers' states are read again from their join."""
+        self.receivers = None
+
+    def decide(self, store, num_receivers: int, plan_json: str, ipc: bool, base: int) -> dict:
+        if self.receivers is None:
+            keys = [Keys.delta_state(j) for j in range(num_receivers)]
+            self.receivers = [json.loads(store.get(k)) if store.check([k]) else None for k in keys]
+        else:
+            self._reread_late(store)
+        return delta_allowed(self.state.mode, ipc, base, plan_digest(plan_json), self.receivers).to_json()
+
+    def _reread_late(self, store) -> None:
+        """A receiver that adopts targets at run time (Receiver(adopts_targets=True)) may have adopted or dropped
+        them after its acknowledgement; it said so (``late``) and keeps its newest state under its join key. Read
+        that key again (it exists since the receiver joined: a check and a get, no wait)."""
+        for j, st in enumerate(self.receivers):
+            if st and st.get("late") and store.check([Keys.delta_state(j)]):
+                self.receivers[j] = json.loads(store.get(Keys.delta_state(j)))
+
+    def annotate(self, msg: dict, store, num_receivers: int, layout, base: int) -> dict:
+        """Rank 0: the plan message with this push's delta decision (an error message stays as it is)."""
+        if "plan" not in msg:
+            return msg
+        return {**msg, "delta": self.decide(store, num_receivers, msg["plan"], any(layout.local), base)}
+
+    def acknowledged(self, acks: list[dict]) -> None:
+        self.receivers = [a.get("delta_state") for a in acks]
+
+    def codec_for(self, plan: BucketPlan, msg: dict, ipc: bool, rank: int) -> tuple[Codec, dict]:
+        """This push's codec and this rank's stats dict (filled in by the codec as the push goes)."""
+        decision = DeltaDecision.from_json(msg.get("delta"))
+        if not (self.state.enabled and not ipc and decision.keep):
+            self.state.cache.clear()  # no receiver could take a delta against this push
+            n = sum(b.nbytes for b in plan.buckets if b.src == rank)
+            return PLAIN, {"sent": n, "full": n, "changed": 0, "elements": 0, "kinds": {},
+                           "full_reason": decision.reason}
+        self.state.begin(msg["plan"], plan)
+        codec = DeltaSend(self.state, decision, plan, rank)
+        return codec, codec.stats
+
+    def commit(self, version: int) -> None:
+        self.state.commit(version)
+
+    def abandon(self) -> None:
+        self.state.abandon()
+
+
+def report_fields(store, p: str, world: int, rank: int, stats: dict, timeout_s: float) -> dict:
+    """Every trainer rank's stats of push ``p`` summed (each rank published its own): the SyncReport's delta
+    fields, the same on every rank."""
+    store.set(Keys.delta_stats(p, rank), json.dumps(stats))
+    keys = [Keys.delta_stats(p, r) for r in range(world)]
+    if wait_keys(store, keys, timeout_s):
+        raise SyncError(f"trainer rank {rank}: the other trainer ranks' push stats did not arrive within "
+                        f"{timeout_s:g}s", stage="apply")
+    every = [json.loads(store.get(k)) for k in keys]
+    elements = sum(s["elements"] for s in every)
+    reason = next((s["full_reason"] for s in every if s.get("full_reason")), None)
+    return {"bytes_sent": sum(s["sent"] for s in every), "bytes_full": sum(s["full"] for s in every),
+            "changed_fraction": sum(s["changed"] for s in every) / elements if elements else None,
+            "full_reason": reason}
