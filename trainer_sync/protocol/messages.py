@@ -126,6 +126,16 @@ class Keys:
         return f"open-session/{receiver}"
 
     @staticmethod
+    def shard_ranges(receiver: int) -> str:
+        """A TP worker's parts of each tensor (engines/vllm/shards.py), for its engine's other workers."""
+        return f"shards/ranges/{receiver}"
+
+    @staticmethod
+    def shard_sums(p: str, round_: int, receiver: int) -> str:
+        """A TP worker's checksum sums of its parts of one round's delta buckets (codec/delta/shards.py)."""
+        return f"{p}shards/sums/{round_}/{receiver}"
+
+    @staticmethod
     def delta_state(receiver: int) -> str:
         """What a receiver holds when it joins (delta_policy.receiver_state); later states come with its acks."""
         return f"delta/state/{receiver}"

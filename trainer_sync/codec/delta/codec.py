@@ -14,8 +14,9 @@ destination not at the base refuses (``refusal``): it stops applying, the rest i
 stalls), and after the verdict round everyone runs the same push again full (``resend``), where the receiver hands
 out only the tensors the delta pass had not delivered, so an engine never loads one twice.
 
-For an engine worker that holds a slice of each tensor (TP > 1) the apply point is ``DeltaReceive.apply_bucket``:
-the header's positions index the bucket's words, the destination segments say which words are whose.
+An engine worker that holds a slice of each tensor (TP > 1) has ``Shards`` as its destination (shards.py): the
+engine's workers check a bucket's base together (``Shards.combine`` of their owned parts, in ``arriving``), and each
+writes the changes that fall into its own pieces; such a destination hands out ``(name, None)``: already in place.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .checksums import DeltaBaseMismatch, Sums, segments_sums, sums
 from .decode import apply_segments
 from .destination import DeltaDestination
 from .format import FULL, HEADER_BYTES, KIND_NAMES, Header, encode
+from .shards import Shards, piece_segments, write_whole
 
 
 def plan_bytes(plan: BucketPlan, rank: int) -> int:
@@ -144,7 +146,11 @@ class DeltaReceive(Codec):
         """The destination's checksum sums of each bucket, taken while the trainer still encodes it, so the base
         check costs the receiver no time on the push's critical path."""
         dest = self.dest.dest
-        if self.delta and self.refused is None and dest is not None:
+        if self.delta and self.refused is None and isinstance(dest, Shards):
+            parts = [segments_sums(piece_segments(dest.owned, self.plan, b)) for b in buckets]
+            for b, total in zip(buckets, dest.combine(parts)):  # every worker of the engine, the same buckets
+                self._bases[b.index] = total
+        elif self.delta and self.refused is None and dest is not None:
             for b in buckets:
                 self._bases[b.index] = segments_sums(_segments(dest, b))
 
@@ -167,6 +173,8 @@ class DeltaReceive(Codec):
         if self.refused is not None:
             return []
         self.delivered.update(ready)
+        if isinstance(dest, Shards):
+            return [(n, None) for name in ready for n in asm.names_for(name)]
         return [(n, dest[name].view(self.plan.tensors[name].shape)) for name in ready for n in asm.names_for(name)]
 
     def apply_bucket(self, dest: dict[str, torch.Tensor] | None, b: Bucket, h: Header, buf: torch.Tensor,
@@ -174,6 +182,16 @@ class DeltaReceive(Codec):
         """Check and write one delta bucket into ``dest`` (plan tensor name -> flat tensor, in place)."""
         if dest is None:
             raise DeltaBaseMismatch("delta: this receiver keeps no copy of the base version")
+        if isinstance(dest, Shards):
+            segments = piece_segments(dest.held, self.plan, b)
+            if h.kind == FULL:
+                body = buf[HEADER_BYTES:]
+                for off, t in segments:
+                    t.view(torch.uint8).copy_(body[off:off + t.numel() * t.element_size()])
+                return
+            # the base was checked by the engine's workers together (arriving); the result is not re-checked
+            apply_segments([(off // h.word, t) for off, t in segments], buf, verify=False, base=base)
+            return
         if h.kind == FULL:
             body = buf[HEADER_BYTES:]
             for s in b.slots:
@@ -190,6 +208,13 @@ class DeltaReceive(Codec):
         out = []
         for name, t in asm.add(bucket, buf):
             c = d.canon.get(name, name)
+            if isinstance(d.dest, Shards):
+                if c not in d.written:
+                    write_whole(d.dest.held.get(c, ()), t)
+                    d.written.add(c)
+                if c not in self.skip:
+                    out.append((name, None if c in d.dest.held else t))
+                continue
             if d.dest is not None and c in d.dest and c not in d.written:
                 d.dest[c].copy_(t.reshape(-1))
                 d.written.add(c)

@@ -8,7 +8,8 @@ A receiver takes deltas into a *destination* that holds exactly the last version
   ``SyncConfig.delta_mirror_mb``), for engines that take whole tensors and re-process them (vLLM's layerwise
   reload): the delta is applied to the mirror and ``on_batch`` gets whole tensors from it, as after a full push.
 * or targets adopted at run time (``adopts_targets``): the engine hands over its served tensors once it can
-  (``adopt_targets``) and may take them back (``drop_targets``); until then pushes go full.
+  (``adopt_targets``) and may take them back (``drop_targets``); until then pushes go full. A worker of a TP engine
+  hands over ``Shards`` instead (shards.py): the parts of each tensor it serves.
 
 What the destination holds (``state``) is what the receiver tells trainer rank 0 when it joins and with every
 acknowledgement (plan/delta_policy.receiver_state); ``publish`` (set by the Receiver) writes a changed state to its
@@ -23,6 +24,7 @@ import torch
 from ...plan.buckets import BucketPlan, dtype_of
 from ...plan.delta_policy import plan_digest, receiver_state
 from .checksums import DeltaError
+from .shards import Shards
 
 
 class DeltaDestination:
@@ -34,7 +36,7 @@ class DeltaDestination:
         # vLLM's fast path is proven) and may take them back (``drop_targets``). Until then pushes go full.
         self.adopts = adopts_targets and targets is None
         self.may_adopt = self.adopts  # targets may still come: worth the trainer caching its pushes meanwhile
-        self.dest: dict[str, torch.Tensor] | None = None  # plan tensor name -> flat destination
+        self.dest: dict[str, torch.Tensor] | Shards | None = None  # plan tensor name -> flat destination, or shards
         self.canon: dict[str, str] = {}
         self.plan: BucketPlan | None = None  # the plan of the last push (adopted targets are bound to it)
         self.digest: str | None = None
@@ -144,7 +146,9 @@ class DeltaDestination:
         self.targets, self.dest, self.version, self.why, self.may_adopt = None, None, None, why, not for_good
         return self.state() != before
 
-    def _bind_targets(self, plan: BucketPlan) -> dict[str, torch.Tensor]:
+    def _bind_targets(self, plan: BucketPlan) -> dict[str, torch.Tensor] | Shards:
+        if isinstance(self.targets, Shards):
+            return self.targets.bound(plan, self.canon)
         dest, errors = {}, []
         known = set(self.canon)
         extra = sorted(set(self.targets) - known)
@@ -174,8 +178,8 @@ class DeltaDestination:
             self.why = "it receives only part of the plan's tensors"
 
 
-def _check_targets(targets: dict | None) -> None:
-    if targets is None:
+def _check_targets(targets: dict | Shards | None) -> None:
+    if targets is None or isinstance(targets, Shards):
         return
     if not isinstance(targets, dict) or not all(isinstance(t, torch.Tensor) for t in targets.values()):
         raise TypeError("trainer_sync: Receiver targets must be a dict of tensor name -> torch.Tensor")

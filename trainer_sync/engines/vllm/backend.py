@@ -41,6 +41,7 @@ from ...rank.receiver import Receiver
 from ...protocol.messages import JoinInfo, Keys
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
+from .shards import engine_shards
 from .worker import WeightApplier
 # Editable installs made before the entry point moved to registration.py still name backend:register; a pip install
 # of the checkout refreshes their metadata, after which nothing imports it from here.
@@ -78,6 +79,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         self.last = None  # ReceiveResult of the last push
         self.applier = WeightApplier(model, self.model_config, device)  # puts received tensors into the model
         self._checkpoint_shapes: dict | None = None
+        self._plan = None  # the plan of the last push (a TP worker's shards are bound to it)
+        self._shards = None  # (receiver, slots, Shards) offered to the receiver (a TP worker's delta destination)
         # This worker's vLLM update session is open (start_weight_update ran, finish_weight_update did not, and
         # vLLM did not close it on a raise): announced when a trainer joins, see _join.
         self.in_session = False
@@ -267,6 +270,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                     self.last = self._catch_up(update_info.catchup)
                 else:
                     self.receiver.note = {"engine_apply": self.applier.how}
+                    if self._shards is not None and self._shards[0] is self.receiver:
+                        self._shards[2].combine.begin(Keys.push(self.receiver.seq))  # this push's key prefix
                     self.last = self.receiver.receive(self.applier.apply, on_plan=self._prepare_direct)
         except HandshakeMismatch as e:
             # Raised before the first batch: the model was never touched and keeps serving its weights.
@@ -292,6 +297,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
     def _prepare_direct(self, plan) -> None:
         """Before the first batch of a push: let the fast path learn where the tensors go (once). The served
         checkpoint says which tensors the model loads; without one, the trainer's plan does (dummy weights)."""
+        self._plan = plan
         if self._checkpoint_shapes is None:
             exp = self.expected()
             self._checkpoint_shapes = {n: (tuple(s), getattr(torch, d) if isinstance(d, str) else d)
@@ -316,11 +322,33 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         if r.fp8 is not None:
             r.drop_targets("fp8 on the wire is dequantized on arrival (a delta needs the served bytes)", for_good=True)
             return
-        targets, why, for_good = self.applier.delta_targets()
+        if self.parallel_config.world_size > 1:
+            targets, why, for_good = self._engine_shards()
+        else:
+            targets, why, for_good = self.applier.delta_targets()
         if targets is not None:
             r.adopt_targets(targets)
         else:
             r.drop_targets(why, for_good=for_good)
+
+    def _engine_shards(self):
+        """A worker of a TP/PP engine holds part of each tensor: its delta destination is its shards, checked with
+        the engine's other workers (shards.py). Built once per bridging group and placement (the same object while
+        they stand, so offering it again changes nothing)."""
+        held, why, for_good = self.applier.delta_pieces()
+        if held is None or self._plan is None:
+            return None, why or "no push was received yet", for_good
+        slots, r = self.applier.direct.slots, self.receiver
+        if self._shards is not None and self._shards[0] is r and self._shards[1] is slots:
+            return self._shards[2], "", False
+        pc = self.parallel_config
+        first = r.info.receiver_rank - pc.rank
+        shards, why = engine_shards(held, self._plan, r.bridge.store, first, pc.world_size, pc.rank,
+                                    r.info.timeout_s)
+        if shards is None:
+            return None, why, False
+        self._shards = (r, slots, shards)
+        return shards, "", False
 
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""

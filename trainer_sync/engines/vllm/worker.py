@@ -19,6 +19,7 @@ import torch
 
 from . import compat
 from .placement import DirectApply
+from .shards import Piece, held_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +63,31 @@ class WeightApplier:
         targets, why = self.direct.delta_targets()
         return targets, why, self.direct.armed or self.direct.why_not is not None
 
-    def apply(self, batch: list[tuple[str, torch.Tensor]]) -> None:
+    def delta_pieces(self) -> tuple[dict[str, list[Piece]] | None, str, bool]:
+        """For a worker of a TP > 1 engine: ``(pieces, why_not, for_good)``, the parts of each checkpoint tensor in
+        this worker's parameters (shards.py) while the fast path is armed, else None and why (as delta_targets)."""
+        d = self.direct
+        if not d.armed:
+            return None, f"its fast apply path is not armed ({d.why_not or 'not proven yet'})", d.why_not is not None
+        held, why_not = held_pieces(d.slots, d.shapes)
+        if why_not:
+            name, why = next(iter(sorted(why_not.items())))
+            return None, f"{len(why_not)} tensors have no place a delta can be written into ({name}: {why})", True
+        return held, "", False
+
+    def apply(self, batch: list[tuple[str, torch.Tensor | None]]) -> None:
         """Put one round of whole tensors into the model.
 
         Fast path, once proven for this model: one batched copy straight into each tensor's place. Otherwise vLLM's
         layerwise reload: it buffers a layer's tensors until its last one arrives, and the receiver reuses its
         buffers two rounds later, so each tensor is copied out first (once, even when tied names share it); the
-        first such push also proves the fast path's placement.
+        first such push also proves the fast path's placement. ``None`` for a tensor: the receiver wrote it in
+        place already (a TP worker's shards, see shards.py).
         """
         self.touched = True
+        batch = [(name, t) for name, t in batch if t is not None]
+        if not batch:
+            return
         if self.direct.armed:
             self.direct.apply(batch)
             return
