@@ -8,13 +8,15 @@ class SyncError(RuntimeError):
 
     As data, never to be parsed back out of the text: ``members``, every peer the error names (``who`` is them
     joined for people); ``receivers``, the receiver ranks among them (a refused token, a mismatched plan); ``dead``,
-    the engines WeightSync found dead while the push failed (they left the membership)."""
+    the engines WeightSync found dead while the push failed (they left the membership); ``parameter``, the tensor at
+    fault where one is known."""
 
     def __init__(self, message: str, stage: str = "", who: str = "", *, members: list[str] | None = None,
-                 receivers: list[int] | None = None, dead: list[str] | None = None):
+                 receivers: list[int] | None = None, dead: list[str] | None = None, parameter: str = ""):
         super().__init__(message)
         self.stage = stage
         self.who = who
+        self.parameter = parameter
         self.members: list[str] = list(members) if members is not None else ([who] if who else [])
         self.receivers: list[int] = list(receivers or [])
         self.dead: list[str] = list(dead or [])
@@ -28,8 +30,9 @@ class EngineHeld(SyncError):
     """An engine refused a join because another trainer holds it and is still alive (see engines/vllm.py)."""
 
 
-# An engine's update_weights error ends with this when no worker of the engine had applied any weight of the push:
-# the engine still serves its old weights whole, so the trainer resumes it instead of leaving it paused.
+# An engine's update_weights error message ends with this (for people) when no worker of the engine had applied any
+# weight of the push; the trainer decides by the error's typed kind (protocol.messages.ErrorKind.UNTOUCHED), never by
+# this text: the engine still serves its old weights whole, so it is resumed instead of left paused.
 UNTOUCHED = "[trainer_sync: no weight was applied, the engine serves its old weights]"
 
 

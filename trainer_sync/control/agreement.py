@@ -7,6 +7,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from ..errors import SyncError
+from ..protocol import wire
 from ..protocol.messages import Verdict
 
 
@@ -26,10 +27,10 @@ class Agreement:
                 out = Verdict(str(e), e.stage, e.who, members=list(e.members), dead=list(e.dead))
             except Exception as e:  # noqa: BLE001 - becomes the error every rank raises
                 out = Verdict(f"{type(e).__name__}: {e}")
-        if self.world > 1:
-            box = [out]
+        if self.world > 1:  # as protocol JSON (wire.py), checked on every rank like any other message
+            box = [wire.encode(out) if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
-            out = box[0]
+            out = wire.decode(box[0], Verdict)
         return out
 
     @staticmethod

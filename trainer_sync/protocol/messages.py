@@ -2,17 +2,28 @@
 
 * ``JoinInfo``: what an engine is given to join the bridging group (its init info, JSON over vLLM's RPC).
 * ``Expected``: what a receiver says it expects (tensor name -> shape, dtype), published when it joins.
+* ``Pieces``: what one trainer rank holds of a push (its pieces, the names holding NaN/Inf), for rank 0's plan.
+* ``PlanOffer`` / ``PlanRefusal``: rank 0's plan of a push, or why it was refused (nothing is sent then).
+* ``Ack``: a receiver's acknowledgement of a push: how long it took, or the ``ErrorInfo`` it failed with.
+* ``LayoutAnnouncement``: trainer rank 0's choice of transports for an epoch (or why there is none).
+* ``ErrorInfo``: a failure as typed fields (kind, engine, parameter, receiver, stage, message), never parsed from
+  text; ``ErrorKind`` names the kinds.
 * ``Verdict``: what trainer rank 0 decided about one step of a push (WeightSync's agreement), the same on every rank.
 * ``Keys``: the names of every key in the bridging group's store, in one place.
 * ``SCALE_SUFFIX``: the block-FP8 scale tensor's name suffix (a wire fact that planning and the codec share).
 
-Only the standard library (and ``Fp8Rules``'s JSON form, plain data): a vLLM worker imports this to join without
-importing the trainer side (sources, catch-up, torch's DTensor helpers).
+Every message has a ``protocol_version``; wire.py turns them into JSON and back, and checks them, in one place.
+Only the standard library and errors.py (and ``Fp8Rules``'s JSON form, plain data): a vLLM worker imports this to
+join without importing the trainer side (sources, catch-up, torch's DTensor helpers).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..errors import Aborted, HandshakeMismatch, describe
+from . import wire
+from .wire import PROTOCOL_VERSION
 
 # ``x.weight`` in block FP8 comes with ``x.weight_scale_inv`` (one float32 per 128x128 block): checkpoint format.
 SCALE_SUFFIX = "_scale_inv"
@@ -44,9 +55,11 @@ class JoinInfo:
     # The trainer's SyncConfig.delta and delta_mirror_mb: whether receivers keep what they need to take deltas.
     delta: str = "auto"
     delta_mirror_mb: float | None = None
+    protocol_version: int = PROTOCOL_VERSION
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The init info vLLM passes to every worker (``wire.from_wire(d, JoinInfo)`` reads it back)."""
+        return wire.to_wire(self)
 
 
 @dataclass(frozen=True)
@@ -54,13 +67,113 @@ class Expected:
     """What a receiver expects to get: tensor name -> (shape, dtype). A dtype of None accepts any dtype."""
 
     tensors: dict[str, tuple[tuple[int, ...], str | None]] = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
+
+    WIRE_DECODE: ClassVar[dict] = {"tensors": lambda t: {n: (tuple(s), d) for n, (s, d) in t.items()}}
 
     def to_json(self) -> str:
-        return json.dumps({n: [list(s), d] for n, (s, d) in self.tensors.items()})
+        return wire.encode(self)
 
     @classmethod
     def from_json(cls, text: str) -> "Expected":
-        return cls({n: (tuple(s), d) for n, (s, d) in json.loads(text).items()})
+        return wire.decode(text, cls, stage="handshake")
+
+
+class ErrorKind:
+    """What an ``ErrorInfo`` says happened, which decides what the trainer does with the engine."""
+
+    REFUSED = "refused"  # the handshake refused the plan: nothing was sent or applied
+    UNTOUCHED = "untouched"  # failed before any weight was applied: the engine serves its old weights whole
+    FAILED = "failed"  # failed, possibly after applying some weights (an engine then stays paused)
+    ABORTED = "aborted"  # gave up because another member gave up first (its error says why)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """One failure as data. ``message`` is the text people read (unchanged from what the error always said); the
+    other fields are what code decides on: never recognise an error by its text. ``engine``: the engine's name as
+    the trainer knows it (filled in by the trainer; a worker does not know it); ``parameter``: the tensor at fault,
+    where one is; ``receiver``: the receiver rank that failed."""
+
+    kind: str
+    message: str
+    engine: str = ""
+    parameter: str = ""
+    receiver: int | None = None
+    stage: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def of(cls, error: BaseException, message: str | None = None, **fields) -> "ErrorInfo":
+        """The ErrorInfo of an exception: its kind from its class, its stage and parameter where it has them."""
+        kind = ErrorKind.REFUSED if isinstance(error, HandshakeMismatch) else \
+            ErrorKind.ABORTED if isinstance(error, Aborted) else ErrorKind.FAILED
+        fields.setdefault("stage", getattr(error, "stage", "") or "")
+        fields.setdefault("parameter", getattr(error, "parameter", "") or "")
+        return cls(kind, describe(error) if message is None else message, **fields)
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """What one trainer rank holds of a push: ``[name, shape, dtype, start, numel]`` per piece, and the names of
+    the tensors holding NaN or Inf (SyncConfig.check_finite)."""
+
+    pieces: list[list]
+    nonfinite: list[str] = field(default_factory=list)
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class PlanOffer:
+    """Rank 0's plan of push ``version``: the bucket plan (plan/buckets.py JSON), buffers per stage, the memory
+    budget's fallback note, and the delta decision (plan/delta_policy.py DeltaDecision JSON; None: full)."""
+
+    plan: str
+    num_buffers: int
+    version: int
+    fallback: str | None = None
+    delta: dict | None = None
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class PlanRefusal:
+    """The handshake refused the push (nothing is sent): the mismatch lines, and the receiver ranks that refused."""
+
+    lines: list[str]
+    receivers: list[int] = field(default_factory=list)
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A receiver's acknowledgement of one push: its times, its delta state (plan/delta_policy.receiver_state),
+    how a vLLM engine applied it; or ``error`` (and a short ``trace``) when it failed."""
+
+    apply_s: float = 0.0
+    transfer_s: float = 0.0
+    delta_state: dict | None = None
+    engine_apply: str = ""
+    error: ErrorInfo | None = None
+    trace: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+    WIRE_DECODE: ClassVar[dict] = {"error": lambda e: wire.from_wire(e, ErrorInfo)}
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+@dataclass(frozen=True)
+class LayoutAnnouncement:
+    """Trainer rank 0's decision of an epoch's transports (transport/layout.py Layout JSON), or why there is none."""
+
+    layout: str | None = None
+    error: ErrorInfo | None = None
+    protocol_version: int = PROTOCOL_VERSION
+
+    WIRE_DECODE: ClassVar[dict] = {"error": lambda e: wire.from_wire(e, ErrorInfo)}
 
 
 @dataclass
@@ -82,6 +195,7 @@ class Verdict:
     receivers: list[int] = field(default_factory=list)
     changed: bool = False
     data: dict = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
 
     @property
     def failed(self) -> bool:

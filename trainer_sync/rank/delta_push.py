@@ -8,6 +8,7 @@ receiver could take a delta against this push (its cache is then dropped: nothin
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from ..codec.base import Codec
@@ -17,7 +18,7 @@ from ..codec.plain import PLAIN
 from ..errors import SyncError
 from ..plan.buckets import BucketPlan
 from ..plan.delta_policy import DeltaDecision, delta_allowed, plan_digest
-from ..protocol.messages import Keys
+from ..protocol.messages import Ack, Keys, PlanOffer, PlanRefusal
 from ..transport.group import wait_keys
 
 
@@ -49,24 +50,25 @@ class DeltaPushes:
             if st and st.get("late") and store.check([Keys.delta_state(j)]):
                 self.receivers[j] = json.loads(store.get(Keys.delta_state(j)))
 
-    def annotate(self, msg: dict, store, num_receivers: int, layout, base: int) -> dict:
-        """Rank 0: the plan message with this push's delta decision (an error message stays as it is)."""
-        if "plan" not in msg:
+    def annotate(self, msg: PlanOffer | PlanRefusal, store, num_receivers: int, layout, base: int
+                 ) -> PlanOffer | PlanRefusal:
+        """Rank 0: the plan offer with this push's delta decision (a refusal stays as it is)."""
+        if not isinstance(msg, PlanOffer):
             return msg
-        return {**msg, "delta": self.decide(store, num_receivers, msg["plan"], any(layout.local), base)}
+        return dataclasses.replace(msg, delta=self.decide(store, num_receivers, msg.plan, any(layout.local), base))
 
-    def acknowledged(self, acks: list[dict]) -> None:
-        self.receivers = [a.get("delta_state") for a in acks]
+    def acknowledged(self, acks: list[Ack]) -> None:
+        self.receivers = [a.delta_state for a in acks]
 
-    def codec_for(self, plan: BucketPlan, msg: dict, ipc: bool, rank: int) -> tuple[Codec, dict]:
+    def codec_for(self, plan: BucketPlan, msg: PlanOffer, ipc: bool, rank: int) -> tuple[Codec, dict]:
         """This push's codec and this rank's stats dict (filled in by the codec as the push goes)."""
-        decision = DeltaDecision.from_json(msg.get("delta"))
+        decision = DeltaDecision.from_json(msg.delta)
         if not (self.state.enabled and not ipc and decision.keep):
             self.state.cache.clear()  # no receiver could take a delta against this push
             n = sum(b.nbytes for b in plan.buckets if b.src == rank)
             return PLAIN, {"sent": n, "full": n, "changed": 0, "elements": 0, "kinds": {},
                            "full_reason": decision.reason}
-        self.state.begin(msg["plan"], plan)
+        self.state.begin(msg.plan, plan)
         codec = DeltaSend(self.state, decision, plan, rank)
         return codec, codec.stats
 

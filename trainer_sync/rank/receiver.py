@@ -16,12 +16,13 @@ from ..codec import Fp8Arrival, Fp8Rules
 from ..codec.delta.codec import DeltaReceive
 from ..codec.delta.destination import DeltaDestination, absent_state
 from ..codec.plain import PLAIN
-from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError, describe
+from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from ..pipeline.loops import Batch, BufferPool, gc_paused, receive
 from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import BucketPlan, PlanCache
 from ..plan.delta_policy import DeltaDecision
-from ..protocol.messages import Expected, JoinInfo, Keys
+from ..protocol import wire
+from ..protocol.messages import Ack, ErrorInfo, Expected, JoinInfo, Keys, PlanOffer, PlanRefusal
 from ..transport import RecvTransport, cuda, open_recv
 from ..transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
 from ..transport.layout import agree_layout
@@ -40,7 +41,7 @@ class Receiver:
                  device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None,
                  targets: dict[str, torch.Tensor] | None = None, delta_mirror: bool = True,
                  adopts_targets: bool = False):
-        self.info = info if isinstance(info, JoinInfo) else JoinInfo(**info)
+        self.info = info if isinstance(info, JoinInfo) else wire.from_wire(info, JoinInfo, stage="rendezvous")
         if isinstance(expected, dict):
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
         # dequantize_fp8: a bf16/fp32 engine opted in to fp8 on the wire; weights are dequantized on arrival into
@@ -62,7 +63,7 @@ class Receiver:
         self.rdzv: Rendezvous | None = None
         self.seq = 0
         self._open = False  # a receive started and has not acknowledged
-        self.note: dict = {}  # extra fields of the acknowledgement (the vLLM backend says how it applied the push)
+        self.note: dict = {}  # extra Ack fields (the vLLM backend says how it applied the push: engine_apply)
         self.version = 0
         self._plans = PlanCache()
         # Delta pushes (codec/delta/destination.py): ``targets`` are the served tensors, written in place by every
@@ -152,10 +153,10 @@ class Receiver:
                      max_pause_s=1e-3):
             raise SyncError(f"{self.me}: no push from the trainer within {self.info.timeout_s:g}s",
                             stage="handshake", who="trainer rank 0")
-        msg = self.bridge.get_json(Keys.plan(p))
-        if "error" in msg:
-            raise HandshakeMismatch(msg["error"], msg.get("receivers"))
-        plan = self._plans.parse(msg["plan"])
+        msg = wire.decode(store.get(Keys.plan(p)), PlanOffer, PlanRefusal, stage="handshake")
+        if isinstance(msg, PlanRefusal):
+            raise HandshakeMismatch(msg.lines, msg.receivers)
+        plan = self._plans.parse(msg.plan)
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
         try:
             if on_plan is not None:
@@ -166,13 +167,13 @@ class Receiver:
                                 abort=lambda: abort_reason(store, abort_key))
             codec = PLAIN
             if self.delta is not None and not self.transport.local_srcs:  # into the destination; deltas if told
-                self.delta.prepare(plan, msg["plan"])
-                codec = DeltaReceive(self.delta, plan, DeltaDecision.from_json(msg.get("delta")).on, str(self.me))
-            times = receive(plan, self.transport, self.pool, msg["num_buffers"], deadline, cb, wanted, str(self.me),
+                self.delta.prepare(plan, msg.plan)
+                codec = DeltaReceive(self.delta, plan, DeltaDecision.from_json(msg.delta).on, str(self.me))
+            times = receive(plan, self.transport, self.pool, msg.num_buffers, deadline, cb, wanted, str(self.me),
                             p, codec, VerdictRound(store, p, i.num_receivers, i.timeout_s, abort_key, str(self.me),
                                                    self.me.rank))
             if codec is not PLAIN:
-                codec.finished(msg["version"])
+                codec.finished(msg.version)
             if self.fp8:
                 cb.finish()
         except Exception as e:
@@ -181,20 +182,19 @@ class Receiver:
         state = self.delta.state() if self.delta else None
         if state is not None and state.get("late"):
             self.delta.publish(self.delta.told())  # first: the join key is never older than the acknowledgement
-        self.bridge.set_json(Keys.done(p, self.me.rank), {"apply_s": times.apply, "transfer_s": times.transfer,
-                                                         "delta_state": state, **self.note})
+        store.set(Keys.done(p, self.me.rank), wire.encode(Ack(times.apply, times.transfer, state, **self.note)))
         self._open = False
-        self.version = self.whole_version = msg["version"]
-        return ReceiveResult(msg["version"], plan.total_bytes, times.transfer, times.apply)
+        self.version = self.whole_version = msg.version
+        return ReceiveResult(msg.version, plan.total_bytes, times.transfer, times.apply)
 
     def _give_up(self, p: str, error: BaseException, trace: str = "") -> None:
         """Acknowledge push ``p`` with ``error`` and abort it for everyone (Sender.abort_push): the trainer ranks
         and the other receivers stop waiting at once instead of at their timeout."""
-        text = describe(error)
+        info = ErrorInfo.of(error, receiver=self.me.rank)
         try:
-            self.bridge.set_json(Keys.done(p, self.me.rank), {"error": text, "trace": trace})
+            self.bridge.store.set(Keys.done(p, self.me.rank), wire.encode(Ack(error=info, trace=trace)))
             if not isinstance(error, Aborted) and not self.bridge.store.check([Keys.abort(p)]):
-                self.bridge.store.set(Keys.abort(p), f"{self.me}: {text}")
+                self.bridge.store.set(Keys.abort(p), f"{self.me}: {info.message}")
         except torch.distributed.DistError:
             pass  # the trainer's store is gone: nobody is left to tell, and the original error is what matters
 

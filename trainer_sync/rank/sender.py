@@ -6,7 +6,7 @@ the handshake fails, and the push only returns once every receiver has applied e
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import secrets
 import time
 
@@ -21,7 +21,8 @@ from ..pipeline.loops import BufferPool, gc_paused, send
 from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
     plan_buckets, resolve_wire_dtypes, wants_block_fp8
-from ..protocol.messages import Expected, JoinInfo, Keys
+from ..protocol import wire
+from ..protocol.messages import Ack, Expected, JoinInfo, Keys, Pieces, PlanOffer, PlanRefusal
 from ..protocol.report import SyncReport
 from ..sources import Source, make_source
 from ..codec.fp8_source import Fp8Source
@@ -121,8 +122,7 @@ class Sender:
         if self.rank == 0:
             self._wait([Keys.expected(j) for j in range(self.num_receivers)], "expectations",
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")
-            self._expected = [Expected.from_json(self.bridge.get_json(Keys.expected(j)) or "{}")
-                              for j in range(self.num_receivers)]
+            self._expected = [self._expectation(j) for j in range(self.num_receivers)]
             self.bridge.set_json(Keys.WIRE_FP8, wants_block_fp8(self._expected))
         self._wait([Keys.WIRE_FP8], "the wire dtype", lambda k: "trainer rank 0")
         fp8 = self.bridge.get_json(Keys.WIRE_FP8)
@@ -145,7 +145,12 @@ class Sender:
             raise SyncError(f"trainer rank {self.rank}: no {what} from {names} within {timeout_s:g}s",
                             stage="handshake" if what != "acknowledgement" else "apply", who=names)
 
-    def _plan(self, p: str, version: int) -> dict:
+    def _expectation(self, j: int) -> Expected:
+        """What receiver ``j`` said it expects when it joined (nothing: it checks nothing)."""
+        text = self.bridge.get_json(Keys.expected(j))
+        return Expected.from_json(text) if text else Expected()
+
+    def _plan(self, p: str, version: int) -> PlanOffer | PlanRefusal:
         """Rank 0: merge every rank's pieces, plan, check against the receivers; publish the verdict."""
         cfg, bridge = self.config, self.bridge
         self._wait([Keys.pieces(p, r) for r in range(self.world)], "metadata",
@@ -153,24 +158,23 @@ class Sender:
         if self._expected is None:
             self._wait([Keys.expected(j) for j in range(self.num_receivers)], "expectations",
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")
-            self._expected = [Expected.from_json(bridge.get_json(Keys.expected(j)) or "{}")
-                              for j in range(self.num_receivers)]
+            self._expected = [self._expectation(j) for j in range(self.num_receivers)]
         raw = [bridge.store.get(Keys.pieces(p, r)) for r in range(self.world)]
         if self._last_plan is not None and self._last_plan[0] == raw:
-            return {**self._last_plan[1], "version": version}  # same tensors as last push: same plan
+            return dataclasses.replace(self._last_plan[1], version=version)  # same tensors as last push: same plan
         pieces, errors = [], []
         for r, text in enumerate(raw):
-            msg = json.loads(text)
-            pieces += [LocalPiece(n, tuple(s), d, a, b, r) for n, s, d, a, b in msg["pieces"]]
-            errors += [f"trainer rank {r}: {n} holds NaN or Inf" for n in msg["nonfinite"]]
+            msg = wire.decode(text, Pieces, stage="handshake")
+            pieces += [LocalPiece(n, tuple(s), d, a, b, r) for n, s, d, a, b in msg.pieces]
+            errors += [f"trainer rank {r}: {n} holds NaN or Inf" for n in msg.nonfinite]
         try:
             meta, _ = merge_pieces(pieces)
-            wire = resolve_wire_dtypes(meta, cfg.wire_dtype, [e for e in self._expected if e.tensors])
-            largest = max((x.numel * itemsize(wire[x.name]) for x in pieces), default=0)
+            wire_dtypes = resolve_wire_dtypes(meta, cfg.wire_dtype, [e for e in self._expected if e.tensors])
+            largest = max((x.numel * itemsize(wire_dtypes[x.name]) for x in pieces), default=0)
             fit = fit_budget(cfg.bucket_bytes, cfg.num_buffers, largest, cfg.memory_budget_bytes, self.world)
-            plan = plan_buckets(pieces, self.world, fit.bucket_bytes, wire, self.source.aliases)
+            plan = plan_buckets(pieces, self.world, fit.bucket_bytes, wire_dtypes, self.source.aliases)
         except PlanError as e:
-            return {"error": [str(e)]}
+            return PlanRefusal([str(e)])
         refused_by = []
         for j, exp in enumerate(self._expected):
             if exp.tensors:
@@ -178,8 +182,8 @@ class Sender:
                 errors += found
                 refused_by += [j] if found else []
         if errors:
-            return {"error": errors, "receivers": refused_by}
-        msg = {"plan": plan.to_json(), "num_buffers": fit.num_buffers, "fallback": fit.fallback, "version": version}
+            return PlanRefusal(errors, refused_by)
+        msg = PlanOffer(plan.to_json(), fit.num_buffers, version, fit.fallback)
         self._last_plan = (raw, msg)
         return msg
 
@@ -218,17 +222,16 @@ class Sender:
             return abort_reason(store, abort_key)
 
         bad = self.source.nonfinite() if cfg.check_finite else []
-        bridge.set_json(Keys.pieces(p, self.rank), {
-            "pieces": [[x.name, list(x.shape), x.dtype, x.start, x.numel] for x in self.source.pieces()],
-            "nonfinite": bad})
+        store.set(Keys.pieces(p, self.rank), wire.encode(Pieces(
+            [[x.name, list(x.shape), x.dtype, x.start, x.numel] for x in self.source.pieces()], bad)))
         if self.rank == 0:
-            bridge.set_json(Keys.plan(p), self.delta.annotate(self._plan(p, version), store, self.num_receivers,
-                                                              bridge.layout, self.version))
+            store.set(Keys.plan(p), wire.encode(self.delta.annotate(self._plan(p, version), store,
+                                                                    self.num_receivers, bridge.layout, self.version)))
         self._wait([Keys.plan(p)], "plan", lambda k: "trainer rank 0", deadline, abort_key)
-        msg = bridge.get_json(Keys.plan(p))
-        if "error" in msg:
-            raise HandshakeMismatch(msg["error"], msg.get("receivers"))
-        plan = self._plans.parse(msg["plan"])
+        msg = wire.decode(store.get(Keys.plan(p)), PlanOffer, PlanRefusal, stage="handshake")
+        if isinstance(msg, PlanRefusal):
+            raise HandshakeMismatch(msg.lines, msg.receivers)
+        plan = self._plans.parse(msg.plan)
         t_plan = time.perf_counter() - t0
         group = bridge.groups.get(self.rank)  # None when every receiver is on this rank's GPU
         wire_deadline = Deadline(cfg.bucket_timeout_s or cfg.timeout_s, cfg.push_timeout_s, abort=aborted)
@@ -243,7 +246,7 @@ class Sender:
         codec, dstats = self.delta.codec_for(plan, msg, any(bridge.layout.local), self.rank)
         try:
             wire_deadline.check()
-            times = send(plan, self.source, self.transport, msg["num_buffers"], wire_deadline, p,
+            times = send(plan, self.source, self.transport, msg.num_buffers, wire_deadline, p,
                          snapshot.keep if snapshot is not None else None, codec,
                          VerdictRound(store, p, self.num_receivers, cfg.timeout_s, abort_key,
                                       f"trainer rank {self.rank}"))
@@ -261,25 +264,27 @@ class Sender:
             raise self._name_stalled(p, failed)
         self._wait([Keys.done(p, j) for j in range(self.num_receivers)], "acknowledgement",
                    lambda k: f"receiver {k.rsplit('/', 1)[1]}", deadline, abort_key)
-        acks = [bridge.get_json(Keys.done(p, j)) for j in range(self.num_receivers)]
-        failed = [f"receiver {j}: {a['error']}" for j, a in enumerate(acks) if "error" in a]
+        acks = [wire.decode(store.get(Keys.done(p, j)), Ack, stage="apply") for j in range(self.num_receivers)]
+        failed = [j for j, a in enumerate(acks) if a.failed]
         if failed:
-            raise SyncError("trainer_sync push failed on the receiving side:\n  " + "\n  ".join(failed),
-                            stage="apply", who=failed[0].split(":")[0])
+            raise SyncError("trainer_sync push failed on the receiving side:\n  " +
+                            "\n  ".join(f"receiver {j}: {acks[j].error.message}" for j in failed),
+                            stage="apply", who=f"receiver {failed[0]}", receivers=failed,
+                            parameter=acks[failed[0]].error.parameter)
         self.transport.after_push()
         self.delta.acknowledged(acks)
         self.delta.commit(version)
         delta = report_fields(store, p, self.world, self.rank, dstats, cfg.timeout_s)
         if snapshot is not None:
-            snapshot.commit(msg["plan"], version, {b.index for b in plan.buckets if b.src == self.rank})
+            snapshot.commit(msg.plan, version, {b.index for b in plan.buckets if b.src == self.rank})
         if self.rank == 0 and self.seq >= 2:
             self._forget(self.seq - 2)
         self.version = version
-        wire = sorted({t.dtype for t in plan.tensors.values()})
+        wire_dtypes = sorted({t.dtype for t in plan.tensors.values()})
         return SyncReport(version, self.seq - 1, plan.total_bytes, len(plan.buckets), self.num_receivers, t_plan,
-                          times.pack, times.transfer, max(a["apply_s"] for a in acks), time.perf_counter() - t0,
-                          msg["fallback"], ",".join(wire),
-                          ",".join(sorted({a["engine_apply"] for a in acks if "engine_apply" in a})), **delta)
+                          times.pack, times.transfer, max(a.apply_s for a in acks), time.perf_counter() - t0,
+                          msg.fallback, ",".join(wire_dtypes),
+                          ",".join(sorted({a.engine_apply for a in acks if a.engine_apply})), **delta)
 
     def abort_push(self, seq: int, reason: str) -> None:
         """Give up on push number ``seq`` (from any thread): every trainer rank's and receiver's wait in it stops

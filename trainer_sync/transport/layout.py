@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..errors import SyncError
-from ..protocol.messages import Keys
+from ..protocol import wire
+from ..protocol.messages import ErrorInfo, ErrorKind, Keys, LayoutAnnouncement
 from .group import Member, wait_keys
 
 LAYOUT_KEY = Keys.LAYOUT
@@ -103,20 +104,24 @@ def agree_layout(store: dist.Store, me: Member, configured: str, gpu: str, num_t
         missing = wait_keys(store, keys, timeout_s)
         if missing:
             msg = f"no GPU report from {', '.join(missing)} within {timeout_s:g}s"
-            store.set(LAYOUT_KEY, "error:" + msg)
+            _announce(store, error=ErrorInfo(ErrorKind.FAILED, msg, stage="rendezvous"))
             raise SyncError(f"trainer rank 0: {msg}", stage="rendezvous")
         gpus = [store.get(k).decode() for k in keys]
         try:
             layout = plan_layout(configured, gpus[:num_trainers], gpus[num_trainers:], backend)
         except ValueError as e:
-            store.set(LAYOUT_KEY, "error:" + str(e))
+            _announce(store, error=ErrorInfo(ErrorKind.FAILED, str(e), stage="rendezvous"))
             raise SyncError(str(e), stage="rendezvous") from None
-        store.set(LAYOUT_KEY, layout.to_json())
+        _announce(store, layout=layout.to_json())
         return layout
     if wait_keys(store, [LAYOUT_KEY], timeout_s):
         raise SyncError(f"{me}: trainer rank 0 announced no transport within {timeout_s:g}s", stage="rendezvous",
                         who="trainer rank 0")
-    text = store.get(LAYOUT_KEY).decode()
-    if text.startswith("error:"):
-        raise SyncError(f"{me}: {text[6:]}", stage="rendezvous", who=str(me))
-    return Layout.from_json(text)
+    announced = wire.decode(store.get(LAYOUT_KEY), LayoutAnnouncement, stage="rendezvous")
+    if announced.error is not None:
+        raise SyncError(f"{me}: {announced.error.message}", stage="rendezvous", who=str(me))
+    return Layout.from_json(announced.layout)
+
+
+def _announce(store: dist.Store, layout: str | None = None, error: ErrorInfo | None = None) -> None:
+    store.set(LAYOUT_KEY, wire.encode(LayoutAnnouncement(layout, error)))
