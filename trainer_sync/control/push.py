@@ -7,10 +7,10 @@ import dataclasses
 import time
 import warnings
 
-from ..errors import UNTOUCHED, HandshakeMismatch, SyncError
+from ..errors import HandshakeMismatch, SyncError
 from ..protocol.report import SyncReport
 from ..engines.clients import EngineCallError, EngineClient
-from ..protocol.messages import Verdict
+from ..protocol.messages import ErrorKind, Verdict
 from .engine_calls import Background, stage_of
 
 
@@ -67,7 +67,8 @@ class PushMachine:
                     if refused:  # expected: the engine refused the plan before touching its model
                         c.resume()
                         continue
-                    if UNTOUCHED in str(call.error):  # failed before any weight was applied: old weights, whole
+                    info = getattr(call.error, "info", None)  # the engine's ErrorInfo (engines/clients.py)
+                    if info is not None and info.kind == ErrorKind.UNTOUCHED:  # no weight applied: old ones, whole
                         c.resume()
                         problems.append((failed_stage, c.name, f"{call.error}; the engine was resumed"))
                         continue

@@ -20,7 +20,8 @@ Failure rules: a refused handshake (names / shapes / dtypes) raises HandshakeMis
 engines never touched their models, so they are resumed on their old weights. Any other failure raises SyncError
 naming the engine and the stage; an engine whose update did not complete stays paused (its model may be half
 updated) until a later push succeeds, and that push first rebuilds the bridging group (a new epoch) with every
-engine. An engine that says its update failed before any weight was applied (errors.UNTOUCHED) is resumed at once.
+engine. An engine that says its update failed before any weight was applied (its ErrorInfo's kind is
+``untouched``) is resumed at once.
 
 Ownership and versions: an engine has one owner (engines/vllm.py refuses another trainer's join while the owner is
 alive). The weight version an engine reports never goes backwards by default: ``push()`` without a version continues

@@ -9,19 +9,32 @@ at which stage. Tensors never travel through these calls (bytes go over the brid
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 
+from ..protocol.error_frame import unframe
+from ..protocol.messages import ErrorInfo
+from ..protocol.wire import ProtocolError
+
 
 class EngineCallError(RuntimeError):
-    """One control call to one engine failed."""
+    """One control call to one engine failed. ``info``: the engine's typed ErrorInfo when trainer_sync's backend
+    raised it (taken out of the text vLLM passed on, error_frame.py), its ``engine`` set to this engine; None for a
+    failure of vLLM or of the connection. ``detail`` is the text without the frame, cut to ``limit`` characters."""
 
-    def __init__(self, engine: str, call: str, detail: str):
+    def __init__(self, engine: str, call: str, detail: str, limit: int | None = None):
+        try:
+            detail, info = unframe(detail)
+        except ProtocolError as e:
+            info, detail = None, f"{detail} ({e})"
+        detail = detail if limit is None else detail[:limit]
         super().__init__(f"{engine}: {call} failed: {detail}")
         self.engine, self.call, self.detail = engine, call, detail
+        self.info: ErrorInfo | None = None if info is None else dataclasses.replace(info, engine=engine)
 
 
 class EngineClient(ABC):
@@ -158,7 +171,7 @@ class HttpClient(EngineClient):
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as e:
-            err = EngineCallError(self.name, route.lstrip("/"), f"HTTP {e.code}: {e.read().decode()[:2000]}")
+            err = EngineCallError(self.name, route.lstrip("/"), f"HTTP {e.code}: {e.read().decode()}", limit=2000)
             err.status = e.code
             raise err from e
         except (urllib.error.URLError, OSError) as e:

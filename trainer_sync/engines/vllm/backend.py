@@ -38,7 +38,9 @@ from ...codec import scale_name
 from ...plan.buckets import dtype_of
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
-from ...protocol.messages import JoinInfo, Keys
+from ...protocol import wire
+from ...protocol.error_frame import FramedError
+from ...protocol.messages import ErrorInfo, ErrorKind, JoinInfo, Keys
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
 from .shards import engine_shards
@@ -91,11 +93,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         (None here) asks this worker to leave its group, on releases without vLLM's own shutdown call."""
         if init_dict == compat.LEAVE:
             return None
-        try:
-            return JoinInfo(**init_dict)
-        except TypeError as e:
-            fields = [f.name for f in dataclasses.fields(JoinInfo)]
-            raise ValueError(f"trainer_sync: init_info must be a JoinInfo dict with {fields}: {e}") from e
+        return wire.from_wire(init_dict, JoinInfo, stage="rendezvous")
 
     def worker_index(self) -> int:
         """This worker's index among all workers of its engine, data-parallel replicas included (like vLLM's own
@@ -212,11 +210,13 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         reply. So the workers first agree (over vLLM's own CPU groups) on what failed, and only the last worker,
         whose reply is read last, raises, naming every failed worker.
 
-        ``touched`` (an update): whether this worker applied any weight of it. When no worker of the engine did, the
-        error raised ends with ``UNTOUCHED``, telling the trainer that the engine still serves its old weights whole.
+        ``touched`` (an update): whether this worker applied any weight of it. The error raised is a FramedError:
+        its ``ErrorInfo`` travels through vLLM's RPC (which passes on text alone) to the trainer's engine client, and
+        its kind is ``untouched`` when no worker of the engine applied any weight, telling the trainer that the engine
+        still serves its old weights whole (the message then ends with ``UNTOUCHED`` for people).
         """
         pc = self.parallel_config
-        mine = None if error is None else f"{type(error).__name__}: {error}"
+        mine = None if error is None else ErrorInfo.of(error, f"{type(error).__name__}: {error}")
         failures = {pc.rank: mine} if mine else {}
         any_touched = bool(touched)
         if pc.world_size > 1:
@@ -234,17 +234,20 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         if not failures:
             return
         if pc.rank != pc.world_size - 1:
-            logger.error("trainer_sync: worker %d failed (reported by the engine's last worker): %s", pc.rank, mine)
+            logger.error("trainer_sync: worker %d failed (reported by the engine's last worker): %s", pc.rank,
+                         mine.message if mine else None)
             return
         untouched = touched is not None and not any_touched and not isinstance(error, HandshakeMismatch)
         if error is not None and (len(failures) == 1 or all(m == mine for m in failures.values())):
             # One failure, or the same everywhere (a refused handshake: every worker checks the same plan).
             if untouched:
-                raise RuntimeError(f"{mine} {UNTOUCHED}") from error
-            raise error
-        lines = "\n  ".join(f"worker {r}: {m}" for r, m in sorted(failures.items()))
-        raise RuntimeError(f"trainer_sync: {len(failures)} of {pc.world_size} workers failed:\n  {lines}" +
-                           (f"\n{UNTOUCHED}" if untouched else ""))
+                raise FramedError(dataclasses.replace(mine, kind=ErrorKind.UNTOUCHED,
+                                                      message=f"{mine.message} {UNTOUCHED}")) from error
+            raise FramedError(ErrorInfo.of(error, str(error))) from error
+        lines = "\n  ".join(f"worker {r}: {m.message}" for r, m in sorted(failures.items()))
+        raise FramedError(ErrorInfo(ErrorKind.UNTOUCHED if untouched else ErrorKind.FAILED,
+                                    f"trainer_sync: {len(failures)} of {pc.world_size} workers failed:\n  {lines}" +
+                                    (f"\n{UNTOUCHED}" if untouched else ""), stage="apply"))
 
     # --- one update -------------------------------------------------------------------------------------------
     def start_weight_update(self) -> None:

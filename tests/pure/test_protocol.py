@@ -1,0 +1,149 @@
+"""The push protocol (protocol/messages.py, protocol/wire.py, protocol/error_frame.py): every message survives the
+trip through JSON; a message of an unknown version, a missing or unknown field, or of another type is refused with
+a ProtocolError naming the message and the field; an error's typed fields survive the trip, through vLLM's
+text-only RPC and an HTTP error body too."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer_sync.engines.clients import EngineCallError
+from trainer_sync.errors import UNTOUCHED, Aborted, HandshakeMismatch, SyncError
+from trainer_sync.protocol import wire
+from trainer_sync.protocol.error_frame import FramedError, unframe
+from trainer_sync.protocol.messages import (Ack, ErrorInfo, ErrorKind, Expected, JoinInfo, LayoutAnnouncement, Pieces,
+                                            PlanOffer, PlanRefusal, Verdict)
+from trainer_sync.protocol.wire import PROTOCOL_VERSION, ProtocolError
+
+ERROR = ErrorInfo(ErrorKind.FAILED, "RuntimeError: boom in model.layers.0.weight", engine="engine 1 (x)",
+                  parameter="model.layers.0.weight", receiver=3, stage="apply")
+
+MESSAGES = [
+    JoinInfo("127.0.0.1", 29500, "secret", 2, 4, 8, 1, "gloo", 30.0, 5.0, 60.0, wire_dtype="fp8",
+             engine_apply="layerwise", fp8_rules={"exclude": ["lm_head"]}, delta="on", delta_mirror_mb=64.0),
+    Expected({"a.weight": ((4, 8), "bfloat16"), "b": ((3,), None)}),
+    Expected(),
+    ERROR,
+    ErrorInfo(ErrorKind.UNTOUCHED, "nothing applied"),
+    Pieces([["a.weight", [4, 8], "bfloat16", 0, 32]], ["b"]),
+    PlanOffer('{"buckets": []}', 2, 7, "memory budget: 1 buffer", {"on": True, "base": 6}),
+    PlanOffer('{"buckets": []}', 1, 1),
+    PlanRefusal(["receiver 0: a.weight is [4, 8], expected [8, 4]"], [0]),
+    Ack(0.5, 1.5, {"digest": "d", "version": 3}, "direct"),
+    Ack(error=ERROR, trace="Traceback ..."),
+    LayoutAnnouncement('{"n": 2, "local": [[], []]}'),
+    LayoutAnnouncement(error=ErrorInfo(ErrorKind.FAILED, "no GPU report from receiver 1", stage="rendezvous")),
+    Verdict("trainer_sync push failed", "transfer", "engine 0", members=["engine 0"], dead=["engine 0"],
+            refused=["line"], receivers=[1], changed=True, data={"offsets": [0, 2], "engine_version": 4}),
+    Verdict(),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_survives_the_trip(msg):
+    text = wire.encode(msg)
+    assert json.loads(text)["type"] == type(msg).__name__
+    assert json.loads(text)["protocol_version"] == PROTOCOL_VERSION
+    assert wire.decode(text, type(msg)) == msg
+
+
+def test_join_info_travels_as_the_dict_vllm_passes_on():
+    info = MESSAGES[0]
+    assert wire.from_wire(json.loads(json.dumps(info.to_dict())), JoinInfo) == info
+    assert "secret" not in repr(info)  # the token is never printed
+
+
+def test_the_reader_picks_one_of_the_types_it_expects():
+    for msg in (MESSAGES[6], MESSAGES[8]):
+        assert wire.decode(wire.encode(msg), PlanOffer, PlanRefusal) == msg
+    with pytest.raises(ProtocolError) as err:
+        wire.decode(wire.encode(MESSAGES[9]), PlanOffer, PlanRefusal)
+    assert "expected a PlanOffer or PlanRefusal message, got an Ack" in str(err.value)
+    assert (err.value.message_type, err.value.field) == ("PlanOffer or PlanRefusal", "type")
+
+
+def test_an_unknown_version_is_refused_naming_message_and_field():
+    obj = wire.to_wire(Ack(1.0, 2.0))
+    obj["protocol_version"] = 99
+    with pytest.raises(ProtocolError) as err:
+        wire.from_wire(obj, Ack, stage="apply")
+    assert "Ack message of protocol version 99" in str(err.value) and "reads version(s) 1" in str(err.value)
+    assert (err.value.message_type, err.value.field, err.value.stage) == ("Ack", "protocol_version", "apply")
+    assert isinstance(err.value, SyncError) and isinstance(err.value, ValueError)
+    del obj["protocol_version"]
+    with pytest.raises(ProtocolError, match="Ack message without field 'protocol_version'"):
+        wire.from_wire(obj, Ack)
+
+
+def test_a_missing_field_is_named():
+    obj = wire.to_wire(MESSAGES[0])
+    del obj["port"]
+    with pytest.raises(ProtocolError) as err:
+        wire.from_wire(obj, JoinInfo)
+    assert "JoinInfo message without field 'port'" in str(err.value)
+    assert (err.value.message_type, err.value.field) == ("JoinInfo", "port")
+    nested = wire.to_wire(Ack(error=ERROR))
+    del nested["error"]["kind"]
+    with pytest.raises(ProtocolError, match="ErrorInfo message without field 'kind'"):
+        wire.from_wire(nested, Ack)
+
+
+def test_an_unknown_field_or_a_non_message_is_named():
+    obj = dict(wire.to_wire(Pieces([], [])), colour="red")
+    with pytest.raises(ProtocolError) as err:
+        wire.from_wire(obj, Pieces)
+    assert "Pieces message with unknown field 'colour'" in str(err.value) and err.value.field == "colour"
+    with pytest.raises(ProtocolError, match="expected a Pieces message, got list"):
+        wire.from_wire([1, 2], Pieces)
+    with pytest.raises(ProtocolError, match="a Pieces message that is not JSON"):
+        wire.decode("{nope", Pieces)
+
+
+def test_an_error_keeps_its_typed_fields_through_an_ack():
+    ack = wire.decode(wire.encode(Ack(error=ERROR)), Ack)
+    assert ack.failed and ack.error == ERROR
+    assert (ack.error.kind, ack.error.parameter, ack.error.receiver, ack.error.stage) == \
+        (ErrorKind.FAILED, "model.layers.0.weight", 3, "apply")
+
+
+def test_error_info_of_an_exception():
+    assert ErrorInfo.of(HandshakeMismatch(["x"])).kind == ErrorKind.REFUSED
+    assert ErrorInfo.of(Aborted("gone", stage="transfer")) == \
+        ErrorInfo(ErrorKind.ABORTED, "Aborted: gone", stage="transfer")
+    e = ErrorInfo.of(SyncError("bad", stage="apply", parameter="w"), receiver=2)
+    assert (e.kind, e.message, e.parameter, e.receiver, e.stage) == \
+        (ErrorKind.FAILED, "SyncError: bad", "w", 2, "apply")
+    assert ErrorInfo.of(ValueError()).message.startswith("ValueError")  # no message: where it was raised
+
+
+def engine_error(detail: str) -> EngineCallError:
+    return EngineCallError("engine 0 (http://h:8000)", "update_weights", detail)
+
+
+def test_an_engine_error_crosses_vllms_text_only_rpc_typed():
+    """A worker raises FramedError; vLLM passes on its text alone (in-process: the text; HTTP: inside a JSON error
+    body, escaped); the trainer's client reads the typed fields back and people read the message, frame removed."""
+    info = ErrorInfo(ErrorKind.UNTOUCHED, f'RuntimeError: trainer_sync: "no" receiver\n  worker 1 {UNTOUCHED}')
+    raised = FramedError(info)
+    for text in (str(raised), f"RuntimeError: {raised}",
+                 "HTTP 500: " + json.dumps({"error": {"message": str(raised), "type": "Internal"}})):
+        err = engine_error(text)
+        assert err.info == ErrorInfo(ErrorKind.UNTOUCHED, info.message, engine="engine 0 (http://h:8000)")
+        assert "trainer_sync-error" not in str(err) and "trainer_sync-error" not in err.detail
+    assert str(engine_error(str(raised))) == f"engine 0 (http://h:8000): update_weights failed: {info.message}"
+
+
+def test_an_error_is_never_recognised_by_its_text():
+    """Text that says every word of an untouched failure, without the typed frame, is no typed error."""
+    err = engine_error(f"RuntimeError: update_weights before init_weight_transfer_engine {UNTOUCHED}")
+    assert err.info is None and UNTOUCHED in str(err)
+
+
+def test_a_broken_frame_is_a_clear_protocol_problem():
+    text, info = unframe("boom")
+    assert (text, info) == ("boom", None)
+    with pytest.raises(ProtocolError, match="ErrorInfo"):
+        unframe("boom [trainer_sync-error e30=]")  # base64 of "{}": an ErrorInfo without fields
+    err = engine_error("boom [trainer_sync-error e30=]")
+    assert err.info is None and "expected an ErrorInfo message, got one without a type" in err.detail
