@@ -57,15 +57,16 @@ def pack_bucket(bucket: Bucket, plan: BucketPlan, source: Source, starts: dict[s
 
 
 def send(plan: BucketPlan, source: Source, transport: SendTransport, num_buffers: int, deadline: Deadline,
-         push: str = "", on_packed: Callable[[Bucket, torch.Tensor], None] | None = None, codec: Codec = PLAIN,
+         push: str = "", on_packed: Callable[[Bucket, torch.Tensor, list[torch.Tensor]], None] | None = None,
+         codec: Codec = PLAIN,
          verdict: VerdictRound | None = None) -> StageTimes:
     """Send this trainer rank's buckets of push ``push`` through ``transport``, each turned into frames by
     ``codec`` (plain: the packed bytes; delta: header and body against the cached base). Every trainer rank walks
     every round (ZeRO-3 gathers are collective). A codec that needs the receivers' verdict (a delta) has it
     settled after the pass (``verdict``); when any receiver refused, the same push goes again at once, full.
 
-    ``on_packed(bucket, bytes)`` sees every packed bucket while it is on the wire (the catch-up snapshot keeps a
-    copy of it; see catchup.py)."""
+    ``on_packed(bucket, bytes, frames)`` sees every packed bucket and the frames its codec made while they are on
+    the wire (the catch-up snapshot keeps a copy of them; see catchup.py)."""
     times = StageTimes()
     if not transport.begin(push, plan, source, num_buffers):
         return times  # nothing to pack: every receiver reads this rank's memory in place (CUDA IPC, direct)
@@ -104,7 +105,7 @@ def _send_pass(plan: BucketPlan, source: Source, transport: SendTransport, deadl
                 codec.sent(bucket, data)  # while the frames are on the wire
                 times.pack += time.perf_counter() - t
                 if on_packed is not None:
-                    on_packed(bucket, data)
+                    on_packed(bucket, data, frames)
         transport.drain(times, deadline)
     except SyncError as e:
         failure = (type(e), str(e), e.stage, e.who)

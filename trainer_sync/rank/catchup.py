@@ -14,7 +14,14 @@ Who does what:
     coordinator: it checks the joiner's token (the rendezvous HMAC; the token never travels) and publishes the plan;
     every rank then sends its own buckets over a two-member gloo group formed for that join (transport/p2p.py).
   * ``pull_latest`` (the joiner): register, authenticate, check the plan against what it expects, receive from all
-    trainer ranks at once, hand whole tensors to ``on_batch`` (the same Assembler as a push).
+    trainer ranks at once, hand whole tensors to ``on_batch`` (pipeline.receive, the loop of every push).
+
+Deltas: when the latest push went as deltas, the snapshot also keeps each bucket's delta frames (header + body,
+as they went on the wire), which take an engine that holds the version before it (``delta_base``) to the latest.
+A joiner that passes its destination (``pull_latest(dest=...)``: a codec/delta DeltaDestination, which a previous
+pull or push filled) and holds exactly that version of the same plan asks for them; they arrive through the same
+receive loop with the delta codec, and its verdict round settles with the serving ranks: a destination that is not
+at the base after all refuses, and the full snapshot follows at once (the second pass of the same loop).
 
 The coordinator is reached at the rendezvous address (SyncConfig.host:port); nothing else listens.
 """
@@ -28,13 +35,19 @@ from typing import Callable
 
 import torch
 
+from ..codec.delta.codec import DeltaReceive
+from ..codec.delta.destination import DeltaDestination
+from ..codec.plain import PLAIN
 from ..errors import Deadline, HandshakeMismatch, SyncError
 from ..pipeline.loops import Batch, BufferPool, receive
+from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import Bucket, BucketPlan, Expected, PlanCache, check_plan
+from ..plan.delta_policy import plan_digest
 from ..transport.group import Member, Rendezvous, wait_keys
 from ..transport.p2p import JOINER, TRAINER, PairRecv, pair_group, send_buckets
 
 POLL_S = 0.002  # a check on its own store connection costs ~50 us; joins start within 2 ms
+VERDICT = "catchup/"  # the join namespace's prefix of the verdict round of a delta catch-up
 
 
 class Snapshot:
@@ -50,35 +63,73 @@ class Snapshot:
         self.buckets: dict[int, torch.Tensor] = {}
         self.version: int | None = None
         self.plan_text: str | None = None
+        # The latest push's delta frames per bucket (one buffer, its frame sizes), when it went as deltas against
+        # ``delta_base``: what takes a joiner at that version to ``version``.
+        self.deltas: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        self.delta_base: int | None = None
+        self._base: int | None = None
         self._writing = False
 
     def begin(self) -> None:
         self.lock.acquire()
         self._writing = True
         self.version = None  # invalid until commit: a failed push leaves nothing to pull
+        self._base = None
 
-    def keep(self, bucket: Bucket, data: torch.Tensor) -> None:
+    def delta_from(self, base: int) -> None:
+        """This push goes as deltas against version ``base``: keep its frames too."""
+        self._base = base
+
+    def keep(self, bucket: Bucket, data: torch.Tensor, frames: list[torch.Tensor] | None = None) -> None:
         held = self.buckets.get(bucket.index)
         if held is None or held.numel() != data.numel():
-            if self.budget is not None and self.nbytes() + data.numel() > self.budget:
-                raise SyncError(f"catch-up snapshot exceeds its memory budget ({self.budget} B); raise "
-                                f"SyncConfig.keep_latest_mb or turn keep_latest off", stage="transfer")
+            self._fits(data.numel())
             held = torch.empty(data.numel(), dtype=torch.uint8, pin_memory=data.is_cuda)
             self.buckets[bucket.index] = held
         held.copy_(data, non_blocking=data.is_cuda)
+        if self._base is None or not frames or frames[0] is data:  # a full bucket: no delta of this push
+            self.deltas.pop(bucket.index, None)
+            return
+        sizes = [f.numel() for f in frames]
+        buf = self.deltas.get(bucket.index, (None, None))[0]
+        if buf is None or buf.numel() < sum(sizes):
+            self._fits(sum(sizes) - (buf.numel() if buf is not None else 0))
+            buf = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=data.is_cuda)
+        at = 0
+        for f, n in zip(frames, sizes):
+            buf[at:at + n].copy_(f.reshape(-1).view(torch.uint8), non_blocking=data.is_cuda)
+            at += n
+        self.deltas[bucket.index] = (buf, sizes)
+
+    def _fits(self, more: int) -> None:
+        if self.budget is not None and self.nbytes() + more > self.budget:
+            raise SyncError(f"catch-up snapshot exceeds its memory budget ({self.budget} B); raise "
+                            f"SyncConfig.keep_latest_mb or turn keep_latest off", stage="transfer")
+
+    def delta_frames(self, bucket: Bucket) -> list[torch.Tensor]:
+        buf, sizes = self.deltas[bucket.index]
+        out, at = [], 0
+        for n in sizes:
+            out.append(buf[at:at + n])
+            at += n
+        return out
 
     def commit(self, plan_text: str, version: int, keep: set[int]) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking D2H copies must have landed
         for index in [i for i in self.buckets if i not in keep]:
             del self.buckets[index]
+        for index in [i for i in self.deltas if i not in keep]:
+            del self.deltas[index]
+        whole = self._base is not None and all(i in self.deltas for i in keep)
+        self.delta_base = self._base if whole else None
         self.plan_text, self.version = plan_text, version
         self._release()
 
     def abandon(self) -> None:
         """Called after every push: a no-op once committed, else the half-rewritten snapshot is marked invalid."""
         if self._writing:
-            self.version = None
+            self.version = self.delta_base = None
             self._release()
 
     def _release(self) -> None:
@@ -87,7 +138,7 @@ class Snapshot:
             self.lock.release()
 
     def nbytes(self) -> int:
-        return sum(t.numel() for t in self.buckets.values())
+        return sum(t.numel() for t in self.buckets.values()) + sum(b.numel() for b, _ in self.deltas.values())
 
 
 class CatchUpServer:
@@ -140,17 +191,28 @@ class CatchUpServer:
         with self.snapshot.lock:
             snap = self.snapshot
             ns.set(f"src{self.rank}", json.dumps({"version": snap.version, "plan": snap.plan_text
-                                                  if self.rank == 0 else None}))
+                                                  if self.rank == 0 else None, "delta_base": snap.delta_base}))
             if snap.version is None:
                 return
             plan = BucketPlan.from_json(snap.plan_text)
             mine = [b for b in plan.buckets if b.src == self.rank]
+            if wait_keys(ns, ["want"], self.timeout_s):
+                raise SyncError(f"trainer rank {self.rank}: the joiner did not say what it wants within "
+                                f"{self.timeout_s:g}s", stage="handshake", who=f"joiner {k}")
+            delta = ns.get("want").decode() == "delta" and snap.delta_base is not None
             pg = pair_group(ns, self.rank, TRAINER, self.timeout_s, self.rdzv.host)
             try:  # the snapshot is immutable while we hold its lock: every send can be posted at once
-                send_buckets(pg, [(b, snap.buckets[b.index]) for b in mine], self.timeout_s)
+                if delta:
+                    send_buckets(pg, [(b, f) for b in mine for f in snap.delta_frames(b)], self.timeout_s)
+                    refusals = VerdictRound(ns, VERDICT, 1, self.timeout_s, VERDICT + "abort",
+                                            f"trainer rank {self.rank}").settle()
+                    delta = not refusals
+                if not delta:
+                    send_buckets(pg, [(b, snap.buckets[b.index]) for b in mine], self.timeout_s)
             finally:
                 pg.abort()
-        self.served.append({"join": k, "version": snap.version, "seconds": time.perf_counter() - t})
+        self.served.append({"join": k, "version": snap.version, "seconds": time.perf_counter() - t,
+                            "delta": delta})
 
     def close(self) -> None:
         self._stop.set()
@@ -160,8 +222,12 @@ class CatchUpServer:
 
 def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: Callable[[Batch], None],
                 expected: Expected | None = None, device: torch.device | str = "cpu",
-                timeout_s: float = 120.0, pool: BufferPool | None = None) -> int:
+                timeout_s: float = 120.0, pool: BufferPool | None = None,
+                dest: DeltaDestination | None = None) -> int:
     """Join a running job and apply its latest complete version; returns that version.
+
+    ``dest``: this engine's delta destination (the module docstring): written by the pull, and when it holds the
+    version the latest push was a delta against, only that delta is pulled.
 
     Raises RendezvousRefused (wrong token), HandshakeMismatch (the trainer's tensors do not match ``expected``;
     nothing is received), or SyncError (no version kept, or a trainer rank moved to a newer version mid-join: retry).
@@ -190,6 +256,13 @@ def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: C
         if errors:
             raise HandshakeMismatch(errors)
     device = torch.device(device)
+    codec = PLAIN
+    if dest is not None:
+        held = dest.version if dest.digest == plan_digest(answers[0]["plan"]) and dest.dest is not None else None
+        dest.prepare(plan, answers[0]["plan"])
+        delta = held is not None and all(a.get("delta_base") == held for a in answers)
+        codec = DeltaReceive(dest, plan, delta, str(me))
+    ns.set("want", "delta" if codec.verdict else "full")
     pairs = PairRecv({r: pair_group(ns, r, JOINER, timeout_s, host) for r in range(num_trainers)})
     try:
         # Receive buffers: pass the same pool to later pulls to skip touching fresh pages every time.
@@ -199,7 +272,11 @@ def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: C
         def to_device(batch: Batch) -> None:
             on_batch(batch if device.type == "cpu" else [(n, t.to(device, non_blocking=True)) for n, t in batch])
 
-        receive(plan, pairs, staging, 2, Deadline(timeout_s), to_device, wanted, str(me))
+        receive(plan, pairs, staging, 2, Deadline(timeout_s), to_device, wanted, str(me), codec=codec,
+                verdict=VerdictRound(ns, VERDICT, 1, timeout_s, VERDICT + "abort", str(me), 0))
     finally:
         pairs.close()  # aborts the pair groups
-    return versions.pop()
+    version = versions.pop()
+    if codec is not PLAIN:
+        codec.finished(version)
+    return version

@@ -244,6 +244,8 @@ class Sender:
         # full, or as deltas (codec/delta/codec.py) when every receiver holds the last version (CUDA IPC: always
         # full): the same send loop either way, the codec made from rank 0's decision
         codec, dstats = self.delta.codec_for(plan, msg, any(bridge.layout.local), self.rank)
+        if snapshot is not None and codec.verdict:  # a delta push: its frames also serve a joiner one version behind
+            snapshot.delta_from(codec.decision.base)
         try:
             wire_deadline.check()
             times = send(plan, self.source, self.transport, msg.num_buffers, wire_deadline, p,
