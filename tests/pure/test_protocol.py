@@ -12,8 +12,8 @@ from trainer_sync.engines.clients import EngineCallError
 from trainer_sync.errors import UNTOUCHED, Aborted, HandshakeMismatch, SyncError
 from trainer_sync.protocol import wire
 from trainer_sync.protocol.error_frame import FramedError, unframe
-from trainer_sync.protocol.messages import (Ack, ErrorInfo, ErrorKind, Expected, JoinInfo, LayoutAnnouncement, Pieces,
-                                            PlanOffer, PlanRefusal, Verdict)
+from trainer_sync.protocol.messages import (Ack, CatchupOffer, ErrorInfo, ErrorKind, Expected, JoinInfo,
+                                            LayoutAnnouncement, PassVerdict, Pieces, PlanOffer, PlanRefusal, Verdict)
 from trainer_sync.protocol.wire import PROTOCOL_VERSION, ProtocolError
 
 ERROR = ErrorInfo(ErrorKind.FAILED, "RuntimeError: boom in model.layers.0.weight", engine="engine 1 (x)",
@@ -32,6 +32,10 @@ MESSAGES = [
     PlanRefusal(["receiver 0: a.weight is [4, 8], expected [8, 4]"], [0]),
     Ack(0.5, 1.5, {"digest": "d", "version": 3}, "direct"),
     Ack(error=ERROR, trace="Traceback ..."),
+    PassVerdict("base checksum of bucket 3 does not match"),
+    PassVerdict(),
+    CatchupOffer(5, '{"buckets": []}', 4),
+    CatchupOffer(None),
     LayoutAnnouncement('{"n": 2, "local": [[], []]}'),
     LayoutAnnouncement(error=ErrorInfo(ErrorKind.FAILED, "no GPU report from receiver 1", stage="rendezvous")),
     Verdict("trainer_sync push failed", "transfer", "engine 0", members=["engine 0"], dead=["engine 0"],

@@ -7,10 +7,9 @@ resend that does not come. pipeline.send and pipeline.receive run it between the
 """
 from __future__ import annotations
 
-import json
-
 from ..errors import SyncError
-from ..protocol.messages import Keys
+from ..protocol import wire
+from ..protocol.messages import Keys, PassVerdict
 from ..transport.group import wait_keys
 
 
@@ -24,7 +23,7 @@ class VerdictRound:
 
     def tell(self, refused: str | None) -> None:
         """This receiver's verdict on the pass it just received (``refused``: why not, or None)."""
-        self.store.set(Keys.delta_ack(self.p, self.receiver_rank), json.dumps({"refused": refused}))
+        self.store.set(Keys.delta_ack(self.p, self.receiver_rank), wire.encode(PassVerdict(refused)))
 
     def settle(self) -> list[str]:
         """Every receiver's refusal ("receiver j: why"), the same list on every member (empty: all took it)."""
@@ -37,7 +36,7 @@ class VerdictRound:
                             stage="apply", who=names)
         out = []
         for j, k in enumerate(keys):
-            why = json.loads(self.store.get(k)).get("refused")
+            why = wire.decode(self.store.get(k), PassVerdict, stage="apply").refused
             if why:
                 out.append(f"receiver {j}: {why}")
         return out

@@ -5,6 +5,8 @@
 * ``Pieces``: what one trainer rank holds of a push (its pieces, the names holding NaN/Inf), for rank 0's plan.
 * ``PlanOffer`` / ``PlanRefusal``: rank 0's plan of a push, or why it was refused (nothing is sent then).
 * ``Ack``: a receiver's acknowledgement of a push: how long it took, or the ``ErrorInfo`` it failed with.
+* ``PassVerdict``: a receiver's verdict on a delta pass (refused, and why); ``CatchupOffer``: what a trainer rank
+  offers a joining engine (its kept version and plan).
 * ``LayoutAnnouncement``: trainer rank 0's choice of transports for an epoch (or why there is none).
 * ``ErrorInfo``: a failure as typed fields (kind, engine, parameter, receiver, stage, message), never parsed from
   text; ``ErrorKind`` names the kinds.
@@ -163,6 +165,27 @@ class Ack:
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+
+@dataclass(frozen=True)
+class PassVerdict:
+    """A receiver's verdict on a pass it received (pipeline/verdict.py): why it refused it (a delta whose base it
+    does not hold), or None when it took it."""
+
+    refused: str | None = None
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class CatchupOffer:
+    """A trainer rank's answer to a joining engine (rank/catchup.py): the version it keeps (None: no complete one),
+    from rank 0 that version's bucket plan (plan/buckets.py JSON), and the version its kept deltas start from
+    (``delta_base``: a joiner holding it may take deltas; None: full only)."""
+
+    version: int | None
+    plan: str | None = None
+    delta_base: int | None = None
+    protocol_version: int = PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)

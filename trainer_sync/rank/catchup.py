@@ -27,7 +27,6 @@ The coordinator is reached at the rendezvous address (SyncConfig.host:port); not
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 import warnings
@@ -43,6 +42,8 @@ from ..pipeline.loops import Batch, BufferPool, receive
 from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import Bucket, BucketPlan, Expected, PlanCache, check_plan
 from ..plan.delta_policy import plan_digest
+from ..protocol import wire
+from ..protocol.messages import CatchupOffer
 from ..transport.group import Member, Rendezvous, wait_keys
 from ..transport.p2p import JOINER, TRAINER, PairRecv, pair_group, send_buckets
 
@@ -190,8 +191,8 @@ class CatchUpServer:
         t = time.perf_counter()
         with self.snapshot.lock:
             snap = self.snapshot
-            ns.set(f"src{self.rank}", json.dumps({"version": snap.version, "plan": snap.plan_text
-                                                  if self.rank == 0 else None, "delta_base": snap.delta_base}))
+            ns.set(f"src{self.rank}", wire.encode(CatchupOffer(snap.version, snap.plan_text if self.rank == 0 else None,
+                                                               snap.delta_base)))
             if snap.version is None:
                 return
             plan = BucketPlan.from_json(snap.plan_text)
@@ -242,15 +243,15 @@ def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: C
     missing = wait_keys(ns, keys, timeout_s)
     if missing:
         raise SyncError(f"{me}: no answer from trainer ranks {missing} within {timeout_s:g}s", stage="rendezvous")
-    answers = [json.loads(ns.get(key)) for key in keys]
-    versions = {a["version"] for a in answers}
+    answers = [wire.decode(ns.get(key), CatchupOffer, stage="handshake") for key in keys]
+    versions = {a.version for a in answers}
     if None in versions:
         raise SyncError(f"{me}: the trainer keeps no complete version to pull (keep_latest off, or no push landed "
                         f"yet)", stage="handshake", who="trainer")
     if len(versions) != 1:
         raise SyncError(f"{me}: trainer ranks hold different versions {sorted(versions)} (a push landed during the "
                         f"join); pull again", stage="handshake", who="trainer")
-    plan = PlanCache().parse(answers[0]["plan"])
+    plan = PlanCache().parse(answers[0].plan)
     if expected is not None and expected.tensors:
         errors = check_plan(plan, expected, str(me))
         if errors:
@@ -258,9 +259,9 @@ def pull_latest(host: str, port: int, token: str, num_trainers: int, on_batch: C
     device = torch.device(device)
     codec = PLAIN
     if dest is not None:
-        held = dest.version if dest.digest == plan_digest(answers[0]["plan"]) and dest.dest is not None else None
-        dest.prepare(plan, answers[0]["plan"])
-        delta = held is not None and all(a.get("delta_base") == held for a in answers)
+        held = dest.version if dest.digest == plan_digest(answers[0].plan) and dest.dest is not None else None
+        dest.prepare(plan, answers[0].plan)
+        delta = held is not None and all(a.delta_base == held for a in answers)
         codec = DeltaReceive(dest, plan, delta, str(me))
     ns.set("want", "delta" if codec.verdict else "full")
     pairs = PairRecv({r: pair_group(ns, r, JOINER, timeout_s, host) for r in range(num_trainers)})
