@@ -34,7 +34,7 @@ class SyncConfig:
     ipc_direct: bool = True
     # How a vLLM engine applies a push: "auto" copies each tensor straight into its place in the live model once the
     # engine has learned and proven those places on one push through vLLM's layerwise reload (only for models whose
-    # layers do nothing after loading: unquantized, on GPU; engines/placement.py); "layerwise" always reloads.
+    # layers do nothing after loading: unquantized, on GPU; engines/vllm/placement.py); "layerwise" always reloads.
     engine_apply: str = "auto"
     # Which tensors go block-FP8 when wire_dtype is "fp8" (codec.Fp8Rules; None: its defaults: 2-D linear weights,
     # no embeddings, no lm_head, no norms/gates). Sent to the receivers in their JoinInfo, so both sides agree.

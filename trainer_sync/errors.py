@@ -27,7 +27,7 @@ class RendezvousRefused(SyncError, PermissionError):
 
 
 class EngineHeld(SyncError):
-    """An engine refused a join because another trainer holds it and is still alive (see engines/vllm.py)."""
+    """An engine refused a join because another trainer holds it and is still alive (see engines/vllm/backend.py)."""
 
 
 # An engine's update_weights error message ends with this (for people) when no worker of the engine had applied any

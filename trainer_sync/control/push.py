@@ -102,7 +102,7 @@ class PushMachine:
     def _close_session(c: EngineClient) -> None:
         """End the update session on every worker of an engine whose update failed.
 
-        The backend raises a failure from one worker only (see engines/vllm.py ``_report``), so the other workers
+        The backend raises a failure from one worker only (see engines/vllm/ ``_report``), so the other workers
         of a TP/PP engine still hold an open session, which would refuse the next start. finish() closes theirs;
         the worker that raised has none left and refuses, which is expected.
         """

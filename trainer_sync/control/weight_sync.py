@@ -23,7 +23,7 @@ updated) until a later push succeeds, and that push first rebuilds the bridging 
 engine. An engine that says its update failed before any weight was applied (its ErrorInfo's kind is
 ``untouched``) is resumed at once.
 
-Ownership and versions: an engine has one owner (engines/vllm.py refuses another trainer's join while the owner is
+Ownership and versions: an engine has one owner (engines/vllm/ refuses another trainer's join while the owner is
 alive). The weight version an engine reports never goes backwards by default: ``push()`` without a version continues
 from the highest version any engine reports (a trainer taking over an engine that served version 3 pushes 4). Only
 an explicit ``push(version=v)`` (the training-loop hooks pass the global step) may set a lower one, with a warning.
@@ -80,7 +80,7 @@ class WeightSync(Agreement, Membership, PushMachine):
             self.sender.close()
             raise
         self._constructing = False
-        # TensorBoard charts of every push (SyncConfig.tb_dir; trainer rank 0 only): trainer_sync/metrics.py.
+        # TensorBoard charts of every push (SyncConfig.tb_dir; trainer rank 0 only): metrics/.
         self.metrics: SyncMetrics | None = SyncMetrics.for_rank(self.rank, self.config.tb_dir)
 
     def close(self) -> None:

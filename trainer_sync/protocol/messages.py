@@ -49,7 +49,7 @@ class JoinInfo:
     # The trainer's SyncConfig.wire_dtype: "fp8" tells an engine serving a bf16/fp32 model to dequantize on arrival.
     wire_dtype: str = "auto"
     # The trainer's SyncConfig.engine_apply: "auto" lets a vLLM engine copy pushes straight into place once it proved
-    # that safe for its model (engines/placement.py); "layerwise" keeps vLLM's layerwise reload for every push.
+    # that safe for its model (engines/vllm/placement.py); "layerwise" keeps vLLM's layerwise reload for every push.
     engine_apply: str = "auto"
     # The trainer's SyncConfig.fp8_rules (codec.Fp8Rules as a dict; None: the defaults): which tensors go block-FP8.
     # Trainer and receivers must agree on it, so the receiver takes it from here rather than from its own defaults.

@@ -1,4 +1,4 @@
-/* One-pass kernels behind trainer_sync/delta.py on CPU (loaded by delta_scan.py through ctypes).
+/* One-pass kernels behind trainer_sync/codec/delta/ on CPU (loaded by native.py through ctypes).
  *
  * Why C: the torch path of a delta encode makes ~6 passes over a bucket with large temporaries (a 64-bit compare
  * mask, nonzero, gathers, two checksum passes); on a 2-core host that costs ~10x the bucket's memory bandwidth.
