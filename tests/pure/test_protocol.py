@@ -151,3 +151,18 @@ def test_a_broken_frame_is_a_clear_protocol_problem():
         unframe("boom [trainer_sync-error e30=]")  # base64 of "{}": an ErrorInfo without fields
     err = engine_error("boom [trainer_sync-error e30=]")
     assert err.info is None and "expected an ErrorInfo message, got one without a type" in err.detail
+
+
+def test_a_hand_written_join_info_dict_is_read_and_its_missing_field_named():
+    """Users build a receiver's info by hand (recipes/core_demo.py, the README's Sender/Receiver snippet): a dict
+    without the wire's ``type`` reads as this release's JoinInfo; one missing a field is refused naming it."""
+    hand = dict(host="127.0.0.1", port=29500, token="t", epoch=0, num_trainers=2, num_receivers=1, receiver_rank=0,
+                backend="gloo", timeout_s=30.0)
+    info = JoinInfo.read(hand)
+    assert (info.port, info.num_trainers, info.protocol_version) == (29500, 2, PROTOCOL_VERSION)
+    assert JoinInfo.read(info.to_dict()) == info and JoinInfo.read(info) is info
+    with pytest.raises(ProtocolError, match="without field 'port'") as e:
+        JoinInfo.read({k: v for k, v in hand.items() if k != "port"})
+    assert e.value.field == "port"
+    with pytest.raises(ProtocolError, match="unknown field 'prot'"):
+        JoinInfo.read(dict(hand, prot=1))

@@ -60,8 +60,19 @@ class JoinInfo:
     protocol_version: int = PROTOCOL_VERSION
 
     def to_dict(self) -> dict:
-        """The init info vLLM passes to every worker (``wire.from_wire(d, JoinInfo)`` reads it back)."""
+        """The init info vLLM passes to every worker (``JoinInfo.read`` reads it back)."""
         return wire.to_wire(self)
+
+    @classmethod
+    def read(cls, info: "JoinInfo | dict", stage: str = "rendezvous") -> "JoinInfo":
+        """A JoinInfo from what a receiver or an engine was given: a JoinInfo, its ``to_dict()``, or a dict a user
+        wrote by hand (``dict(host=..., port=..., ...)``, no ``type``: read as this release's version, so a missing
+        or unknown field is still named)."""
+        if isinstance(info, cls):
+            return info
+        if isinstance(info, dict) and "type" not in info:
+            info = {"type": cls.__name__, "protocol_version": PROTOCOL_VERSION, **info}
+        return wire.from_wire(info, cls, stage=stage)
 
 
 @dataclass(frozen=True)

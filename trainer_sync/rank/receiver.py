@@ -41,7 +41,7 @@ class Receiver:
                  device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None,
                  targets: dict[str, torch.Tensor] | None = None, delta_mirror: bool = True,
                  adopts_targets: bool = False):
-        self.info = info if isinstance(info, JoinInfo) else wire.from_wire(info, JoinInfo, stage="rendezvous")
+        self.info = JoinInfo.read(info)
         if isinstance(expected, dict):
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
         # dequantize_fp8: a bf16/fp32 engine opted in to fp8 on the wire; weights are dequantized on arrival into

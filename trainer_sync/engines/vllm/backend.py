@@ -38,7 +38,6 @@ from ...codec import scale_name
 from ...plan.buckets import dtype_of
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
-from ...protocol import wire
 from ...protocol.error_frame import FramedError
 from ...protocol.messages import ErrorInfo, ErrorKind, JoinInfo, Keys
 from . import compat
@@ -93,7 +92,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         (None here) asks this worker to leave its group, on releases without vLLM's own shutdown call."""
         if init_dict == compat.LEAVE:
             return None
-        return wire.from_wire(init_dict, JoinInfo, stage="rendezvous")
+        return JoinInfo.read(init_dict)
 
     def worker_index(self) -> int:
         """This worker's index among all workers of its engine, data-parallel replicas included (like vLLM's own
