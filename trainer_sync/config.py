@@ -86,6 +86,17 @@ class SyncConfig:
     # would not fit takes full pushes. None: no cap. Receivers given ``targets`` keep no mirror.
     delta_mirror_mb: float | None = None
 
+    # A PEFT LoRA model (issue 27): "adapter" pushes only the adapter's A/B (megabytes) into engines started with
+    # LoRA, which install it in memory as the new version of one adapter (WeightSync.lora_request() names it for
+    # generate); "merged" pushes base + scaling * B @ A of the adapted modules only (the base on the first push) into
+    # engines without LoRA; "auto" takes adapter mode when every engine has LoRA enabled, merged otherwise (the
+    # report's ``lora`` / ``lora_reason`` say which and why). Ignored for a model without a LoRA adapter.
+    lora: str = "auto"
+    # The adapter's name and integer id in the engines (the same for every version; id None: one derived from the
+    # name). Pick another name for each trainer whose adapters share an engine.
+    lora_name: str = "trainer_sync"
+    lora_id: int | None = None
+
     def __post_init__(self) -> None:
         if self.bucket_mb <= 0:
             raise ValueError(f"SyncConfig.bucket_mb must be > 0, got {self.bucket_mb}")
@@ -110,6 +121,12 @@ class SyncConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"SyncConfig.{name} must be >= 0 or None, got {value}")
+        if self.lora not in ("auto", "adapter", "merged"):
+            raise ValueError(f"SyncConfig.lora must be auto, adapter or merged, got {self.lora!r}")
+        if not self.lora_name:
+            raise ValueError("SyncConfig.lora_name must not be empty")
+        if self.lora_id is not None and self.lora_id < 1:
+            raise ValueError(f"SyncConfig.lora_id must be >= 1 or None, got {self.lora_id}")
         if self.pause_mode not in ("keep", "wait", "abort"):
             raise ValueError(f"SyncConfig.pause_mode must be keep, wait or abort, got {self.pause_mode!r}")
 
@@ -124,6 +141,13 @@ class SyncConfig:
     @property
     def delta_cache_bytes(self) -> int | None:
         return None if self.delta_cache_mb is None else int(self.delta_cache_mb * 2**20)
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's integer id in the engines: ``lora_id``, or a stable one from ``lora_name``."""
+        import zlib
+
+        return self.lora_id if self.lora_id is not None else zlib.crc32(self.lora_name.encode()) % (2**31 - 2) + 1
 
     def resolved_token(self) -> str | None:
         return self.token if self.token is not None else os.environ.get(TOKEN_ENV)

@@ -57,11 +57,11 @@ def in_process_llm(model_dir: str, **overrides):
         torch.set_num_threads = set_num_threads
 
 
-def llm_greedy(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
+def llm_greedy(llm, prompts: list[list[int]], n: int, lora_request=None) -> list[list[int]]:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora_request)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 

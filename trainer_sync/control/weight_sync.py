@@ -96,6 +96,15 @@ class WeightSync(Agreement, Membership, PushMachine):
             self.metrics.close()
             self.metrics = None
 
+    def lora_request(self):
+        """The ``vllm.lora.request.LoRARequest`` of this trainer's adapter (a PEFT LoRA model pushed in adapter mode,
+        SyncConfig.lora): pass it to ``llm.generate(..., lora_request=...)``. The same name and id every version;
+        each push replaces the adapter in the engines' memory. For ``vllm serve`` requests, the model name is
+        ``config.lora_name``."""
+        from ..engines.vllm import compat
+
+        return compat.lora_request(self.config.lora_name, self.config.lora_int_id)
+
     # --- training-loop integrations (trainer_sync/integrations/) ------------------------------------------------
     def attach(self, target, every: int = 1, *, on_error: str = "raise", start_step: int = 0, accelerator=None):
         """Push after every ``every``-th update of ``target``, on every trainer rank together; returns the hook.

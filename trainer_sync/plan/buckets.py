@@ -316,10 +316,13 @@ def resolve_wire_dtypes(
     return out
 
 
-def check_plan(plan: BucketPlan, expected: Expected, who: str) -> list[str]:
+def check_plan(plan: BucketPlan, expected: Expected, who: str, partial: bool = False,
+               ignore: frozenset[str] = frozenset()) -> list[str]:
     """Every mismatch between what the plan sends and what one receiver expects, one line each.
 
-    Names the receiver. Tied aliases count as sent. An empty list means the receiver accepts the plan.
+    Names the receiver. Tied aliases count as sent. An empty list means the receiver accepts the plan. ``partial``:
+    the push updates some tensors only (a LoRA merged push), so none counts as missing; ``ignore``: tensors checked
+    elsewhere (a LoRA adapter's, against the engine's LoraSupport).
     """
     sent: dict[str, WireTensor] = {}
     for t in plan.tensors.values():
@@ -330,6 +333,8 @@ def check_plan(plan: BucketPlan, expected: Expected, who: str) -> list[str]:
     for name, (shape, dtype) in expected.tensors.items():
         t = sent.get(name)
         if t is None:
+            if partial:
+                continue
             errors.append(f"{who}: missing {name} (expected {list(shape)} {dtype})")
             continue
         if tuple(t.shape) != tuple(shape):
@@ -337,6 +342,8 @@ def check_plan(plan: BucketPlan, expected: Expected, who: str) -> list[str]:
         if dtype is not None and t.dtype != dtype:
             errors.append(f"{who}: wrong dtype for {name}: sent {t.dtype}, expected {dtype}")
     for name in plan.tensors:
+        if name in ignore:
+            continue
         if name not in expected.tensors and not any(a in expected.tensors for a in plan.tensors[name].aliases):
             errors.append(f"{who}: unexpected {name} {list(plan.tensors[name].shape)} {plan.tensors[name].dtype}")
     return errors

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from ..errors import Aborted, HandshakeMismatch, describe
 from . import wire
+from .lora import LoraOffer
 from .wire import PROTOCOL_VERSION
 
 # ``x.weight`` in block FP8 comes with ``x.weight_scale_inv`` (one float32 per 128x128 block): checkpoint format.
@@ -139,14 +140,18 @@ class Pieces:
 @dataclass(frozen=True)
 class PlanOffer:
     """Rank 0's plan of push ``version``: the bucket plan (plan/buckets.py JSON), buffers per stage, the memory
-    budget's fallback note, and the delta decision (plan/delta_policy.py DeltaDecision JSON; None: full)."""
+    budget's fallback note, the delta decision (plan/delta_policy.py DeltaDecision JSON; None: full), and what the
+    push is for a LoRA trainer (protocol/lora.py LoraOffer; None: plain weights)."""
 
     plan: str
     num_buffers: int
     version: int
     fallback: str | None = None
     delta: dict | None = None
+    lora: LoraOffer | None = None
     protocol_version: int = PROTOCOL_VERSION
+
+    WIRE_DECODE: ClassVar[dict] = {"lora": lambda d: wire.from_wire(d, LoraOffer)}
 
 
 @dataclass(frozen=True)

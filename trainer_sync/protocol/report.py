@@ -28,6 +28,10 @@ class SyncReport:
     bytes_full: int = 0
     changed_fraction: float | None = None
     full_reason: str | None = None
+    # A PEFT LoRA model (SyncConfig.lora): how this push went ("adapter", "merged" with the base too, or
+    # "merged-partial": the adapted modules only; empty for a dense model) and why that mode.
+    lora: str = ""
+    lora_reason: str = ""
 
     @property
     def gbps(self) -> float:

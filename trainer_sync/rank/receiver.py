@@ -22,6 +22,7 @@ from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import BucketPlan, PlanCache
 from ..plan.delta_policy import DeltaDecision
 from ..protocol import wire
+from ..protocol.lora import LoraOffer, LoraSupport, lora_key
 from ..protocol.messages import Ack, ErrorInfo, Expected, JoinInfo, Keys, PlanOffer, PlanRefusal
 from ..transport import RecvTransport, cuda, open_recv
 from ..transport.group import BridgeGroup, Member, Rendezvous, abort_reason, wait_keys
@@ -40,8 +41,12 @@ class Receiver:
     def __init__(self, info: JoinInfo | dict, expected: Expected | dict | None = None,
                  device: torch.device | str | None = None, dequantize_fp8: torch.dtype | None = None,
                  targets: dict[str, torch.Tensor] | None = None, delta_mirror: bool = True,
-                 adopts_targets: bool = False):
+                 adopts_targets: bool = False, lora: LoraSupport | None = None):
         self.info = JoinInfo.read(info)
+        # What this receiver's engine can do with a LoRA adapter (protocol/lora.py), told the trainer when it joins;
+        # ``lora_offer``: what the push being received is for a LoRA trainer (None: plain weights).
+        self.lora = lora
+        self.lora_offer: LoraOffer | None = None
         if isinstance(expected, dict):
             expected = Expected({n: (tuple(s), d) for n, (s, d) in expected.items()})
         # dequantize_fp8: a bf16/fp32 engine opted in to fp8 on the wire; weights are dequantized on arrival into
@@ -105,6 +110,8 @@ class Receiver:
             self.delta.publish = lambda state, bridge=self.bridge: bridge.set_json(Keys.delta_state(i.receiver_rank),
                                                                                  state)
         self.bridge.set_json(Keys.delta_state(i.receiver_rank), self._delta_state())
+        if self.lora is not None:  # before the expectations: whoever read those can read this
+            self.bridge.set_json(lora_key(i.receiver_rank), wire.to_wire(self.lora))
         self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
 
     def _delta_state(self) -> dict:
@@ -157,7 +164,10 @@ class Receiver:
         if isinstance(msg, PlanRefusal):
             raise HandshakeMismatch(msg.lines, msg.receivers)
         plan = self._plans.parse(msg.plan)
+        self.lora_offer = msg.lora
         wanted = set(self.expected.tensors) if self.expected and self.expected.tensors else None
+        if msg.lora is not None and msg.lora.mode == "adapter":  # its A/B are no checkpoint tensors
+            wanted = None
         try:
             if on_plan is not None:
                 on_plan(plan)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .catchup import CatchUpServer, Snapshot
 from .delta_push import DeltaPushes, report_fields
+from .lora_push import LoraPushes
 from ..config import SyncConfig
 from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from ..pipeline.loops import BufferPool, gc_paused, send
@@ -77,7 +78,9 @@ class Sender:
         self._plans = PlanCache()
         # Delta pushes (delta_push.py): this rank's last pushed wire bytes, and rank 0's view of the receivers.
         self.delta = DeltaPushes(cfg.delta, cfg.delta_cache_bytes)
-        self._last_plan: tuple[list[bytes], dict] | None = None  # rank 0: (every rank's pieces, plan message)
+        self._last_plan: tuple[tuple, dict] | None = None  # rank 0: ((every rank's pieces, LoRA state), plan message)
+        # A PEFT LoRA model (lora_push.py): rank 0 picks adapter or merged tensors per push.
+        self.lora = LoraPushes(cfg, self.source)
         # Dynamic clusters: keep the latest version for joiners and serve them from a thread (catchup.py).
         self.snapshot: Snapshot | None = None
         self.catchup: CatchUpServer | None = None
@@ -104,6 +107,7 @@ class Sender:
         self._expected = None
         self._last_plan = None
         self.delta.connected()
+        self.lora.connected()
         me, cfg = Member("trainer", self.rank), self.config
         # Everyone reports its GPU; receivers on this rank's GPU get its buckets by CUDA IPC (transport/layout.py).
         self.bridge = BridgeGroup(self.rdzv, me, self.epoch, self.world, num_receivers, self.backend, cfg.timeout_s,
@@ -160,16 +164,25 @@ class Sender:
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")
             self._expected = [self._expectation(j) for j in range(self.num_receivers)]
         raw = [bridge.store.get(Keys.pieces(p, r)) for r in range(self.world)]
-        if self._last_plan is not None and self._last_plan[0] == raw:
+        key = (raw, self.lora.state())
+        if self._last_plan is not None and self._last_plan[0] == key:
             return dataclasses.replace(self._last_plan[1], version=version)  # same tensors as last push: same plan
         pieces, errors = [], []
         for r, text in enumerate(raw):
             msg = wire.decode(text, Pieces, stage="handshake")
             pieces += [LocalPiece(n, tuple(s), d, a, b, r) for n, s, d, a, b in msg.pieces]
             errors += [f"trainer rank {r}: {n} holds NaN or Inf" for n in msg.nonfinite]
+        offer, adapter_names, stated = None, frozenset(), [e for e in self._expected if e.tensors]
+        if self.lora.active:  # a PEFT LoRA model: adapter or merged tensors (plan/lora.py), refused before a byte moves
+            supports = [self.lora.read_support(bridge, j) for j in range(self.num_receivers)]
+            pieces, offer, refusals, refused = self.lora.choose(pieces, self._expected, supports)
+            if refusals:
+                return PlanRefusal(errors + refusals, refused)
+            adapter_names = self.lora.adapter_names(pieces)
+            stated += self.lora.wire_expected(pieces, supports)
         try:
             meta, _ = merge_pieces(pieces)
-            wire_dtypes = resolve_wire_dtypes(meta, cfg.wire_dtype, [e for e in self._expected if e.tensors])
+            wire_dtypes = resolve_wire_dtypes(meta, cfg.wire_dtype, stated)
             largest = max((x.numel * itemsize(wire_dtypes[x.name]) for x in pieces), default=0)
             fit = fit_budget(cfg.bucket_bytes, cfg.num_buffers, largest, cfg.memory_budget_bytes, self.world)
             plan = plan_buckets(pieces, self.world, fit.bucket_bytes, wire_dtypes, self.source.aliases)
@@ -178,13 +191,13 @@ class Sender:
         refused_by = []
         for j, exp in enumerate(self._expected):
             if exp.tensors:
-                found = check_plan(plan, exp, f"receiver {j}")
+                found = check_plan(plan, exp, f"receiver {j}", partial=offer is not None, ignore=adapter_names)
                 errors += found
                 refused_by += [j] if found else []
         if errors:
             return PlanRefusal(errors, refused_by)
-        msg = PlanOffer(plan.to_json(), fit.num_buffers, version, fit.fallback)
-        self._last_plan = (raw, msg)
+        msg = PlanOffer(plan.to_json(), fit.num_buffers, version, fit.fallback, lora=offer)
+        self._last_plan = (key, msg)
         return msg
 
     def push(self, version: int | None = None) -> SyncReport:
@@ -276,6 +289,7 @@ class Sender:
         self.transport.after_push()
         self.delta.acknowledged(acks)
         self.delta.commit(version)
+        self.lora.acknowledged(msg.lora)
         delta = report_fields(store, p, self.world, self.rank, dstats, cfg.timeout_s)
         if snapshot is not None:
             snapshot.commit(msg.plan, version, {b.index for b in plan.buckets if b.src == self.rank})
@@ -286,7 +300,8 @@ class Sender:
         return SyncReport(version, self.seq - 1, plan.total_bytes, len(plan.buckets), self.num_receivers, t_plan,
                           times.pack, times.transfer, max(a.apply_s for a in acks), time.perf_counter() - t0,
                           msg.fallback, ",".join(wire_dtypes),
-                          ",".join(sorted({a.engine_apply for a in acks if a.engine_apply})), **delta)
+                          ",".join(sorted({a.engine_apply for a in acks if a.engine_apply})), **delta,
+                          **self.lora.report(msg.lora))
 
     def abort_push(self, seq: int, reason: str) -> None:
         """Give up on push number ``seq`` (from any thread): every trainer rank's and receiver's wait in it stops

@@ -6,14 +6,24 @@ import torch
 from .base import Source, clean_name, unwrap
 from .deepspeed import DeepSpeedSource, is_zero3
 from .fsdp import FsdpSource
+from .lora import LoraSource
 from .module import ModuleSource
+from .peft import find_adapter
 
 
 def make_source(model: torch.nn.Module, rename: dict[str, str] | None = None, **kwargs) -> Source:
-    """ZeRO-3 -> DeepSpeedSource, any DTensor parameter (FSDP2) -> FsdpSource, else ModuleSource."""
+    """ZeRO-3 -> DeepSpeedSource, any DTensor parameter (FSDP2) -> FsdpSource, else ModuleSource; a PEFT LoRA
+    model's source is wrapped in a LoraSource (lora.py: adapter, merged and dense tensors, rank 0's plan picks)."""
+    inner = unwrap(model)
+    adapter = find_adapter(inner)
+    if adapter is not None:
+        return LoraSource(_wrapped(inner, None, **kwargs), adapter, rename)
+    return _wrapped(inner, rename, **kwargs)
+
+
+def _wrapped(inner: torch.nn.Module, rename: dict[str, str] | None, **kwargs) -> Source:
     from torch.distributed.tensor import DTensor
 
-    inner = unwrap(model)
     if is_zero3(inner):
         return DeepSpeedSource(inner, rename, **kwargs)
     if any(isinstance(p, DTensor) for p in inner.parameters()):
@@ -21,4 +31,4 @@ def make_source(model: torch.nn.Module, rename: dict[str, str] | None = None, **
     return ModuleSource(inner, rename, **kwargs)
 
 
-__all__ = ["Source", "ModuleSource", "FsdpSource", "DeepSpeedSource", "make_source", "clean_name"]
+__all__ = ["Source", "ModuleSource", "FsdpSource", "DeepSpeedSource", "LoraSource", "make_source", "clean_name"]

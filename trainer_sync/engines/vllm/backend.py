@@ -42,6 +42,7 @@ from ...protocol.error_frame import FramedError
 from ...protocol.messages import ErrorInfo, ErrorKind, JoinInfo, Keys
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
+from .lora import AdapterInstaller
 from .shards import engine_shards
 from .worker import WeightApplier
 # Editable installs made before the entry point moved to registration.py still name backend:register; a pip install
@@ -79,6 +80,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         self.receiver: Receiver | None = None
         self.last = None  # ReceiveResult of the last push
         self.applier = WeightApplier(model, self.model_config, device)  # puts received tensors into the model
+        self.lora = AdapterInstaller(model, vllm_config, device)  # a LoRA trainer's adapter, installed in memory
         self._checkpoint_shapes: dict | None = None
         self._plan = None  # the plan of the last push (a TP worker's shards are bound to it)
         self._shards = None  # (receiver, slots, Shards) offered to the receiver (a TP worker's delta destination)
@@ -137,7 +139,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         # the receiver writes pushes, deltas included, straight into its parameter slices (_sync_targets).
         gpu = self.device.type == "cuda"
         receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected),
-                            delta_mirror=not gpu, adopts_targets=gpu)
+                            delta_mirror=not gpu, adopts_targets=gpu, lora=self.lora.support())
         old = self.receiver
         if old is not None and (old.info.host, old.info.port) == (info.host, info.port):
             receiver.adopt(old)  # the same trainer's new epoch: the delta mirror still holds its last version
@@ -274,7 +276,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                     self.receiver.note = {"engine_apply": self.applier.how}
                     if self._shards is not None and self._shards[0] is self.receiver:
                         self._shards[2].combine.begin(Keys.push(self.receiver.seq))  # this push's key prefix
-                    self.last = self.receiver.receive(self.applier.apply, on_plan=self._prepare_direct)
+                    self.last = self.receiver.receive(self._apply, on_plan=self._prepare_direct)
         except HandshakeMismatch as e:
             # Raised before the first batch: the model was never touched and keeps serving its weights.
             error = e
@@ -287,6 +289,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             if self.receiver is not None and not update_info.catchup:
                 self.receiver.fail(e)
             self.applier.reset()
+            self.lora.abandon()
         self._end_update(error)
 
     def _end_update(self, error: BaseException | None) -> None:
@@ -296,9 +299,24 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             self.in_session = False  # vLLM ends the session of a worker whose update_weights raised
             raise
 
+    def _apply(self, batch) -> None:
+        """One round of a push: a LoRA adapter's tensors to the adapter installer (lora.py), the rest to the model."""
+        if self.lora.offer is not None:
+            dense = []
+            for name, t in batch:
+                if t is not None and self.lora.wants(name):
+                    self.lora.take(name, t)
+                else:
+                    dense.append((name, t))
+            if not dense:
+                return
+            batch = dense
+        self.applier.apply(batch)
+
     def _prepare_direct(self, plan) -> None:
         """Before the first batch of a push: let the fast path learn where the tensors go (once). The served
         checkpoint says which tensors the model loads; without one, the trainer's plan does (dummy weights)."""
+        self.lora.begin(self.receiver.lora_offer)
         self._plan = plan
         if self._checkpoint_shapes is None:
             exp = self.expected()
@@ -306,7 +324,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                                        for n, (s, d) in exp.items()} if exp else {}
         shapes = self._checkpoint_shapes
         if not shapes and self.receiver.fp8 is None:
-            shapes = {n: (t.shape, dtype_of(t.dtype)) for t in plan.tensors.values() for n in (t.name, *t.aliases)}
+            shapes = {n: (t.shape, dtype_of(t.dtype)) for t in plan.tensors.values() for n in (t.name, *t.aliases)
+                      if not self.lora.wants(n)}
         self.applier.prepare(shapes)
         if self.applier.how != "direct":  # before anything is written: the slices are no delta destination now
             self._sync_targets()
@@ -369,6 +388,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
     def finish_weight_update(self) -> None:
         self.in_session = False
         self.applier.finish()
+        self.lora.finish()
         self._sync_targets()
 
     def shutdown(self) -> None:

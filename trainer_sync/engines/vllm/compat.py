@@ -183,3 +183,98 @@ class HttpRoutes:
     def leave_body(self) -> dict:
         """The /init_weight_transfer_engine body that makes the backend leave (no shutdown route)."""
         return {"init_info": dict(LEAVE)}
+
+
+# --- LoRA adapters (engines/vllm/lora.py) -------------------------------------------------------------------------
+# vLLM has no public call that installs an adapter from memory: a LoRARequest needs a path and the worker reads the
+# adapter from disk. Its LoRA model manager (the object vLLM sets as ``model.lora_manager`` when the engine starts
+# with enable_lora) takes a LoRAModel built from tensors, the same in 0.26 and 0.32; these are the calls on it.
+
+def lora_manager(model):
+    """The LoRA model manager of a worker's model, or None when the engine was started without LoRA."""
+    return getattr(model, "lora_manager", None)
+
+
+def lora_settings(vllm_config) -> tuple[int, int, str | None]:
+    """``(max_lora_rank, max_loras, lora dtype)`` of an engine started with LoRA."""
+    lc = vllm_config.lora_config
+    dtype = lc.lora_dtype
+    if dtype in (None, "auto"):
+        dtype = vllm_config.model_config.dtype
+    return int(lc.max_lora_rank), int(lc.max_loras), str(dtype).removeprefix("torch.")
+
+
+def lora_modules(manager) -> list[str]:
+    """The checkpoint names of the modules an engine can adapt: its LoRA layers, a fused one as its parts."""
+    out = []
+    for name in manager.modules:
+        out += manager.packed_modules.get(name, [name])
+    return out
+
+
+def packed_modules(model) -> dict[str, list[str]]:
+    """Which checkpoint modules the model fuses into one layer (its class's ``packed_modules_mapping``)."""
+    return {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
+
+
+def lora_request(name: str, lora_id: int):
+    """The ``LoRARequest`` of an adapter installed in memory. Its path is never read while the adapter is installed
+    (the engine finds it by id); it names trainer_sync so that a read after all would fail saying where it came
+    from rather than load something else."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=int(lora_id), lora_path=f"trainer_sync://{name}")
+
+
+def build_lora(manager, vllm_config, lora_id: int, tensors: dict, config: dict, device):
+    """A vLLM ``LoRAModel`` from an adapter's tensors (PEFT's saved names) and PEFT config, checked against the
+    engine's LoRA settings (vLLM's own validation: rank, DoRA, bias, ...) the way its loader does."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    text = vllm_config.model_config.hf_config.get_text_config()
+    helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings":
+                                   getattr(text, "max_position_embeddings", None)})
+    helper.validate_legal(vllm_config.lora_config)
+    model = manager.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    if mapper is not None:  # renames only: the manager packs fused layers itself (0.32 / 0.26 name it differently)
+        rename = getattr(mapper, "get_rename_mapper", None) or getattr(mapper, "get_unstacked_mapper", None)
+        mapper = rename() if rename is not None else None
+    return LoRAModel.from_lora_tensors(
+        lora_model_id=int(lora_id), tensors=tensors, peft_helper=helper, device=str(device),
+        dtype=vllm_config.lora_config.lora_dtype, model_vocab_size=vllm_config.model_config.get_vocab_size(),
+        weights_mapper=mapper, skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+
+
+def install_lora(manager, lora) -> None:
+    """Make ``lora`` THE adapter of its id: the previous version out, this one registered, active in a slot, and
+    pinned there (so vLLM's LRU never evicts it, which would make the engine read its path)."""
+    manager.remove_adapter(lora.id)
+    manager.add_adapter(lora)
+    manager.activate_adapter(lora.id)
+    manager.pin_adapter(lora.id)
+
+
+def remove_lora(manager, lora_id: int) -> None:
+    manager.remove_adapter(int(lora_id))
+
+
+def keep_lora_after_clear(manager, reinstall) -> None:
+    """Call ``reinstall()`` right after every clear of the manager's adapters (its own ``remove_all_adapters``,
+    wrapped on this instance, once). vLLM 0.32's worker clears them after every ``finish_weight_update``
+    (``reset_lora_state``: adapters trained on replaced base weights are stale), 0.26's does not; an adapter that a
+    push installed is the trainer's latest on the base it serves, so it goes back at once, on every release."""
+    if getattr(manager, "_trainer_sync_keeps", None) is not None:
+        manager._trainer_sync_keeps = reinstall
+        return
+    clear = manager.remove_all_adapters
+
+    def remove_all_adapters():
+        clear()
+        keep = manager._trainer_sync_keeps
+        if keep is not None:
+            keep()
+
+    manager._trainer_sync_keeps = reinstall
+    manager.remove_all_adapters = remove_all_adapters
