@@ -43,6 +43,7 @@ from ...protocol.messages import ErrorInfo, ErrorKind, JoinInfo, Keys
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
 from .lora import AdapterInstaller
+from .quiet_logs import partial_push
 from .shards import engine_shards
 from .worker import WeightApplier
 # Editable installs made before the entry point moved to registration.py still name backend:register; a pip install
@@ -387,7 +388,9 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
 
     def finish_weight_update(self) -> None:
         self.in_session = False
-        self.applier.finish()
+        offer = self.receiver.lora_offer if self.receiver is not None else None
+        with partial_push(offer is not None and (offer.partial or offer.mode == "adapter")):
+            self.applier.finish()
         self.lora.finish()
         self._sync_targets()
 

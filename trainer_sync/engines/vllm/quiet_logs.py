@@ -11,20 +11,38 @@ there with ``VLLM_LOGGING_LEVEL=DEBUG``, never dropped, and every other line of 
   embedding's weight and receives through ``embed_tokens``. An untied head cannot get here through trainer_sync:
   ``lm_head.weight`` is then a checkpoint name, and a push that lacks it is refused at the handshake
   (``HandshakeMismatch``) before any byte moves.
+* any ``Failed to load weights`` while a push that updates some modules only is finalized (a LoRA trainer's merged
+  push after its first, ``partial_push()``): the layers it does not carry keep their weights, as meant.
 * ``Chat template warmup failed`` with ``skip_tokenizer_init=True``: vLLM warms up chat rendering at start-up and,
   having no tokenizer, fails; prompts given as token ids never need one. With a tokenizer the warning stays.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
 RENDERER = "vllm.renderers.base"
 
 
+_PARTIAL = [False]  # a partial push is being finalized in this process (partial_push)
+
+
+@contextlib.contextmanager
+def partial_push(on: bool = True):
+    """Around the finalize of a push that carries some modules only: their siblings' warnings are expected."""
+    before, _PARTIAL[0] = _PARTIAL[0], bool(on)
+    try:
+        yield
+    finally:
+        _PARTIAL[0] = before
+
+
 def _harmless_reload(record: logging.LogRecord) -> bool:
     if record.msg != "%s: Failed to load weights" or not record.args:
         return False
+    if _PARTIAL[0]:
+        return True
     layer = str(record.args[0])
     return layer.endswith("RotaryEmbedding") or layer == "ParallelLMHead"
 
