@@ -18,7 +18,7 @@ from tests.helpers.lora import LORA_ENGINE, peft_model
 from tests.helpers.models import build_model, hf_reference, prompts, train_step
 from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
 
-from trainer_sync import SyncConfig, WeightSync
+from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync
 
 pytestmark = pytest.mark.vllm
 N = 8
@@ -52,6 +52,32 @@ def test_a_new_trainer_with_another_adapter_replaces_it(lora_llm):
         assert served(lora_llm, sync.lora_request()) == hf_reference(second, N)
     assert served(lora_llm, request) == hf_reference(second, N)
     assert len(adapters(lora_llm)) == 1
+
+
+def test_bad_adapters_are_refused_before_any_byte_moves_and_the_engine_keeps_its_version(lora_llm):
+    good = peft_model(seed=0)
+    train_step(good, seed=9, lr=0.1)
+    with WeightSync(good, [lora_llm]) as sync:
+        sync.push(version=50)
+        request = sync.lora_request()
+    before = served(lora_llm, request)
+    cases = {
+        # rank 16 against the engine's max_lora_rank 8: named per module, with the setting to change
+        "rank": (peft_model(seed=0, rank=16, alpha=16),
+                 "receiver 0: module model.layers.0.self_attn.q_proj: adapter rank 16 is above the engine's "
+                 "max_lora_rank 8 (start it with max_lora_rank >= 16)"),
+        # a trainer model with a third layer: its modules are not in the engine's model
+        "modules": (peft_model(seed=0, layers=3),
+                    "receiver 0: target module model.layers.2.mlp.down_proj is not one the engine's model can adapt"),
+    }
+    for what, (bad, line) in cases.items():
+        with WeightSync(bad, [lora_llm], SyncConfig(lora="adapter")) as sync:
+            with pytest.raises(HandshakeMismatch) as err:
+                sync.push(version=51)
+        assert any(m.startswith(line) for m in err.value.mismatches), (what, err.value.mismatches)
+        assert err.value.stage == "handshake" and err.value.who == "engine 0 (in-process LLM)"
+        assert lora_llm.get_weight_version() == "50", what
+        assert served(lora_llm, request) == before, what  # the installed version, whole, resumed
 
 
 def test_three_adapter_pushes_serve_the_peft_model_and_equal_a_fresh_engine_from_disk(lora_llm, model_dir,

@@ -15,7 +15,7 @@ from tests.helpers.lora import merged_copy, peft_model
 from tests.helpers.models import hf_reference, prompts, train_step
 from tests.helpers.vllm_engines import llm_greedy
 
-from trainer_sync import SyncConfig, WeightSync
+from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync
 
 pytestmark = pytest.mark.vllm
 N = 8
@@ -54,3 +54,15 @@ def test_merged_partial_push_of_q_and_v_only_sends_the_whole_fused_qkv(llm):
     qkv = sum(p.numel() * p.element_size() for n, p in merged_copy(model).named_parameters()
               if any(f"{k}_proj." in n for k in "qkv"))
     assert qkv <= second.bytes_full <= qkv + 256 * 6
+
+
+def test_adapter_mode_into_an_engine_without_lora_is_refused_naming_the_setting(llm):
+    model = peft_model(seed=0)
+    with WeightSync(model, [llm], SyncConfig(lora="adapter")) as sync:
+        with pytest.raises(HandshakeMismatch) as err:
+            sync.push()
+    assert err.value.mismatches == [
+        "receiver 0: SyncConfig(lora='adapter') but the engine was started without LoRA: start it with "
+        "enable_lora=True and max_lora_rank >= 4 (vllm serve --enable-lora --max-lora-rank 4), or use "
+        "lora='merged' (or 'auto')"]
+    assert err.value.who == "engine 0 (in-process LLM)"
