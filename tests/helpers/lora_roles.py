@@ -134,3 +134,64 @@ def zero3_lora_trainer(rank: int, world: int, conn, steps: int) -> dict:
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         state = _adapter_state(engine.module.named_parameters())
     return {"reports": reports, "adapter": state if rank == 0 else None}
+
+
+def _merged_reference(adapter_state: dict) -> dict[str, torch.Tensor]:
+    """HF's merge_and_unload of the tiny PeftModel with ``adapter_state``: what a merged push must deliver."""
+    from .lora import merged_copy
+
+    model = peft_model(seed=0)
+    model.load_state_dict(adapter_state, strict=False)
+    return {n: t.detach().clone() for n, t in merged_copy(model).state_dict().items()}
+
+
+def sharded_merged_sender(rank: int, world: int, port: int, kind: str, pushes: int) -> dict:
+    """One rank of a 2-rank FSDP2 or ZeRO-3 LoRA trainer sending merged pushes (``SyncConfig(lora="merged")``) to
+    plain receivers; rank 0 returns the reports and, per push, HF's merge of the whole model it had then."""
+    from torch.distributed.tensor import DTensor
+
+    from trainer_sync import Sender, SyncConfig
+
+    model = peft_model(seed=0)
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        target = model
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        target, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+            "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+            "zero_allow_untested_optimizer": True})
+    sender = Sender(target, SyncConfig(port=port if rank == 0 else 0, token="tok", bucket_mb=0.01, timeout_s=60,
+                                       lora="merged"))
+    sender.connect(1)
+    reports, refs = [], []
+    for step in range(pushes):
+        gen = torch.Generator().manual_seed(step)
+        ids = torch.randint(2, 256, (2, 16), generator=gen)
+        if kind == "fsdp2":
+            train_step(model, seed=step, lr=0.05)
+        else:
+            target.backward(target(input_ids=ids, labels=ids).loss)
+            target.step()
+        reports.append(sender.push().to_dict())
+        if kind == "fsdp2":
+            state = _adapter_state((n, p.full_tensor() if isinstance(p, DTensor) else p)
+                                   for n, p in model.named_parameters())
+        else:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(target.module.parameters())):
+                state = _adapter_state(target.module.named_parameters())
+        refs.append(_merged_reference(state) if rank == 0 else None)
+    sender.close()
+    return {"reports": reports, "refs": refs}
