@@ -16,9 +16,10 @@ VOCAB = 256
 
 
 def tiny_config(kind: str = "qwen3", *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB, tied: bool = True,
-                dtype: str = "float32", head_dim: int = 32):
-    """A transformers config for a tiny Qwen3 or Llama (``kind``)."""
-    from transformers import LlamaConfig, Qwen3Config
+                dtype: str = "float32", head_dim: int = 32, experts: int = 8, top_k: int = 2, expert_width: int = 32):
+    """A transformers config for a tiny Qwen3, Llama or Qwen3-MoE (``kind``; ``experts`` of ``expert_width``, ``top_k``
+    routed per token: vLLM's CPU MoE kernel wants hidden and expert width multiples of 32)."""
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=hidden // head_dim, num_key_value_heads=1, head_dim=head_dim,
@@ -28,6 +29,10 @@ def tiny_config(kind: str = "qwen3", *, hidden: int = 64, layers: int = 2, vocab
         return Qwen3Config(**common)
     if kind == "llama":
         return LlamaConfig(**common)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**common, num_experts=experts, num_experts_per_tok=top_k,
+                              moe_intermediate_size=expert_width, decoder_sparse_step=1, mlp_only_layers=[],
+                              norm_topk_prob=True)
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 
@@ -105,3 +110,30 @@ def prompts(seed: int = 0) -> dict[str, list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return {"short": torch.randint(2, VOCAB, (5,), generator=gen).tolist(),
             "long": torch.randint(2, VOCAB, (200,), generator=gen).tolist()}
+
+
+@torch.no_grad()
+def touch_experts(model: torch.nn.Module, experts: list[int], seed: int, scale: float = 0.2) -> None:
+    """A step that changes only ``experts`` (their gate, up and down rows in every MoE layer) and the attention
+    output projections, as a step in which no token was routed to the other experts would. Works on whole tensors
+    and on FSDP2 shards (each rank changes the experts it holds; the noise is that of the whole tensor)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if not (name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
+                or name.endswith("o_proj.weight")):
+            continue
+        noise = torch.randn(p.shape, generator=gen).to(p.dtype) * scale
+        local, first = p, 0
+        if isinstance(p, DTensor):
+            local = p.to_local()
+            first = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1][0]
+        if name.endswith("o_proj.weight"):
+            rows = slice(first, first + local.shape[0])
+            local.add_(noise[rows])
+            continue
+        for e in experts:
+            if first <= e < first + local.shape[0]:
+                local[e - first].add_(noise[e])

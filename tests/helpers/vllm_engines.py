@@ -70,6 +70,19 @@ def llm_worker(llm):
     return llm.llm_engine.model_executor.driver_worker.worker
 
 
+def http_greedy(url: str, model: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy tokens from a ``vllm serve`` at ``url`` (any process can ask: a trainer rank of a process test too)."""
+    out = []
+    for p in prompts:
+        body = {"model": model, "prompt": p, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True}
+        req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out.append(json.load(resp)["choices"][0]["token_ids"])
+    return out
+
+
 class Server:
     """``vllm serve`` in a subprocess of its own session (so that stopping it stops its engine process too)."""
 
@@ -112,15 +125,7 @@ class Server:
             return f.read().decode(errors="replace")[-n:]
 
     def greedy(self, prompts: list[list[int]], n: int) -> list[list[int]]:
-        out = []
-        for p in prompts:
-            body = {"model": self.model_dir, "prompt": p, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
-                    "return_token_ids": True}
-            req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                out.append(json.load(resp)["choices"][0]["token_ids"])
-        return out
+        return http_greedy(self.url, self.model_dir, prompts, n)
 
     def stream_greedy(self, prompt: list[int], n: int, started: threading.Event) -> list[int]:
         """Greedy tokens of one streamed request; sets ``started`` once the first tokens arrived (so a test knows

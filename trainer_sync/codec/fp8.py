@@ -354,7 +354,7 @@ class Fp8Arrival:
         self.wire_expected = None
         if expected is not None and expected.tensors:
             wire, self.dequant_to = fp8_wire_expected(expected.tensors, rules)
-            self.wire_expected = Expected(wire)
+            self.wire_expected = Expected(wire, model=expected.model)
 
     def _dtype(self, name: str) -> torch.dtype:
         want = self.dequant_to.get(name)

@@ -94,6 +94,10 @@ class Fp8Source(Source):
             return self._quantized(name).reshape(-1)
         return self.inner.flat(name)
 
+    def live(self, name: str) -> torch.Tensor | None:
+        # A quantized weight and its scales are fresh tensors each push: only pass-through tensors live.
+        return None if name in self.eligible or name in self.scale_of else self.inner.live(name)
+
     @contextlib.contextmanager
     def gathering(self, names: list[str]):
         inner_names = sorted({self.scale_of.get(n, n) for n in names})

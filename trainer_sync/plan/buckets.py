@@ -349,6 +349,39 @@ def check_plan(plan: BucketPlan, expected: Expected, who: str, partial: bool = F
     return errors
 
 
+# Config fields that decide what a model computes but show in no tensor's shape: a mixture-of-experts layer's routing
+# (Qwen3-MoE / Qwen2-MoE / Mixtral names, then DeepSeek's). The expert count and width do show in shapes (the router
+# gate [experts, hidden], each expert's [width, hidden]) and are named again here for a clearer refusal.
+MODEL_FACTS = {
+    "num_experts": "experts per MoE layer",
+    "num_local_experts": "experts per MoE layer",
+    "n_routed_experts": "routed experts per MoE layer",
+    "num_experts_per_tok": "experts routed per token (top-k)",
+    "moe_intermediate_size": "expert width",
+    "norm_topk_prob": "whether the top-k routing weights are renormalized",
+    "n_shared_experts": "shared experts per MoE layer",
+    "n_group": "expert groups",
+    "topk_group": "expert groups routed per token",
+}
+
+
+def model_facts(config) -> dict:
+    """The MODEL_FACTS a model config (transformers' PretrainedConfig, or vLLM's hf_config) sets, as plain data."""
+    out = {}
+    for key in MODEL_FACTS:
+        value = getattr(config, key, None) if config is not None else None
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+    return out
+
+
+def check_model(trainer: dict, expected: Expected, who: str) -> list[str]:
+    """One line per architecture fact the trainer's model and a receiver's model both state and disagree on."""
+    return [f"{who}: model config {key} ({MODEL_FACTS.get(key, key)}): trainer {trainer[key]!r}, engine "
+            f"{expected.model[key]!r}"
+            for key in sorted(set(trainer) & set(expected.model)) if trainer[key] != expected.model[key]]
+
+
 @dataclass(frozen=True)
 class BufferFit:
     bucket_bytes: int

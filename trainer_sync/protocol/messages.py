@@ -78,9 +78,13 @@ class JoinInfo:
 
 @dataclass(frozen=True)
 class Expected:
-    """What a receiver expects to get: tensor name -> (shape, dtype). A dtype of None accepts any dtype."""
+    """What a receiver expects to get: tensor name -> (shape, dtype). A dtype of None accepts any dtype.
+
+    ``model``: the served model's architecture facts that no tensor shape shows (how many experts a token is routed
+    to, say: plan/buckets.py ``model_facts``); the trainer refuses a push whose model disagrees on one."""
 
     tensors: dict[str, tuple[tuple[int, ...], str | None]] = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
 
     WIRE_DECODE: ClassVar[dict] = {"tensors": lambda t: {n: (tuple(s), d) for n, (s, d) in t.items()}}

@@ -20,8 +20,8 @@ from ..config import SyncConfig
 from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from ..pipeline.loops import BufferPool, gc_paused, send
 from ..pipeline.verdict import VerdictRound
-from ..plan.buckets import LocalPiece, PlanCache, PlanError, check_plan, fit_budget, itemsize, merge_pieces, \
-    plan_buckets, resolve_wire_dtypes, wants_block_fp8
+from ..plan.buckets import LocalPiece, PlanCache, PlanError, check_model, check_plan, fit_budget, itemsize, \
+    merge_pieces, model_facts, plan_buckets, resolve_wire_dtypes, wants_block_fp8
 from ..protocol import wire
 from ..protocol.messages import Ack, Expected, JoinInfo, Keys, Pieces, PlanOffer, PlanRefusal
 from ..protocol.report import SyncReport
@@ -52,6 +52,8 @@ class Sender:
             # eligible weights (config.fp8_rules) go block-quantized (codec/)
             self.source = Fp8Source(self.source, self.config.fp8_rules)
         self.rank, self.world = self.source.rank, self.source.world
+        # What the engines' models must agree on beyond the tensors (an MoE layer's routing): checked at the plan.
+        self.model_facts = model_facts(getattr(self.source.model, "config", None))
         cfg = self.config
         if cfg.mode == "ipc":
             cuda.require(self.source.device, f"trainer rank {self.rank}")
@@ -190,8 +192,9 @@ class Sender:
             return PlanRefusal([str(e)])
         refused_by = []
         for j, exp in enumerate(self._expected):
-            if exp.tensors:
-                found = check_plan(plan, exp, f"receiver {j}", partial=offer is not None, ignore=adapter_names)
+            if exp.tensors or exp.model:
+                found = check_model(self.model_facts, exp, f"receiver {j}") + \
+                    check_plan(plan, exp, f"receiver {j}", partial=offer is not None, ignore=adapter_names)
                 errors += found
                 refused_by += [j] if found else []
         if errors:

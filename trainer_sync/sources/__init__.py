@@ -5,6 +5,7 @@ import torch
 
 from .base import Source, clean_name, unwrap
 from .deepspeed import DeepSpeedSource, is_zero3
+from .experts import ExpertSplitSource, split_experts
 from .fsdp import FsdpSource
 from .lora import LoraSource
 from .module import ModuleSource
@@ -13,7 +14,8 @@ from .peft import find_adapter
 
 def make_source(model: torch.nn.Module, rename: dict[str, str] | None = None, **kwargs) -> Source:
     """ZeRO-3 -> DeepSpeedSource, any DTensor parameter (FSDP2) -> FsdpSource, else ModuleSource; a PEFT LoRA
-    model's source is wrapped in a LoraSource (lora.py: adapter, merged and dense tensors, rank 0's plan picks)."""
+    model's source is wrapped in a LoraSource (lora.py: adapter, merged and dense tensors, rank 0's plan picks); fused
+    experts (transformers' MoE layers) are presented under the checkpoint's per-expert names (experts.py)."""
     inner = unwrap(model)
     adapter = find_adapter(inner)
     if adapter is not None:
@@ -25,10 +27,13 @@ def _wrapped(inner: torch.nn.Module, rename: dict[str, str] | None, **kwargs) ->
     from torch.distributed.tensor import DTensor
 
     if is_zero3(inner):
-        return DeepSpeedSource(inner, rename, **kwargs)
-    if any(isinstance(p, DTensor) for p in inner.parameters()):
-        return FsdpSource(inner, rename, **kwargs)
-    return ModuleSource(inner, rename, **kwargs)
+        source = DeepSpeedSource(inner, rename, **kwargs)
+    elif any(isinstance(p, DTensor) for p in inner.parameters()):
+        source = FsdpSource(inner, rename, **kwargs)
+    else:
+        source = ModuleSource(inner, rename, **kwargs)
+    return split_experts(source)
 
 
-__all__ = ["Source", "ModuleSource", "FsdpSource", "DeepSpeedSource", "LoraSource", "make_source", "clean_name"]
+__all__ = ["Source", "ModuleSource", "FsdpSource", "DeepSpeedSource", "ExpertSplitSource", "LoraSource",
+           "make_source", "clean_name"]

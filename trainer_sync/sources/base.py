@@ -84,6 +84,15 @@ class Source(ABC):
         """Entered by every trainer rank around packing a round; only ZeRO-3 needs it."""
         return contextlib.nullcontext()
 
+    def live(self, name: str) -> torch.Tensor | None:
+        """The live tensor that ``flat(name)`` views, shaped or flat (element 0 = this rank's piece's ``start``), or
+        None where there is none to map (a transient gather, a quantized copy). CUDA IPC's direct path exports it."""
+        p = self.params.get(name)
+        if p is None:
+            return None
+        p = p.detach()
+        return p.to_local() if hasattr(p, "to_local") else p
+
     def nonfinite(self) -> list[str]:
         """Names whose local data hold NaN or Inf (checked before a push when SyncConfig.check_finite)."""
         return [n for n in self.params

@@ -25,6 +25,9 @@ class DeepSpeedSource(Source):
         # Only valid inside gathering(): the full parameter is present then.
         return self.params[name].detach().reshape(-1)
 
+    def live(self, name: str) -> None:
+        return None  # flat() is a transient gather: nothing lives to be mapped
+
     def gathering(self, names: list[str]):
         import deepspeed
 

@@ -120,6 +120,10 @@ class LoraSource(Source):
         rows = w_local.numel() // out_in[1] if len(out_in) == 2 else 0
         return merged_rows(w_local.view(rows, out_in[1]), b_local, a, m.scaling).reshape(-1)
 
+    def live(self, name: str) -> torch.Tensor | None:
+        # A merged weight is computed afresh each push (its base weight is not what travels): nothing to map.
+        return None if self.kind.get(name) == MERGED else self.inner.live(self.trainer[name])
+
     def gathering(self, names: list[str]):
         inner_names = []
         for n in names:

@@ -125,7 +125,7 @@ class IpcSend(SendTransport):
         for b in mine:
             for s in b.slots:
                 if s.name not in backing:
-                    t = _live_tensor(source, s.name)
+                    t = source.live(s.name)
                     if t is None or t.device != self.device or dtype_name(t.dtype) != plan.tensors[s.name].dtype \
                             or not t.is_contiguous():
                         return None
@@ -263,14 +263,3 @@ class IpcSend(SendTransport):
             self.wire.close()
         if cuda.backend.available(self.device):
             cuda.backend.collect()
-
-
-def _live_tensor(source, name: str) -> torch.Tensor | None:
-    """The live tensor whose storage ``source.flat(name)`` views (None where there is no such tensor)."""
-    from ..sources.deepspeed import DeepSpeedSource
-    from ..sources.fsdp import local_tensor
-
-    if isinstance(source, DeepSpeedSource):  # its flat() is a transient gather
-        return None
-    p = getattr(source, "params", {}).get(name)
-    return None if p is None else local_tensor(p)

@@ -35,11 +35,11 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferUpdateInfo
 
 from ...codec import scale_name
-from ...plan.buckets import dtype_of
+from ...plan.buckets import dtype_of, model_facts
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
 from ...protocol.error_frame import FramedError
-from ...protocol.messages import ErrorInfo, ErrorKind, JoinInfo, Keys
+from ...protocol.messages import ErrorInfo, ErrorKind, Expected, JoinInfo, Keys
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
 from .lora import AdapterInstaller
@@ -134,12 +134,17 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         info = dataclasses.replace(init_info, receiver_rank=rank)
         # gloo carries bytes through host memory: receive there and let load_weights copy to the device.
         device = self.device if info.backend == "nccl" else torch.device("cpu")
-        expected = self.expected()
+        tensors = self.expected()
+        # The served model's routing facts that no shape shows (top-k, ...): the trainer refuses a model that differs.
+        mc = self.model_config
+        facts = model_facts(getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None))
+        expected = Expected({n: (tuple(s), d) for n, (s, d) in (tensors or {}).items()}, model=facts) \
+            if tensors or facts else None
         # Delta pushes: a mirror of the model in host memory for the CPU engines (layerwise reload). GPU engines keep
         # no mirror (a second copy of the model in GPU memory and a copy per push): once their fast path is proven,
         # the receiver writes pushes, deltas included, straight into its parameter slices (_sync_targets).
         gpu = self.device.type == "cuda"
-        receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, expected),
+        receiver = Receiver(info, expected, device=device, dequantize_fp8=self.dequantize_to(info, tensors),
                             delta_mirror=not gpu, adopts_targets=gpu, lora=self.lora.support())
         old = self.receiver
         if old is not None and (old.info.host, old.info.port) == (info.host, info.port):

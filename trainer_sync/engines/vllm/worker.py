@@ -39,6 +39,7 @@ class WeightApplier:
     def __init__(self, model: torch.nn.Module, model_config, device: torch.device) -> None:
         self.model = model
         self.model_config = model_config
+        self.device = device
         self.reloading = False  # layerwise reload initialized on this worker and not yet finalized
         self.touched = False  # a weight of the current update was applied here
         self.tied = tied_modules(model)
@@ -93,6 +94,7 @@ class WeightApplier:
             return
         if not self.reloading:
             initialize, _, _ = compat.API.layerwise()
+            compat.API.before_layerwise_reload(self.model, self.device)
             initialize(self.model)
             self.reloading = True
         copies: dict[int, torch.Tensor] = {}
