@@ -125,7 +125,7 @@ def touch_experts(model: torch.nn.Module, experts: list[int], seed: int, scale: 
         if not (name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
                 or name.endswith("o_proj.weight")):
             continue
-        noise = torch.randn(p.shape, generator=gen).to(p.dtype) * scale
+        noise = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype) * scale
         local, first = p, 0
         if isinstance(p, DTensor):
             local = p.to_local()
