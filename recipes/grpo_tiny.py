@@ -103,8 +103,9 @@ def save_tiny_policy(path: str, args):
     return model
 
 
-def start_engine(model_dir: str, on_gpu: bool):
-    """A vLLM engine with the trainer_sync weight-transfer backend, its core in a spawned process (see header)."""
+def start_engine(model_dir: str, on_gpu: bool, **extra):
+    """A vLLM engine with the trainer_sync weight-transfer backend, its core in a spawned process (see header);
+    ``extra``: more engine arguments (grpo_trl.py's LoRA: enable_lora, max_lora_rank)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # a fork would inherit the trainer's groups
     if not on_gpu:
@@ -117,14 +118,15 @@ def start_engine(model_dir: str, on_gpu: bool):
         kwargs.update(gpu_memory_utilization=0.2)
     else:
         kwargs.update(block_size=32)  # vLLM's CPU attention needs a multiple of 32
-    return LLM(**kwargs)
+    return LLM(**kwargs, **extra)
 
 
-def generate(llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int):
+def generate(llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int,
+             lora_request=None):
     from vllm import SamplingParams
 
     params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, ignore_eos=True, seed=seed)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora_request)
     return [[list(c.token_ids) for c in o.outputs] for o in outs]
 
 

@@ -62,6 +62,12 @@ def parse_args(argv=None):
     ap.add_argument("--every", type=int, default=1, help="push after every k-th optimizer step")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="TRL's bf16 autocast (TRL's default: on); --no-bf16 trains in float32")
+    ap.add_argument("--lora", choices=["none", "auto", "adapter", "merged"], default="none",
+                    help="train a LoRA adapter (TRL's peft_config) and push it as SyncConfig(lora=...): adapter mode "
+                         "starts the engine with LoRA and samples under sync.lora_request(); merged pushes the "
+                         "adapted modules merged into an engine without LoRA")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="run folder (default: runs/grpo-trl/<config>-<date-time>)")
     ap.add_argument("--no-check", action="store_true", help="skip the final greedy-token check")
@@ -118,6 +124,21 @@ def prompt_dataset(args, n: int = 256):
     return Dataset.from_dict({"prompt": prompts})
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def merged_weights(reference, peft_config, weights: dict) -> dict:
+    """HF's merge_and_unload of a PeftModel (``peft_config`` on a copy of ``reference``) holding ``weights``."""
+    import copy
+
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(reference), copy.deepcopy(peft_config))
+    missing, unexpected = peft_model.load_state_dict(weights, strict=False)
+    assert not unexpected, unexpected
+    return {n: t.detach().clone() for n, t in peft_model.merge_and_unload().state_dict().items()}
+
+
 def target_reward(target: int):
     """A verifiable reward: the fraction of completion tokens equal to ``target`` (a stand-in for "correct")."""
 
@@ -134,8 +155,9 @@ class EngineRollouts:
     per prompt from the vLLM engine (TRL repeats each prompt num_generations times; every request gets its own seed,
     so a group's completions differ), and every rank gets its own completions back."""
 
-    def __init__(self, llm, max_tokens: int, seed: int):
+    def __init__(self, llm, max_tokens: int, seed: int, lora_request=lambda: None):
         self.llm, self.max_tokens, self.seed, self.calls = llm, max_tokens, seed, 0
+        self.lora_request = lora_request  # the adapter to sample with (None: the served model itself)
 
     def __call__(self, prompts: list[str], trainer) -> dict:
         import torch.distributed as dist
@@ -157,7 +179,8 @@ class EngineRollouts:
             base = (self.seed * 1_000_003 + self.calls) * 4096
             params = [SamplingParams(max_tokens=self.max_tokens, temperature=1.0, ignore_eos=True, seed=base + i)
                       for i in range(len(flat))]
-            res = self.llm.generate([{"prompt_token_ids": p} for p in flat], params, use_tqdm=False)
+            res = self.llm.generate([{"prompt_token_ids": p} for p in flat], params, use_tqdm=False,
+                                    lora_request=self.lora_request())
             done = [list(r.outputs[0].token_ids) for r in res]
             sizes = [len(ps) for ps in everyone]
             out = [[done[sum(sizes[:r]):sum(sizes[:r + 1])] for r in range(world)]]
@@ -202,7 +225,10 @@ def main(argv=None) -> int:
         tokenizer.save_pretrained(model_dir)
         t0 = time.perf_counter()
         log(f"[rank 0] starting a vLLM engine on {model_dir} ({'GPU' if on_gpu else 'CPU'}) ...")
-        llm = start_engine(model_dir, on_gpu)
+        # LoRA in adapter mode (and auto, which then picks it): the engine serves the adapter in memory
+        lora_engine = dict(enable_lora=True, max_lora_rank=max(8, 1 << (args.lora_rank - 1).bit_length()),
+                           max_loras=1) if args.lora in ("auto", "adapter") else {}
+        llm = start_engine(model_dir, on_gpu, **lora_engine)
         log(f"[rank 0] engine ready in {time.perf_counter() - t0:.1f} s")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -220,7 +246,8 @@ def main(argv=None) -> int:
 
     def build_sync(trained):  # on_train_begin, every rank: after ZeRO-3 partitioned / FSDP2 sharded the model
         return WeightSync(trained, [llm] if rank0 else None,
-                          SyncConfig(timeout_s=120, tb_dir=os.path.join(out, "tb", "sync")))
+                          SyncConfig(timeout_s=120, tb_dir=os.path.join(out, "tb", "sync"),
+                                     lora="auto" if args.lora == "none" else args.lora))
 
     push = WeightSyncCallback.lazy(build_sync, every=args.every)
     history = []
@@ -233,7 +260,8 @@ def main(argv=None) -> int:
                 return
             rep = push.hook.last_report if push.versions and push.versions[-1] == state.global_step else None
             row = {"step": state.global_step, "reward": logs["reward"], "loss": logs.get("loss"),
-                   "sync_ms": rep.total_s * 1e3 if rep else None, "version": rep.version if rep else None}
+                   "sync_ms": rep.total_s * 1e3 if rep else None, "version": rep.version if rep else None,
+                   "lora": rep.lora if rep else None}
             history.append(row)
             sync_txt = f"sync {row['sync_ms']:6.1f} ms  engine v{row['version']}" if rep else "no push"
             line = f"step {state.global_step:3d}/{args.steps}  reward {row['reward']:.3f}  {sync_txt}"
@@ -244,9 +272,20 @@ def main(argv=None) -> int:
 
                 tqdm.write(line)  # above the Trainer's progress bar
 
+    def lora_request():  # sample under the trainer's adapter once a push installed it (before: the base, which
+        # a fresh adapter, B = 0, does not change)
+        rep = push.hook.last_report
+        return push.sync.lora_request() if rep is not None and rep.lora == "adapter" else None
+
+    peft_config = None
+    if args.lora != "none":  # TRL wraps the policy in a PeftModel; trainer_sync recognises it (SyncConfig.lora)
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=LORA_TARGETS)
     trainer = GRPOTrainer(model=model, reward_funcs=target_reward(args.target), args=config,
-                          train_dataset=prompt_dataset(args), processing_class=tokenizer,
-                          rollout_func=EngineRollouts(llm, args.new_tokens, args.seed), callbacks=[push, StepLines()])
+                          train_dataset=prompt_dataset(args), processing_class=tokenizer, peft_config=peft_config,
+                          rollout_func=EngineRollouts(llm, args.new_tokens, args.seed, lora_request),
+                          callbacks=[push, StepLines()])
     # Our per-step line replaces the Trainer's printed log dict (ProgressCallback / PrinterCallback); the full
     # dict still goes to TensorBoard.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -275,7 +314,9 @@ def main(argv=None) -> int:
         if rank0:
             probe = [tokenizer(text=p, add_special_tokens=False)["input_ids"]
                      for p in prompt_dataset(args, 4 + 4)["prompt"][4:]]
-            engine_tokens = [s[0] for s in generate(llm, probe, 1, args.new_tokens, 0.0, 0)]
+            engine_tokens = [s[0] for s in generate(llm, probe, 1, args.new_tokens, 0.0, 0, lora_request())]
+            if peft_config is not None:  # the trained PeftModel's weights: HF's own merge is the reference
+                weights = merged_weights(reference, peft_config, weights)
             trainer_tokens = hf_greedy(reference, weights, probe, args.new_tokens)
             check = {"equal": engine_tokens == trainer_tokens, "engine": engine_tokens, "trainer": trainer_tokens,
                      "versions": sync.weight_versions()}
@@ -308,6 +349,7 @@ def main(argv=None) -> int:
                            "first_reward": first, "last_reward": last, "pushes": push.pushes,
                            "versions": push.versions, "bf16": config.bf16,
                            "source": type(sync.sender.source).__name__,
+                           "lora": [r["lora"] for r in history if r.get("lora")],
                            "distributed_type": str(trainer.accelerator.distributed_type.value)}, f, indent=1)
         llm.llm_engine.engine_core.shutdown()
     return status
