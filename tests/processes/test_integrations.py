@@ -371,6 +371,35 @@ def test_trl_recipe_end_to_end(tmp_path):
     assert "Chat template warmup failed" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", ["adapter", "merged"])
+def test_trl_recipe_with_lora(tmp_path, lora):
+    """recipes/grpo_trl.py --lora (issue 27): TRL's GRPOTrainer with a peft_config LoRA adapter, one process; every
+    push goes as asked (adapter into an engine with LoRA, rollouts under sync.lora_request(); merged into one
+    without) and the engine's greedy tokens equal HF's merge_and_unload of the trained PeftModel."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    summary = tmp_path / "summary.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", VLLM_LOGGING_LEVEL="WARNING",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(root / "recipes" / "grpo_trl.py"), "--lora", lora, "--steps", "3",
+           "--summary-json", str(summary), "--no-progress", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    res = json.loads(summary.read_text())
+    assert res["versions"] == [1, 2, 3] and res["source"] == "LoraSource"
+    assert res["lora"] == (["adapter"] * 3 if lora == "adapter" else ["merged", "merged-partial", "merged-partial"])
+    assert res["check"]["equal"], res["check"]
+
+
 @pytest.mark.slow
 def test_recipe_without_vllm(tmp_path):
     """`--engine hf` (machines without vLLM): rank 0's transformers copy, fed by a Receiver, serves the rollouts; the

@@ -122,3 +122,12 @@ def test_lora_messages_round_trip():
     assert msg.lora == offer
     assert wire.decode(wire.encode(PlanOffer("{}", 2, 3)), PlanOffer).lora is None
     assert wire.from_wire(wire.to_wire(support()), LoraSupport) == support()
+
+
+def test_merged_weights_are_never_offered_as_live_parameters():
+    """CUDA IPC's direct path exports ``source.params[name]`` and lets the engine read it in place: for a merged
+    weight that would be the unmerged base. Only adapter and dense tensors are live."""
+    src = make_source(peft_model(), rank=0, world=1)
+    assert not set(src.names(plan.MERGED)) & set(src.params)
+    assert set(src.params) == set(src.names(plan.ADAPTER)) | set(src.names(plan.DENSE))
+    assert src.device == torch.device("cpu")

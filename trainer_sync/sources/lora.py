@@ -81,12 +81,22 @@ class LoraSource(Source):
         if missing:
             raise ValueError(f"trainer_sync: the LoRA modules {missing[:3]} have no lora_A or base weight among the "
                              f"model's parameters")
-        self.params = {n: inner.params[t] for n, t in self.trainer.items()}
+        # The live parameter behind each offered name that IS one (what CUDA IPC's direct path exports and reads in
+        # place): never a merged weight (computed while packing; its base parameter holds other values), and none
+        # under ZeRO-3 (partitions: its tensors exist only while gathered).
+        from .deepspeed import DeepSpeedSource
+
+        self.params = {} if isinstance(inner, DeepSpeedSource) else \
+            {n: inner.params[t] for n, t in self.trainer.items() if self.kind[n] != MERGED}
         renamed = {t: n for n, t in self.trainer.items()}
         self.aliases = {renamed[p]: tuple(self.rename.get(e, e) for a in names if (e := engine_name(a, adapter.name)))
                         for p, names in inner.aliases.items() if p in renamed}
         self._full_a: dict[str, torch.Tensor] = {}  # merged name -> whole lora_A, during one round (FSDP2)
         self._shape: dict[str, tuple[int, ...]] = {}  # offered name -> global shape (set by pieces(), every push)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
 
     def _offer(self, name: str, kind: str, trainer: str) -> None:
         if kind != ADAPTER:
