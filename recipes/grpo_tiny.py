@@ -62,6 +62,11 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--inter", type=int, default=None, help="MLP width (default 2 * hidden)")
+    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE policy with this many experts per layer "
+                    "(0: a dense Qwen3)")
+    ap.add_argument("--top-k", type=int, default=2, help="experts routed per token (--experts)")
+    ap.add_argument("--expert-width", type=int, default=32, help="each expert's MLP width (--experts)")
     ap.add_argument("--target", type=int, default=7, help="the token id the reward asks for")
     ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     ap.add_argument("--every", type=int, default=1, help="push after every k-th optimizer step")
@@ -90,12 +95,18 @@ def save_tiny_policy(path: str, args):
     default spreads the logits, so greedy tokens do not hinge on float32 rounding between HF's and vLLM's kernels.
     """
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
-    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
-                         num_key_value_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
-                         dtype="float32", initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter or 2 * args.hidden,
+                  num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
+                  num_key_value_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
+                  dtype="float32", initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    if args.experts:  # vLLM's CPU MoE kernel wants hidden and expert width multiples of 32
+        config = Qwen3MoeConfig(**common, num_experts=args.experts, num_experts_per_tok=args.top_k,
+                                moe_intermediate_size=args.expert_width, decoder_sparse_step=1, mlp_only_layers=[],
+                                norm_topk_prob=True)
+    else:
+        config = Qwen3Config(**common)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     os.makedirs(path, exist_ok=True)
@@ -404,7 +415,10 @@ def main(argv=None) -> int:
         reward = sum(map(sum, rewards_all)) / (args.prompts * args.group)
         row = {"step": step, "reward": reward, "loss": float(loss.detach()), "gen_s": t_gen,
                "step_s": time.perf_counter() - t0, "sync_ms": report.total_s * 1e3 if report else None,
-               "version": report.version if report else None}
+               "version": report.version if report else None,
+               # what a delta push saved (SyncConfig.delta): bytes on the wire, a full push's, the changed fraction
+               "bytes_sent": report.bytes_sent if report else None, "bytes_full": report.bytes_full if report else None,
+               "changed_fraction": report.changed_fraction if report else None}
         history.append(row)
         accelerator.log({"train/reward": reward, "train/loss": row["loss"], "train/step_s": row["step_s"],
                          "rollout/generate_s": t_gen}, step=step)
