@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.lora import LORA_ENGINE
 from tests.helpers.models import save_model
 from tests.helpers.vllm_engines import in_process_llm, running_server
 
@@ -24,6 +25,13 @@ def model_dir(request, tmp_path_factory) -> str:
 def llm(model_dir):
     """An in-process ``vllm.LLM`` on ``model_dir`` (no worker process: starts in seconds)."""
     with in_process_llm(model_dir) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def lora_llm(model_dir):
+    """An in-process ``vllm.LLM`` on ``model_dir`` with LoRA on (tests/helpers/lora.py LORA_ENGINE)."""
+    with in_process_llm(model_dir, **LORA_ENGINE) as engine:
         yield engine
 
 

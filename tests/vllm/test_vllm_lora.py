@@ -24,12 +24,6 @@ pytestmark = pytest.mark.vllm
 N = 8
 
 
-@pytest.fixture(scope="module")
-def lora_llm(model_dir):
-    with in_process_llm(model_dir, **LORA_ENGINE) as engine:
-        yield engine
-
-
 def served(llm, lora_request=None) -> list[list[int]]:
     return llm_greedy(llm, list(prompts().values()), N, lora_request=lora_request)
 

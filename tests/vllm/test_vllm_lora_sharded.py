@@ -13,22 +13,16 @@ pytest.importorskip("vllm")
 pytest.importorskip("peft")
 
 from tests.helpers.cluster import run_roles
-from tests.helpers.lora import LORA_ENGINE, peft_model
+from tests.helpers.lora import peft_model
 from tests.helpers.lora_roles import fsdp_lora_trainer, serve_calls, zero3_lora_trainer
 from tests.helpers.models import hf_reference, prompts
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy
+from tests.helpers.vllm_engines import llm_greedy
 
 from trainer_sync.config import SyncConfig
 from trainer_sync.engines.vllm import compat
 
 pytestmark = pytest.mark.vllm
 N = 8
-
-
-@pytest.fixture(scope="module")
-def lora_llm(model_dir):
-    with in_process_llm(model_dir, **LORA_ENGINE) as engine:
-        yield engine
 
 
 def run_with_engine(llm, fn, steps: int = 3) -> dict:
