@@ -110,10 +110,6 @@ class ExpertSplitSource(Source):
         self._held = held
         return out
 
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
     def pieces(self) -> list[LocalPiece]:
         return self._refresh()
 
