@@ -15,16 +15,20 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 
 import torch
 
 from .cluster import free_port
+from . import worker_extension
 
 BACKEND = {"backend": "trainer_sync"}
+# worker_extension_cls: a worker method that says which version the backend applied (served_version below, 0.26).
 ENGINE_ARGS = dict(skip_tokenizer_init=True, block_size=32, dtype="float32", enforce_eager=True, max_model_len=512,
-                   max_num_seqs=8, seed=0)
+                   max_num_seqs=8, seed=0, worker_extension_cls=worker_extension.PATH)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (tests/ in it)
 
 
 @contextmanager
@@ -65,6 +69,31 @@ def llm_greedy(llm, prompts: list[list[int]], n: int, lora_request=None) -> list
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def served_version(engine) -> str | None:
+    """The weight version an engine (an in-process ``vllm.LLM`` or a ``Server``) serves, asked the same way on every
+    release the tests run on: vLLM's own (``LLM.get_weight_version()``, ``GET /weight_info``) where the release keeps
+    one, else the version the trainer_sync backend of its workers last applied (vLLM 0.26, through the worker
+    extension, tests/helpers/worker_extension.py), None when they applied none. Like vLLM's own answer, this waits
+    while the engine core is busy (inside an update)."""
+    if isinstance(engine, Server):
+        try:
+            with urllib.request.urlopen(engine.url + "/weight_info", timeout=60) as resp:
+                return str(json.load(resp)["weight_version"])
+        except urllib.error.HTTPError as e:
+            if e.code not in (404, 405):  # anything but "this release has no such route"
+                raise
+        req = urllib.request.Request(engine.url + "/collective_rpc", json.dumps({"method": worker_extension.METHOD})
+                                     .encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            versions = json.load(resp)["results"]
+    elif hasattr(engine, "get_weight_version"):
+        return str(engine.get_weight_version())
+    else:
+        versions = engine.collective_rpc(worker_extension.METHOD)
+    assert len({str(v) for v in versions}) == 1, f"the engine's workers applied different versions: {versions}"
+    return None if versions[0] is None else str(versions[0])
+
+
 def llm_worker(llm):
     """The worker of an in-process engine (only with VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     return llm.llm_engine.model_executor.driver_worker.worker
@@ -92,6 +121,7 @@ class Server:
         self.world_size = tensor_parallel_size
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         env.update(VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)  # the worker extension
         if tensor_parallel_size > 1:
             # vLLM's automatic thread binding wants one NUMA node per worker; a small box has one. One thread per
             # worker keeps TP workers from fighting over the cores.

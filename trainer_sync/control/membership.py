@@ -6,8 +6,8 @@ import json
 import warnings
 
 from ..errors import RendezvousRefused, SyncError
-from ..engines.clients import EngineCallError, EngineClient, make_client
-from ..protocol.messages import Keys, Verdict
+from ..engines.clients import EngineCallError, EngineClient, make_client, served_version
+from ..protocol.messages import Keys, ServedVersion, Verdict
 from .engine_calls import Background, stage_of
 
 
@@ -16,8 +16,7 @@ class Membership:
 
     # --- bridging group ---------------------------------------------------------------------------------------
     def _count_receivers(self) -> Verdict:
-        """Rank 0: every engine's worker count, the first receiver rank of each engine, and the highest weight
-        version they report.
+        """Rank 0: every engine's worker count and the first receiver rank of each engine.
 
         At construction an engine that does not answer is a configuration error: every such engine is named, with
         its error. Later, one that stopped or died leaves the membership (a warning) and the others carry on."""
@@ -46,15 +45,28 @@ class Membership:
                             "\n  ".join(str(e) for e in gone), "rendezvous", ", ".join(c.name for c in self.clients),
                             members=[c.name for c in self.clients])
         self.clients = alive
-        return Verdict(data={"num_receivers": total, "offsets": offsets, "engine_version": self._engine_version()})
+        return Verdict(data={"num_receivers": total, "offsets": offsets})
 
     def _engine_version(self) -> int:
-        """Rank 0: the highest integer weight version the engines report (0 if none does)."""
+        """Rank 0, once every engine joined: the highest integer version the engines serve (0 if none does).
+
+        What an engine serves is its vLLM's weight version where the release keeps one, else what its workers
+        announced when they joined (``Keys.served_version``; vLLM 0.26): engines/clients.py served_version. An announced
+        version is also remembered as the one the engine serves (``weight_versions``, ``membership``)."""
+        store = self.sender.bridge.store
+        announced: dict[str, int] = {}
+        for j, name in enumerate(self.receiver_engines):
+            k = Keys.served_version(j)
+            v = ServedVersion.from_json(store.get(k)).version if store.check([k]) else None
+            if v is not None:  # the workers of one engine agree; the highest, should one have missed a push
+                announced[name] = max(v, announced.get(name, v))
         best = 0
         for c in self.clients:
+            if c.name in announced:
+                self.served[c.name] = str(announced[c.name])
             try:
-                v = c.weight_version()
-                if v is not None:  # None: a vLLM without weight versions (0.26)
+                v = served_version(c, announced.get(c.name))
+                if v is not None:
                     best = max(best, int(v))
             except (EngineCallError, ValueError):  # not a counter (vLLM's default, a name): nothing to continue
                 pass
@@ -65,7 +77,6 @@ class Membership:
         plan = self._agree(self._count_receivers)
         self._raise(plan)
         n = plan.data["num_receivers"]
-        self.engine_version = plan.data["engine_version"]
         calls: list[tuple[EngineClient, Background]] = []
         if self.rank == 0:
             # Join infos are made before connect() opens the new epoch they name.
@@ -98,13 +109,14 @@ class Membership:
             if problems:
                 return Verdict("trainer_sync could not connect the engines:\n  " + "\n  ".join(p for _, p in problems),
                                "rendezvous", problems[0][0], members=[w for w, _ in problems if w])
-            return Verdict()
+            return Verdict(data={"engine_version": self._engine_version()})
 
         verdict = self._agree(joined)
         self._raise(verdict, error)
         if error is not None:  # this rank failed though rank 0 saw none: nothing consistent to go on
             raise error
         self.num_receivers = n
+        self.engine_version = verdict.data["engine_version"]
         self.stale = False
         if self.rank == 0:
             self._close_abandoned_sessions()

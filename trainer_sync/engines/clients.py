@@ -229,6 +229,15 @@ class HttpClient(EngineClient):
             self._request("POST", "/init_weight_transfer_engine", self.routes.leave_body())
 
 
+def served_version(client: EngineClient, announced: int | None) -> str | None:
+    """The version an engine serves: its vLLM's weight version where the release keeps one, else ``announced`` (what
+    the trainer_sync backend's workers said they last applied when they joined): compat.served_version. A function,
+    not a method, so that clients registered with ``EngineClient.register`` get it too."""
+    from .vllm.compat import served_version as believed
+
+    return believed(client.weight_version(), announced)
+
+
 def make_client(engine, index: int = 0, timeout_s: float = 120.0) -> EngineClient:
     """An ``EngineClient`` for a URL string, a ``vllm.LLM``, or an ``EngineClient`` (passed through)."""
     if isinstance(engine, EngineClient):

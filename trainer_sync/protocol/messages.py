@@ -7,6 +7,7 @@
 * ``Ack``: a receiver's acknowledgement of a push: how long it took, or the ``ErrorInfo`` it failed with.
 * ``PassVerdict``: a receiver's verdict on a delta pass (refused, and why); ``CatchupOffer``: what a trainer rank
   offers a joining engine (its kept version and plan).
+* ``ServedVersion``: what an engine worker says it serves when it joins (the last push it applied).
 * ``LayoutAnnouncement``: trainer rank 0's choice of transports for an epoch (or why there is none).
 * ``ErrorInfo``: a failure as typed fields (kind, engine, parameter, receiver, stage, message), never parsed from
   text; ``ErrorKind`` names the kinds.
@@ -209,6 +210,24 @@ class CatchupOffer:
 
 
 @dataclass(frozen=True)
+class ServedVersion:
+    """What an engine worker serves, said when it joins (``Keys.served_version``): the version of the last push it
+    applied whole, by any trainer (None: none since the engine started). vLLM 0.26 keeps no weight version of its
+    own, so this is how a new trainer learns where the engine's count stands (engines/vllm/compat.py
+    ``served_version`` decides which of the two a trainer believes)."""
+
+    version: int | None = None
+    protocol_version: int = PROTOCOL_VERSION
+
+    def to_json(self) -> str:
+        return wire.encode(self)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ServedVersion":
+        return wire.decode(text, cls, stage="rendezvous")
+
+
+@dataclass(frozen=True)
 class LayoutAnnouncement:
     """Trainer rank 0's decision of an epoch's transports (transport/layout.py Layout JSON), or why there is none."""
 
@@ -281,6 +300,11 @@ class Keys:
         """Whether a receiver's engine worker holds an update session an earlier trainer left open (the vLLM backend
         writes it when it joins; the trainer closes such sessions before its first push)."""
         return f"open-session/{receiver}"
+
+    @staticmethod
+    def served_version(receiver: int) -> str:
+        """What a receiver's engine worker serves when it joins (``ServedVersion``, written by the vLLM backend)."""
+        return f"served-version/{receiver}"
 
     @staticmethod
     def shard_ranges(receiver: int) -> str:

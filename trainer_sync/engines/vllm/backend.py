@@ -39,7 +39,7 @@ from ...plan.buckets import dtype_of, model_facts
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
 from ...protocol.error_frame import FramedError
-from ...protocol.messages import ErrorInfo, ErrorKind, Expected, JoinInfo, Keys
+from ...protocol.messages import ErrorInfo, ErrorKind, Expected, JoinInfo, Keys, ServedVersion
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
 from .lora import AdapterInstaller
@@ -88,6 +88,11 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         # This worker's vLLM update session is open (start_weight_update ran, finish_weight_update did not, and
         # vLLM did not close it on a raise): announced when a trainer joins, see _join.
         self.in_session = False
+        # The version of the last push this engine applied whole (any trainer's), announced when a trainer joins:
+        # vLLM 0.26 keeps no weight version, so this is where a new trainer learns what the engine serves.
+        # ``_applied``: this session's push, taken whole by every worker; served from finish_weight_update on.
+        self.served_version: int | None = None
+        self._applied: int | None = None
 
     # --- init -------------------------------------------------------------------------------------------------
     def parse_init_info(self, init_dict: dict[str, Any]) -> JoinInfo | None:
@@ -167,6 +172,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         # without an open session refuse that call; the one that raised is the engine's last, whose reply vLLM
         # reads last, so the refusal leaves no reply queued).
         receiver.bridge.set_json(Keys.open_session(rank), self.in_session)
+        receiver.bridge.store.set(Keys.served_version(rank), ServedVersion(self.served_version).to_json())
         if self.in_session:
             logger.warning("trainer_sync: an update session abandoned by an earlier trainer is open on this worker; "
                            "the new trainer closes it (the engine stays paused until a push completes)")
@@ -209,7 +215,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             getattr(self.model_config, "quantization", None) == "fp8"
         return None if block_fp8 else self.model_config.dtype
 
-    def _report(self, error: BaseException | None, touched: bool | None = None) -> None:
+    def _report(self, error: BaseException | None, touched: bool | None = None) -> bool:
         """Raise ``error`` (or a sibling worker's) from exactly one worker of this engine: the last one.
 
         vLLM 0.32's multiprocess executor reads the workers' replies in rank order and stops at the first failure,
@@ -220,7 +226,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         ``touched`` (an update): whether this worker applied any weight of it. The error raised is a FramedError:
         its ``ErrorInfo`` travels through vLLM's RPC (which passes on text alone) to the trainer's engine client, and
         its kind is ``untouched`` when no worker of the engine applied any weight, telling the trainer that the engine
-        still serves its old weights whole (the message then ends with ``UNTOUCHED`` for people).
+        still serves its old weights whole (the message then ends with ``UNTOUCHED`` for people). Returns whether
+        every worker succeeded (on the workers that do not raise).
         """
         pc = self.parallel_config
         mine = None if error is None else ErrorInfo.of(error, f"{type(error).__name__}: {error}")
@@ -239,11 +246,11 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             failures = {r: m for r, m, _ in items if m}
             any_touched = any(t for _, _, t in items)
         if not failures:
-            return
+            return True
         if pc.rank != pc.world_size - 1:
             logger.error("trainer_sync: worker %d failed (reported by the engine's last worker): %s", pc.rank,
                          mine.message if mine else None)
-            return
+            return False
         untouched = touched is not None and not any_touched and not isinstance(error, HandshakeMismatch)
         if error is not None and (len(failures) == 1 or all(m == mine for m in failures.values())):
             # One failure, or the same everywhere (a refused handshake: every worker checks the same plan).
@@ -261,6 +268,7 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         if self.applier.reloading:  # a previous session was abandoned half-way: start from a clean slate
             self.applier.finalize()
         self.in_session = True
+        self._applied = None
 
     def receive_weights(self, update_info: TrainerSyncUpdateInfo) -> None:
         self.applier.touched = False
@@ -296,14 +304,15 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
                 self.receiver.fail(e)
             self.applier.reset()
             self.lora.abandon()
-        self._end_update(error)
+        self._end_update(error, self.last.version if error is None else None)
 
-    def _end_update(self, error: BaseException | None) -> None:
+    def _end_update(self, error: BaseException | None, version: int | None = None) -> None:
         try:
-            self._report(error, self.applier.touched)
+            whole = self._report(error, self.applier.touched)
         except BaseException:
             self.in_session = False  # vLLM ends the session of a worker whose update_weights raised
             raise
+        self._applied = version if whole else None  # served once finish_weight_update completes
 
     def _apply(self, batch) -> None:
         """One round of a push: a LoRA adapter's tensors to the adapter installer (lora.py), the rest to the model."""
@@ -397,6 +406,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         with partial_push(offer is not None and (offer.partial or offer.mode == "adapter")):
             self.applier.finish()
         self.lora.finish()
+        if self._applied is not None:
+            self.served_version, self._applied = self._applied, None
         self._sync_targets()
 
     def shutdown(self) -> None:

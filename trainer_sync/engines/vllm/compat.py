@@ -178,6 +178,17 @@ def backend_base():
     return WeightTransferEngineCompat
 
 
+def served_version(reported: str | None, announced: int | None) -> str | None:
+    """The version an engine serves, as a trainer should believe it: vLLM's own weight version where the release
+    keeps one (0.27 on: ``LLM.get_weight_version()``, ``GET /weight_info``; a client reports None only where it keeps
+    none), else ``announced``, the version the backend's workers said they last applied when this trainer joined
+    (``protocol.messages.ServedVersion``; 0.26). vLLM's wins where it exists: it is what the engine tells everyone
+    else (its requests' outputs, other tools), and the two agree on every push that went through trainer_sync."""
+    if reported is not None:
+        return reported
+    return None if announced is None else str(announced)
+
+
 @dataclass
 class HttpRoutes:
     """What one ``vllm serve`` offers, learned from its answers (per server: a fleet may mix releases).
