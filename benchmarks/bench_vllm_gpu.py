@@ -37,10 +37,50 @@ import time
 import torch
 
 from benchmarks.bench_ipc_gpu import build_module, log, shapes_for, stats, timed
+from benchmarks.shapes import qwen3_moe_shapes
 from trainer_sync import SyncConfig, WeightSync
 from trainer_sync.engines.clients import LlmClient
 
 BACKEND = {"backend": "trainer_sync"}
+
+
+def moe_config_dir(layers: int, small: bool = False) -> str:
+    """A Qwen3-MoE config matching ``qwen3_moe_shapes`` (Qwen3-30B-A3B's widths, top-8; dummy weights)."""
+    from transformers import Qwen3MoeConfig
+
+    dims = dict(hidden_size=256, num_experts=8, moe_intermediate_size=128, vocab_size=512, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=128, num_experts_per_tok=2) if small else \
+        dict(hidden_size=2048, num_experts=128, moe_intermediate_size=768, vocab_size=151936, num_attention_heads=32,
+             num_key_value_heads=4, head_dim=128, num_experts_per_tok=8)
+    cfg = Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], num_hidden_layers=layers, tie_word_embeddings=False,
+                         max_position_embeddings=4096, dtype="bfloat16", decoder_sparse_step=1, mlp_only_layers=[],
+                         norm_topk_prob=True, intermediate_size=6144, **dims)
+    path = tempfile.mkdtemp(prefix="qwen3-moe-shape-")
+    cfg.save_pretrained(path)
+    return path
+
+
+def moe_shapes(layers: int, small: bool = False):
+    if small:
+        return qwen3_moe_shapes(layers=layers, hidden=256, experts=8, width=128, vocab=512, q_heads=2, kv_heads=1)
+    return qwen3_moe_shapes(layers=layers)
+
+
+def checkpoint_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """The model's tensors under the checkpoint's names: a fused expert parameter as its per-expert views (no copy;
+    what a user of vLLM's own ipc backend hands it, since vLLM loads per-expert names)."""
+    from trainer_sync.sources.experts import expert_views
+
+    named = dict(model.named_parameters())
+    views = expert_views({n: tuple(p.shape) for n, p in named.items()}, None)
+    out = []
+    for n, p in named.items():
+        if n not in views:
+            out.append((n, p))
+            continue
+        flat = p.detach().view(-1)
+        out += [(v.name, flat[v.offset:v.offset + v.numel].view(v.shape)) for v in views[n]]
+    return out
 
 
 def config_dir(small: bool) -> str:
@@ -113,13 +153,14 @@ def bench_vllm_ipc(llm, model, reps: int) -> dict:
 
     llm.init_weight_transfer_engine({"init_info": {}})
     send = {"send_mode": lambda info: llm.update_weights({"update_info": asdict(info)})}
+    tensors = checkpoint_tensors(model)
 
     def push(pause: bool) -> float:
         t = time.perf_counter()
         if pause:
             llm.sleep(level=0, mode="keep")
         llm.start_weight_update()
-        IPCWeightTransferEngine.trainer_send_weights(iter(list(model.named_parameters())), send)
+        IPCWeightTransferEngine.trainer_send_weights(iter(tensors), send)
         llm.finish_weight_update()
         if pause:
             llm.reset_prefix_cache(reset_running_requests=True)
@@ -184,21 +225,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (the control path alone)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--moe", action="store_true", help="Qwen3-30B-A3B's widths (fused experts) instead of Qwen3-8B")
+    ap.add_argument("--layers", type=int, default=24, help="with --moe: layers (48 in Qwen3-30B-A3B; 24 fit the "
+                    "trainer's copy and the engine on one 80 GB GPU)")
+    ap.add_argument("--mem", type=float, default=None, help="the engine's gpu_memory_utilization "
+                    "(default 0.35, 0.55 with --moe)")
     ap.add_argument("--skip-vllm-ipc", action="store_true")
     ap.add_argument("--skip-checkpoint-engine", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
-    shapes = shapes_for(args.small)
-    path = config_dir(args.small)
+    shapes = moe_shapes(args.layers, args.small) if args.moe else shapes_for(args.small)
+    path = moe_config_dir(args.layers, args.small) if args.moe else config_dir(args.small)
+    mem = args.mem or (0.55 if args.moe else 0.35)
     model = build_module(shapes, dev, seed=0)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    res = {"machine": torch.cuda.get_device_name(0), "model": "qwen3-small" if args.small else "qwen3-8b-shaped",
+    name = f"qwen3-moe-30b-a3b-shaped-{args.layers}-layers" if args.moe else "qwen3-8b-shaped"
+    res = {"machine": torch.cuda.get_device_name(0), "model": name + ("-small" if args.small else ""),
            "tensors": len(shapes), "bytes": nbytes}
     import vllm
 
     res["vllm"] = vllm.__version__
     log(f"{len(shapes)} tensors, {nbytes / 1e9:.2f} GB; starting the trainer_sync engine")
-    llm = start_engine(path, BACKEND, 0.35)
+    llm = start_engine(path, BACKEND, mem)
     try:
         res["trainer_sync"] = bench_trainer_sync(llm, model, args.reps, "auto")
         log("trainer_sync:", res["trainer_sync"]["push"]["median_s"], res["trainer_sync"]["calls_median_s"])
@@ -213,7 +261,7 @@ def main() -> None:
         log("starting vLLM's own ipc backend")
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # its update info carries pickled CUDA IPC handles
         try:
-            llm = start_engine(path, {"backend": "ipc"}, 0.35)
+            llm = start_engine(path, {"backend": "ipc"}, mem)
             try:
                 res["vllm_ipc"] = bench_vllm_ipc(llm, model, args.reps)
             finally:
@@ -221,7 +269,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - reported in the JSON; the other figures stand
             res["vllm_ipc"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         log("vllm ipc:", res["vllm_ipc"])
-    if not args.skip_checkpoint_engine:
+    if not args.skip_checkpoint_engine and not args.moe:  # its worker extension loads the dense layout only
         log("starting checkpoint-engine into vLLM")
         try:
             res["checkpoint_engine"] = bench_checkpoint_engine(path, model, args.reps)
