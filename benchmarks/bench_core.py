@@ -101,11 +101,16 @@ def run(n: int, args) -> dict:
 
 def parse_args() -> argparse.Namespace:
     """The model and repetitions of the CPU benchmarks (this one and bench_catchup.py)."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tensors", type=int, default=1200)
-    ap.add_argument("--mb", type=float, default=300)
-    ap.add_argument("--iters", type=int, default=3)
-    return ap.parse_args()
+    ap = argparse.ArgumentParser(prog="trainer-sync bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--tensors", type=int, default=1200, help="tensors in the model")
+    ap.add_argument("--mb", type=float, default=300, help="the model's size in MiB (fp32)")
+    ap.add_argument("--iters", type=int, default=3, help="timed runs per figure (the median is reported)")
+    args = ap.parse_args()
+    for name in ("tensors", "mb", "iters"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+    return args
 
 
 def main() -> None:

@@ -57,11 +57,11 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=40, help="GRPO steps (one optimizer step and one push each)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (a multiple of the trainer ranks)")
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (the GRPO group)")
-    ap.add_argument("--prompt-len", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=4, help="prompt tokens per prompt")
     ap.add_argument("--new-tokens", type=int, default=16, help="generated tokens per sample")
-    ap.add_argument("--vocab", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=64, help="the tiny policy's vocabulary size")
+    ap.add_argument("--hidden", type=int, default=64, help="its hidden size (a multiple of 32: heads of 32)")
+    ap.add_argument("--layers", type=int, default=2, help="its decoder layers")
     ap.add_argument("--inter", type=int, default=None, help="MLP width (default 2 * hidden)")
     ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE policy with this many experts per layer "
                     "(0: a dense Qwen3)")
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--target", type=int, default=7, help="the token id the reward asks for")
     ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     ap.add_argument("--every", type=int, default=1, help="push after every k-th optimizer step")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the policy's weights, the prompts and the sampling")
     ap.add_argument("--out", default=None, help="checkpoint of the initial policy and TensorBoard logs (default: "
                     "runs/grpo-tiny/<config>-<date-time>, one folder per run and config)")
     ap.add_argument("--engine-url", default=None, help="use this running `vllm serve` instead of starting an engine")
@@ -80,7 +80,42 @@ def parse_args(argv=None):
     ap.add_argument("--no-check", action="store_true", help="skip the final greedy-token check")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step stays)")
     ap.add_argument("--summary-json", default=None, help="rank 0 writes the run's summary here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Refuse values the run would only trip over later (after the engine started, in every rank's traceback):
+    ``ap.error`` prints the one message with the usage and exits with 2. Shared with grpo_trl.py."""
+    at_least = {"steps": 1, "prompts": 1, "group": 2, "prompt_len": 1, "new_tokens": 1, "vocab": 8, "hidden": 32,
+                "layers": 1, "every": 1, "inter": 1, "experts": 0, "top_k": 1, "expert_width": 32, "lora_rank": 1,
+                "lora_alpha": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            why = " (GRPO normalizes rewards within a group)" if name == "group" else \
+                " (32 is vLLM's smallest CPU head size)" if name in ("hidden", "expert_width") else ""
+            ap.error(f"--{name.replace('_', '-')} must be at least {low}{why}, got {value}")
+    if args.hidden % 32:
+        ap.error(f"--hidden must be a multiple of 32 (heads of 32), got {args.hidden}")
+    if not args.lr > 0:
+        ap.error(f"--lr must be positive, got {args.lr}")
+    if not 3 <= args.target < args.vocab:
+        ap.error(f"--target must be a token id in [3, --vocab={args.vocab}) (0-2 are special), got {args.target}")
+    if getattr(args, "experts", 0) and not args.top_k <= args.experts:
+        ap.error(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
+    url = getattr(args, "engine_url", None)
+    if url is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        try:
+            port_ok = parts.port is not None or parts.scheme in ("http", "https")
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            ap.error(f"--engine-url must look like http://HOST:PORT (a running `vllm serve`), got {url!r}")
 
 
 def log(*parts) -> None:

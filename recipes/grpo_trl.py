@@ -43,7 +43,7 @@ import sys
 import time
 
 # the recipe's folder is sys.path[0] when it runs as a script (accelerate launch recipes/grpo_trl.py)
-from grpo_tiny import full_weights, generate, hf_greedy, log, start_engine  # shared with grpo_tiny
+from grpo_tiny import check_args, full_weights, generate, hf_greedy, log, start_engine  # shared with grpo_tiny
 
 
 def parse_args(argv=None):
@@ -52,13 +52,13 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="GRPO steps (one optimizer step and one push each)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step, over all ranks")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (TRL's num_generations)")
-    ap.add_argument("--prompt-len", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=4, help="prompt tokens per prompt")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens per completion (max_completion_length)")
-    ap.add_argument("--vocab", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=64, help="the tiny policy's vocabulary size")
+    ap.add_argument("--hidden", type=int, default=64, help="its hidden size (a multiple of 32: heads of 32)")
+    ap.add_argument("--layers", type=int, default=2, help="its decoder layers")
     ap.add_argument("--target", type=int, default=7, help="the token id the reward asks for (the word t<id>)")
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (TRL's optimizer)")
     ap.add_argument("--every", type=int, default=1, help="push after every k-th optimizer step")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="TRL's bf16 autocast (TRL's default: on); --no-bf16 trains in float32")
@@ -66,14 +66,16 @@ def parse_args(argv=None):
                     help="train a LoRA adapter (TRL's peft_config) and push it as SyncConfig(lora=...): adapter mode "
                          "starts the engine with LoRA and samples under sync.lora_request(); merged pushes the "
                          "adapted modules merged into an engine without LoRA")
-    ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--lora-alpha", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora-rank", type=int, default=8, help="the adapter's rank r (--lora)")
+    ap.add_argument("--lora-alpha", type=int, default=16, help="the adapter's lora_alpha (--lora)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the policy's weights, the prompts and the sampling")
     ap.add_argument("--out", default=None, help="run folder (default: runs/grpo-trl/<config>-<date-time>)")
     ap.add_argument("--no-check", action="store_true", help="skip the final greedy-token check")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step stays)")
     ap.add_argument("--summary-json", default=None, help="rank 0 writes the run's summary here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args
 
 
 # --- a tiny policy and tokenizer, made offline ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -35,11 +36,52 @@ NO_CHECKOUT = ("trainer-sync {cmd}: {path} not found. The recipes and benchmarks
                "point TRAINER_SYNC_SOURCE at one.")
 
 
+def check_recipe_args(recipe: Path, rest: list[str]) -> int | None:
+    """Parse ``rest`` with the recipe's own parser and checks, here, before any process or engine starts (a bad value
+    would otherwise fail later, once in every rank's traceback). Returns an exit code to stop with, or None."""
+    sys.path.insert(0, str(recipe.parent))  # grpo_trl.py imports grpo_tiny.py from its folder
+    argv0, sys.argv[0] = sys.argv[0], "trainer-sync demo" + (" --trl" if recipe == RECIPE_TRL else "")
+    try:
+        # run_name is not "__main__": the recipe's definitions only, its main() does not run
+        args = runpy.run_path(str(recipe), run_name="trainer_sync_cli_check")["parse_args"](rest)
+    except SystemExit as e:  # argparse printed its one message (usage errors exit 2)
+        return e.code if isinstance(e.code, int) else 2
+    finally:
+        sys.path.remove(str(recipe.parent))
+        sys.argv[0] = argv0
+    url = getattr(args, "engine_url", None)
+    if url is not None:
+        why = engine_unreachable(url)
+        if why:
+            print(f"trainer-sync demo: --engine-url {url}: {why}. Start `vllm serve` with the trainer_sync backend "
+                  "there (recipes/grpo_tiny.py --help shows how), or leave --engine-url out to start an engine.",
+                  file=sys.stderr)
+            return 2
+    return None
+
+
+def engine_unreachable(url: str, timeout_s: float = 5.0) -> str | None:
+    """Why no vLLM server answers at ``url`` (its /health route), or None when one does."""
+    from urllib.error import HTTPError, URLError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(url.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except HTTPError as e:
+        return f"the server there answered /health with HTTP {e.code}"
+    except (URLError, OSError) as e:
+        return f"nothing answers there ({getattr(e, 'reason', e)})"
+
+
 def demo(rest: list[str], verbose: bool = False, trl: bool = False) -> int:
     recipe = RECIPE_TRL if trl else RECIPE
     if not recipe.exists():
         print(NO_CHECKOUT.format(cmd="demo", path=recipe), file=sys.stderr)
         return 2
+    stop = check_recipe_args(recipe, rest)
+    if stop is not None:
+        return stop
     out = ROOT / "runs" / time.strftime(("demo-trl-" if trl else "demo-") + "%Y%m%d-%H%M%S")
     if "--out" not in rest:
         rest = ["--out", str(out), *rest]
@@ -85,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                        add_help=False)
     d.add_argument("--verbose", action="store_true", help="keep vLLM's and the libraries' log lines")
     d.add_argument("--trl", action="store_true", help="TRL's GRPOTrainer + sync.callback() (recipes/grpo_trl.py)")
-    sub.add_parser("bench", help="run the CPU benchmark")
+    # -h is the benchmark's own: its options and defaults (benchmarks/bench_core.py)
+    sub.add_parser("bench", help="the CPU benchmark: trainer_sync vs one raw broadcast vs per-tensor broadcasts",
+                   add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.cmd == "demo":
         if "-h" in rest or "--help" in rest:

@@ -44,3 +44,41 @@ def test_package_benchmarks_and_recipes_do_not_import_tests():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
                 found |= {(str(path.relative_to(ROOT)), n) for n in names if n.split(".")[0] == "tests"}
     assert found == allowed, found
+
+
+def _cli(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "trainer_sync.cli", *args], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["demo", "--steps", "-3"], "--steps must be at least 1, got -3"),
+    (["demo", "--trl", "--group", "1"], "--group must be at least 2"),
+    (["demo", "--engine-url", "localhost"], "--engine-url must look like http://HOST:PORT"),
+    (["bench", "--iters", "0"], "--iters must be positive"),
+])
+def test_cli_refuses_bad_options_once_with_exit_2_before_anything_starts(args, says, tmp_path):
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count(says) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "demo:" not in proc.stdout  # the demo's banner: nothing was launched
+
+
+def test_cli_names_an_engine_url_where_nothing_answers_once(tmp_path):
+    from tests.helpers.cluster import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = _cli(["demo", "--engine-url", url], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count(url) == 1, proc.stderr
+    assert "nothing answers there" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_help_describes_every_command_with_defaults(tmp_path):
+    top, bench, demo = (_cli(a, tmp_path) for a in (["--help"], ["bench", "--help"], ["demo", "--help"]))
+    for p in (bench, demo):
+        p.stdout = " ".join(p.stdout.split())  # argparse wraps lines
+    assert all(p.returncode == 0 for p in (top, bench, demo)), (top.stderr, bench.stderr, demo.stderr)
+    assert "demo" in top.stdout and "bench" in top.stdout
+    assert "--iters" in bench.stdout and "(default: 3)" in bench.stdout, bench.stdout
+    assert "--steps" in demo.stdout and "(default: 40)" in demo.stdout, demo.stdout
