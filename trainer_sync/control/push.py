@@ -176,6 +176,8 @@ class PushMachine:
         except Exception as e:  # noqa: BLE001 - rank 0's verdict below decides what every rank raises
             error = e
         verdict = self._agree(lambda: self._end(version, updates, error))
+        if verdict.failed or verdict.refused is not None:
+            self._release()
         if verdict.failed:
             self.stale = True
             dead = verdict.dead
@@ -193,9 +195,20 @@ class PushMachine:
             raise error
         report = dataclasses.replace(report, total_s=time.perf_counter() - t0)
         self.engine_version = version  # every engine serves it now
+        if self.released and self.rank == 0:
+            self.sender.rdzv.hold()
+        self.released = False
         if self.metrics is not None:
             self.metrics.log(report)
         return report
+
+    def _release(self) -> None:
+        """After a refused or failed push: the engines are free for another trainer (a new WeightSync in the same
+        notebook, while this one is still referenced) until a push of this one lands again. The next push of this
+        one forms a new group, so that an engine another trainer took meanwhile is named, not waited for."""
+        if self.rank == 0 and not self.released:
+            self.sender.rdzv.release()
+        self.released, self.stale = True, True
 
     def _name_engines(self, err: HandshakeMismatch) -> HandshakeMismatch:
         """Say which engines refused: the mismatch lines name receiver ranks, and rank 0 knows whose they are."""

@@ -69,6 +69,7 @@ class WeightSync(Agreement, Membership, PushMachine):
         self.receiver_names: list[str] = []  # rank 0: receiver rank -> "engine i (...) worker w", for errors
         self.receiver_engines: list[str] = []  # rank 0: receiver rank -> the name of its engine
         self.stale = True  # the bridging group must be (re)built before the next push; same value on every rank
+        self.released = False  # after a refused or failed push, until one lands (control/push.py _release)
         # Membership (rank 0): the version each engine acknowledged, and engines that joined by catch-up and enter
         # the broadcast group at the next push (add_engine may run in another thread while training goes on).
         self.served: dict[str, str | None] = {}

@@ -94,6 +94,11 @@ def abort_reason(store: dist.Store, abort_key: str) -> str | None:
 class Rendezvous:
     """The TCPStore everyone meets on, plus token authentication. Lives as long as the sync (many epochs)."""
 
+    # Set by the trainer while none of its engines holds a version it pushed whole since its last refused or failed
+    # push: an engine it joined then lets another trainer take it (a notebook's second WeightSync while the first,
+    # refused one is still referenced), instead of waiting for the first to close or die.
+    RELEASED_KEY = "trainer_sync/released"
+
     def __init__(self, host: str, port: int, token: str, is_server: bool, timeout_s: float):
         if not token:
             raise ValueError("trainer_sync needs a non-empty token (SyncConfig.token or TRAINER_SYNC_TOKEN)")
@@ -184,6 +189,19 @@ class Rendezvous:
         itself (another trainer rank joining a catch-up, say) and so needs no verdict."""
         base = f"ts/e{epoch}/"
         return self._namespace(base, self.store.get(base + "nonce").decode())
+
+    def release(self) -> None:
+        """Let the engines joined through this rendezvous go to another trainer (see RELEASED_KEY)."""
+        self.store.set(self.RELEASED_KEY, "1")
+
+    def hold(self) -> None:
+        """Hold them again (a push landed, or a new group formed)."""
+        self.store.delete_key(self.RELEASED_KEY)
+
+    @classmethod
+    def released(cls, store: dist.Store) -> bool:
+        """Whether the trainer behind ``store`` (an engine's connection to it) released its engines."""
+        return store.check([cls.RELEASED_KEY])
 
     def close(self) -> None:
         self.store = None  # dropping the last reference stops the server (and closes its socket) on rank 0

@@ -38,6 +38,7 @@ from ...codec import scale_name
 from ...plan.buckets import dtype_of, model_facts
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
+from ...transport.group import Rendezvous
 from ...protocol.error_frame import FramedError
 from ...protocol.messages import ErrorInfo, ErrorKind, Expected, JoinInfo, Keys, ServedVersion
 from . import compat
@@ -194,6 +195,10 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             r.rdzv.store.check(["trainer_sync/owner-alive"])
         except Exception:  # noqa: BLE001 - the owner's store is gone: it closed or died, the engine is free
             logger.warning("trainer_sync: the trainer that held this engine is gone; a new trainer takes it")
+            return
+        if Rendezvous.released(r.rdzv.store):  # its last push was refused or failed: it holds nothing it landed
+            logger.warning("trainer_sync: the trainer that held this engine released it after a refused or failed "
+                           "push; a new trainer takes it")
             return
         raise EngineHeld("trainer_sync: this engine is held by another trainer, which is still alive; it accepts "
                          "a new trainer once that one releases it (WeightSync.close(), or POST "
