@@ -42,7 +42,7 @@ def _warmup_failure(lg, error):
 
 
 def test_harmless_lines_are_quiet_and_the_rest_passes(captured):
-    records, (layerwise, renderer) = captured
+    records, (layerwise, renderer, *_) = captured
     for layer in ("RotaryEmbedding", "Llama3RotaryEmbedding", "ParallelLMHead"):
         layerwise.warning("%s: Failed to load weights", layer)
     _warmup_failure(renderer, ValueError("Tokenizer not available when `skip_tokenizer_init=True`"))
@@ -57,10 +57,39 @@ def test_harmless_lines_are_quiet_and_the_rest_passes(captured):
 
 
 def test_demoted_lines_show_at_debug(captured):
-    records, (layerwise, _) = captured
+    records, (layerwise, *_) = captured
     layerwise.setLevel(logging.DEBUG)
     records.clear()
     for h in layerwise.handlers:
         h.setLevel(logging.DEBUG)
     layerwise.warning("%s: Failed to load weights", "RotaryEmbedding")
     assert [(r.levelname, r.getMessage()) for r in records] == [("DEBUG", "RotaryEmbedding: Failed to load weights")]
+
+
+def _logged_exception(lg, error, msg="Invocation of %s method failed", *args):
+    try:
+        try:
+            raise error
+        except Exception as e:
+            raise RuntimeError(f"Call to update_weights method failed: {e}") from e
+    except RuntimeError:
+        lg.exception(msg, *(args or ("update_weights",)))
+
+
+def test_a_refusal_and_the_session_close_after_it_are_demoted_other_failures_pass(captured, monkeypatch):
+    from trainer_sync.protocol.error_frame import FramedError
+    from trainer_sync.protocol.messages import ErrorInfo, ErrorKind
+
+    records, _ = captured
+    core = logging.getLogger("vllm.v1.engine.core")
+    monkeypatch.setattr(quiet_logs, "_REFUSED_AT", [float("-inf")])
+    # before any refusal, vLLM's session error is an error like any other
+    core.error("Call failed: RuntimeError: %s.", quiet_logs.NO_SESSION)
+    _logged_exception(core, FramedError(ErrorInfo(ErrorKind.FAILED, "trainer_sync: apply failed")))
+    assert [r.levelno for r in records] == [logging.ERROR, logging.ERROR]
+    _logged_exception(core, FramedError(ErrorInfo(ErrorKind.REFUSED, "trainer_sync handshake failed")))
+    core.error("Call failed: RuntimeError: %s.", quiet_logs.NO_SESSION)  # the trainer closing the sessions after it
+    assert len(records) == 2  # both DEBUG now, below the handler's INFO
+    monkeypatch.setattr(quiet_logs, "_REFUSED_AT", [quiet_logs._REFUSED_AT[0] - quiet_logs.AFTER_REFUSAL_S - 1])
+    core.error("Call failed: RuntimeError: %s.", quiet_logs.NO_SESSION)  # long after: an error again
+    assert len(records) == 3 and records[-1].levelno == logging.ERROR

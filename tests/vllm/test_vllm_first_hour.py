@@ -65,3 +65,29 @@ def test_refused_push_then_the_fix_in_the_same_process(llm):
     finally:
         fresh.close()
         refused.close()
+
+
+def test_a_refused_push_is_one_line_in_the_engine_log(one_worker_server):
+    """`vllm serve` logs a refused push as ONE trainer_sync warning naming the tensor: no traceback, no ERROR line
+    but vLLM's bare ``Exception caught`` per failed route, and no misleading ``finish_weight_update called without
+    a matching start_weight_update``; the engine is resumed and answers."""
+    import os
+    import time
+
+    srv = one_worker_server
+    bad = build_model(seed=0)
+    wrong_width(bad)
+    start = os.path.getsize(srv.log_path)
+    with pytest.raises(HandshakeMismatch):
+        with WeightSync(bad, [srv.url]) as sync:
+            sync.push()
+    time.sleep(1.0)  # the server's last lines
+    with open(srv.log_path, errors="replace") as f:
+        f.seek(start)
+        log = f.read()
+    refused = [line for line in log.splitlines() if "trainer_sync: refused a push" in line]
+    assert len(refused) == 1 and "o_proj" in refused[0], log[-4000:]
+    assert "Traceback" not in log and "without a matching start_weight_update" not in log, log[-6000:]
+    errors = [line for line in log.splitlines() if " ERROR " in line and "Exception caught" not in line]
+    assert not errors, errors
+    assert srv.greedy(list(prompts().values()), N)  # resumed: it serves

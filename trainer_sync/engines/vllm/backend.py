@@ -252,10 +252,17 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
             any_touched = any(t for _, _, t in items)
         if not failures:
             return True
+        refused = isinstance(error, HandshakeMismatch)
         if pc.rank != pc.world_size - 1:
-            logger.error("trainer_sync: worker %d failed (reported by the engine's last worker): %s", pc.rank,
-                         mine.message if mine else None)
+            # a refusal: every worker refused the same plan, and the last one says it once
+            logger.log(logging.DEBUG if refused else logging.ERROR, "trainer_sync: worker %d failed (reported by "
+                       "the engine's last worker): %s", pc.rank, mine.message if mine else None)
             return False
+        if refused and all(m == mine for m in failures.values()):
+            # one line per engine; vLLM's tracebacks of it are demoted to DEBUG (quiet_logs.py)
+            serving = "the weights it loaded" if self.served_version is None else f"version {self.served_version}"
+            logger.warning("trainer_sync: refused a push before any byte moved; still serving %s: %s", serving,
+                           "; ".join(line.strip() for line in error.mismatches))
         untouched = touched is not None and not any_touched and not isinstance(error, HandshakeMismatch)
         if error is not None and (len(failures) == 1 or all(m == mine for m in failures.values())):
             # One failure, or the same everywhere (a refused handshake: every worker checks the same plan).

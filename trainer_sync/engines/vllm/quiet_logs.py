@@ -15,11 +15,23 @@ there with ``VLLM_LOGGING_LEVEL=DEBUG``, never dropped, and every other line of 
   push after its first, ``partial_push()``): the layers it does not carry keep their weights, as meant.
 * ``Chat template warmup failed`` with ``skip_tokenizer_init=True``: vLLM warms up chat rendering at start-up and,
   having no tokenizer, fails; prompts given as token ids never need one. With a tokenizer the warning stays.
+* a push refused at the handshake (a wrong model: nothing was sent, the engine serves on): vLLM logs the refusal
+  as an exception with its traceback in every process it crosses (the worker, the engine core, ``vllm serve``'s
+  exception handler and uvicorn), ~150 ERROR lines that bury the one reason, which the trainer raises anyway and
+  the engine's last worker logs as ONE warning (backend.py). Recognised by the error's typed frame (kind
+  ``refused``, protocol/error_frame.py), never by its wording; and right after such a refusal, the
+  ``finish_weight_update called without a matching start_weight_update`` of the trainer closing the other
+  workers' sessions (vLLM already closed the refusing worker's): expected then, misleading in the log.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
+
+from ...protocol.error_frame import unframe
+from ...protocol.messages import ErrorKind
+from ...protocol.wire import ProtocolError
 
 LAYERWISE = "vllm.model_executor.model_loader.reload.layerwise"
 RENDERER = "vllm.renderers.base"
@@ -68,7 +80,42 @@ class DemoteHarmless(logging.Filter):
         return True
 
 
-RULES = {LAYERWISE: _harmless_reload, RENDERER: _harmless_warmup}
+_REFUSED_AT = [float("-inf")]  # when this process last demoted a refusal's records (monotonic seconds)
+# vLLM's words, not ours: the one text match left on purpose (see the module docstring)
+NO_SESSION = "finish_weight_update called without a matching start_weight_update"
+AFTER_REFUSAL_S = 60.0
+
+
+def _texts(record: logging.LogRecord) -> list[str]:
+    out = [record.getMessage()]
+    error = record.exc_info[1] if record.exc_info else None
+    seen = set()
+    while error is not None and id(error) not in seen:  # the exception and what caused it
+        seen.add(id(error))
+        out.append(str(error))
+        error = error.__cause__ or error.__context__
+    return out
+
+
+def _refusal_noise(record: logging.LogRecord) -> bool:
+    texts = _texts(record)
+    for text in texts:
+        try:
+            _, info = unframe(text)
+        except ProtocolError:
+            continue
+        if info is not None and info.kind == ErrorKind.REFUSED:
+            _REFUSED_AT[0] = time.monotonic()
+            return True
+    return time.monotonic() - _REFUSED_AT[0] < AFTER_REFUSAL_S and any(NO_SESSION in t for t in texts)
+
+
+# The loggers a refused push's exception passes through, process by process.
+REFUSAL_LOGGERS = ("vllm.v1.executor.multiproc_executor", "vllm.v1.engine.core",
+                   "vllm.entrypoints.serve.exception_handling.handlers.exception",
+                   "vllm.entrypoints.serve.exception_handling.handlers.vllm_error", "uvicorn.error")
+
+RULES = {LAYERWISE: _harmless_reload, RENDERER: _harmless_warmup, **dict.fromkeys(REFUSAL_LOGGERS, _refusal_noise)}
 
 
 def install() -> None:
