@@ -1,12 +1,14 @@
 """Delta pushes, the pure part (trainer_sync/delta_policy.py, the receiver's delta destination, the settings):
 which push may go as deltas and why not, the bucket geometry both sides agree on, and bad input refused clearly."""
+import dataclasses
+
 import pytest
 import torch
 
 from trainer_sync import SyncConfig
 from trainer_sync.codec import delta as D
-from trainer_sync.plan.delta_policy import (DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest,
-                                       receiver_state)
+from trainer_sync.plan.delta_policy import DeltaDecision, bucket_word, delta_allowed, padding_ranges, plan_digest
+from trainer_sync.protocol.delta import DeltaState
 from trainer_sync.codec.delta.destination import DeltaDestination
 from trainer_sync.plan.buckets import Bucket, BucketPlan, Slot, WireTensor
 
@@ -14,7 +16,7 @@ DIGEST = plan_digest("{}")
 
 
 def held(version, ok=True, digest=DIGEST, why=""):
-    return receiver_state(digest, version, ok, why)
+    return DeltaState(digest, version, ok, why)
 
 
 def test_delta_when_every_receiver_holds_the_base():
@@ -73,7 +75,7 @@ def test_targets_bind_by_name_or_alias():
     p = plan()
     dr.prepare(p, p.to_json())
     assert dr.dest["w"].data_ptr() == targets["tied"].data_ptr()
-    assert dr.state() == receiver_state(plan_digest(p.to_json()), None, True, "")
+    assert dr.state() == DeltaState(plan_digest(p.to_json()), None, True, "")
 
 
 @pytest.mark.parametrize("targets, message", [
@@ -103,8 +105,9 @@ def test_mirror_over_its_cap_takes_full_pushes():
     p = plan()
     dr.prepare(p, p.to_json())
     st = dr.state()
-    assert dr.dest is None and not st["ok"] and "over delta_mirror_mb" in st["why"]
-    assert "cannot apply deltas" in delta_allowed("auto", False, 1, st["digest"], [{**st, "version": 1}]).reason
+    assert dr.dest is None and not st.ok and "over delta_mirror_mb" in st.why
+    assert "cannot apply deltas" in delta_allowed("auto", False, 1, st.digest,
+                                                  [dataclasses.replace(st, version=1)]).reason
 
 
 def test_sender_cache_zeroes_padding_advances_in_place_and_keeps_only_acknowledged_versions():
@@ -144,7 +147,7 @@ def test_senders_cache_only_when_every_receiver_can_take_deltas():
 
 def test_a_receivers_own_reason_comes_first():
     """A receiver that holds no version because it cannot take deltas yet says why, not "joined late"."""
-    waiting = receiver_state(DIGEST, None, True, "it has no delta targets yet")
+    waiting = DeltaState(DIGEST, None, True, "it has no delta targets yet")
     d = delta_allowed("auto", False, 3, DIGEST, [held(3), waiting])
     assert d.reason == "receiver 1 cannot apply deltas (it has no delta targets yet)" and d.keep
 
@@ -155,25 +158,25 @@ def test_receiver_adopting_targets_at_run_time():
     p = plan()
     dr = DeltaDestination("auto", None, None, torch.device("cpu"), adopts_targets=True)
     st = dr.state()
-    assert st["late"] and st["ok"] and st["version"] is None and "no delta targets yet" in st["why"]
+    assert st.late and st.ok and st.version is None and "no delta targets yet" in st.why
     dr.prepare(p, p.to_json())
     dr.finished(1)
-    assert dr.dest is None and dr.state()["version"] is None  # no mirror was made
+    assert dr.dest is None and dr.state().version is None  # no mirror was made
     targets = {"tied": torch.zeros(4, 8, dtype=torch.bfloat16), "v": torch.zeros(5)}
     assert dr.adopt_targets(targets, 1) and not dr.adopt_targets(targets, 1)  # the second: no change
-    assert dr.state() == {**receiver_state(plan_digest(p.to_json()), 1, True, ""), "late": True}
+    assert dr.state() == DeltaState(plan_digest(p.to_json()), 1, True, "", late=True)
     assert dr.dest["w"].data_ptr() == targets["tied"].data_ptr()
     assert delta_allowed("auto", False, 1, plan_digest(p.to_json()), [dr.state()]).on
     assert dr.drop_targets("its fast path is not armed") and dr.dest is None
     st = dr.state()
-    assert st["ok"] and st["version"] is None
-    assert "cannot apply deltas (its fast path is not armed)" in delta_allowed("auto", False, 1, st["digest"],
+    assert st.ok and st.version is None
+    assert "cannot apply deltas (its fast path is not armed)" in delta_allowed("auto", False, 1, st.digest,
                                                                                 [st]).reason
     dr.drop_targets("TP shards", for_good=True)
-    assert not dr.state()["ok"]  # the trainer stops caching its pushes
+    assert not dr.state().ok  # the trainer stops caching its pushes
     bad = {"tied": torch.zeros(4, 8), "v": torch.zeros(5)}  # float32 where bfloat16 is sent: not adopted
     dr.adopt_targets(bad, 1)
     st = dr.state()
-    assert dr.targets is None and not st["ok"] and "target tied is [4, 8] float32" in st["why"]
+    assert dr.targets is None and not st.ok and "target tied is [4, 8] float32" in st.why
     with pytest.raises(ValueError, match="adopts_targets"):
         DeltaDestination("auto", None, None, torch.device("cpu")).adopt_targets(targets, 1)

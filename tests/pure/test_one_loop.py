@@ -123,7 +123,7 @@ def test_full_and_delta_pushes_share_the_loops_and_land_bit_exact():
     with torch.no_grad():
         model[0].weight[3, :5] += 1.0  # a few elements change
     delta = _push(plan, source, state, dest, DeltaDecision(True, 1, None, True), 2, store, "push/1")
-    assert delta[2].stats["sent"] < delta[2].stats["full"] / 4 and delta[2].stats["full_reason"] is None
+    assert delta[2].stats.sent < delta[2].stats.full / 4 and delta[2].stats.full_reason is None
     assert all(torch.equal(delta[3][n], t) for n, t in want().items())
     assert dest.version == 2 and all(torch.equal(dest.dest[n].view(t.shape), t) for n, t in want().items())
 
@@ -147,7 +147,7 @@ def test_a_refused_delta_is_sent_again_full_by_the_same_loops():
     with torch.no_grad():
         model[1].bias += 0.5
     sent, _, out, got = _push(plan, source, state, dest, DeltaDecision(True, 1, None, True), 2, store, "push/1")
-    assert out.stats["full_reason"].startswith("delta refused, resent full: receiver 0: bucket")
+    assert out.stats.full_reason.startswith("delta refused, resent full: receiver 0: bucket")
     assert sent.count(("begin",)) == 1 and sent.count(("drain",)) == 2  # one loop, two passes
     want = {n: t.detach() for n, t in model.state_dict().items()}
     assert got.keys() == want.keys() and all(torch.equal(got[n], t) for n, t in want.items())

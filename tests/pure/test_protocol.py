@@ -1,5 +1,6 @@
-"""The push protocol (protocol/messages.py, protocol/wire.py, protocol/error_frame.py): every message survives the
-trip through JSON; a message of an unknown version, a missing or unknown field, or of another type is refused with
+"""The push protocol (protocol/messages.py, protocol/delta.py, protocol/lora.py, protocol/wire.py,
+protocol/error_frame.py): every message survives the trip through JSON, and through the bridging group's store
+(wire.put / wire.read); a message of an unknown version, a missing or unknown field, or of another type is refused with
 a ProtocolError naming the message and the field; an error's typed fields survive the trip, through vLLM's
 text-only RPC and an HTTP error body too."""
 from __future__ import annotations
@@ -7,13 +8,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch.distributed as dist
 
 from trainer_sync.engines.clients import EngineCallError
 from trainer_sync.errors import UNTOUCHED, Aborted, HandshakeMismatch, SyncError
 from trainer_sync.protocol import wire
+from trainer_sync.protocol.delta import DeltaState, PushStats
 from trainer_sync.protocol.error_frame import FramedError, unframe
-from trainer_sync.protocol.messages import (Ack, CatchupOffer, ErrorInfo, ErrorKind, Expected, JoinInfo,
-                                            LayoutAnnouncement, PassVerdict, Pieces, PlanOffer, PlanRefusal, Verdict)
+from trainer_sync.protocol.lora import LoraOffer, LoraSupport
+from trainer_sync.protocol.messages import (Ack, CatchupOffer, ErrorInfo, ErrorKind, Expected, JoinInfo, Keys,
+                                            LayoutAnnouncement, PassVerdict, Pieces, PlanOffer, PlanRefusal,
+                                            ServedVersion, UpdateSession, Verdict, WireFp8Decision)
 from trainer_sync.protocol.wire import PROTOCOL_VERSION, ProtocolError
 
 ERROR = ErrorInfo(ErrorKind.FAILED, "RuntimeError: boom in model.layers.0.weight", engine="engine 1 (x)",
@@ -30,7 +35,7 @@ MESSAGES = [
     PlanOffer('{"buckets": []}', 2, 7, "memory budget: 1 buffer", {"on": True, "base": 6}),
     PlanOffer('{"buckets": []}', 1, 1),
     PlanRefusal(["receiver 0: a.weight is [4, 8], expected [8, 4]"], [0]),
-    Ack(0.5, 1.5, {"digest": "d", "version": 3}, "direct"),
+    Ack(0.5, 1.5, DeltaState("d", 3, True, late=True), "direct"),
     Ack(error=ERROR, trace="Traceback ..."),
     PassVerdict("base checksum of bucket 3 does not match"),
     PassVerdict(),
@@ -41,6 +46,18 @@ MESSAGES = [
     Verdict("trainer_sync push failed", "transfer", "engine 0", members=["engine 0"], dead=["engine 0"],
             refused=["line"], receivers=[1], changed=True, data={"offsets": [0, 2], "engine_version": 4}),
     Verdict(),
+    DeltaState("0123456789abcdef", 4, True),
+    DeltaState(None, None, False, "it keeps no delta mirror"),
+    PushStats(1048, 4096, 12, 2048, {"bitmask": 1, "uncached": 1}),
+    PushStats(4096, 4096, full_reason="first push (no base version yet)"),
+    UpdateSession(True),
+    UpdateSession(),
+    WireFp8Decision(True),
+    ServedVersion(7),
+    ServedVersion(),
+    LoraSupport(True, 16, 2, ["model.layers.0.self_attn.q_proj"], {"qkv_proj": ["q_proj", "k_proj", "v_proj"]},
+                "bfloat16"),
+    PlanOffer('{"buckets": []}', 2, 3, lora=LoraOffer("adapter", "policy", 1, {"r": 8}, why="SyncConfig.lora")),
 ]
 
 
@@ -166,3 +183,48 @@ def test_a_hand_written_join_info_dict_is_read_and_its_missing_field_named():
     assert e.value.field == "port"
     with pytest.raises(ProtocolError, match="unknown field 'prot'"):
         JoinInfo.read(dict(hand, prot=1))
+
+
+def test_store_values_travel_through_wire_put_and_read():
+    """Every value trainer and engines leave in the bridging group's store is a message written by wire.put and
+    read by wire.read / read_if (a real torch.distributed store: bytes back), checked like any other."""
+    store = dist.HashStore()
+    for key, msg in [(Keys.delta_state(0), DeltaState("d", 2, True)), (Keys.delta_stats("p0/", 1), PushStats(5, 9)),
+                     (Keys.open_session(3), UpdateSession(True)), (Keys.WIRE_FP8, WireFp8Decision(False)),
+                     (Keys.expected(1), Expected()), (Keys.served_version(0), ServedVersion(3))]:
+        wire.put(store, key, msg)
+        assert wire.read(store, key, type(msg)) == msg == wire.read_if(store, key, type(msg))
+    assert wire.read_if(store, Keys.delta_state(9), DeltaState) is None  # nobody wrote it: no wait, no error
+    stats = wire.read(store, Keys.delta_stats("p0/", 1), PushStats)
+    stats.sent += 1  # the codec counts into it as the push goes
+    assert stats == PushStats(6, 9)
+
+
+@pytest.mark.parametrize("raw, cls, says", [
+    ("true", UpdateSession, "expected an UpdateSession message, got bool"),  # what an older release wrote
+    ("false", WireFp8Decision, "expected a WireFp8Decision message, got bool"),
+    ('{"digest": "d", "version": 1, "ok": true, "why": ""}', DeltaState, "expected a DeltaState message, got one "
+                                                                         "without a type"),
+    ('{"sent": 1, "full": 1}', PushStats, "expected a PushStats message, got one without a type"),
+    ('"{\\"type\\": \\"Expected\\"}"', Expected, "expected an Expected message, got str"),  # double-encoded
+    ("null", Expected, "expected an Expected message, got NoneType"),
+])
+def test_a_raw_store_value_is_refused_naming_the_message(raw, cls, says):
+    store = dist.HashStore()
+    store.set("k", raw)
+    with pytest.raises(ProtocolError, match=says) as err:
+        wire.read(store, "k", cls, stage="handshake")
+    assert err.value.message_type == cls.__name__ and err.value.stage == "handshake"
+
+
+def test_an_acks_delta_state_is_a_checked_message_too():
+    ack = wire.decode(wire.encode(MESSAGES[9]), Ack)
+    assert isinstance(ack.delta_state, DeltaState) and ack.delta_state.late and ack.delta_state.version == 3
+    obj = wire.to_wire(MESSAGES[9])
+    obj["delta_state"]["colour"] = "red"
+    with pytest.raises(ProtocolError, match="DeltaState message with unknown field 'colour'") as err:
+        wire.from_wire(obj, Ack)
+    assert (err.value.message_type, err.value.field) == ("DeltaState", "colour")
+    obj["delta_state"] = {"digest": "d", "version": 3, "ok": True, "why": ""}  # the untyped dict of old
+    with pytest.raises(ProtocolError, match="expected a DeltaState message, got one without a type"):
+        wire.from_wire(obj, Ack)

@@ -2,12 +2,12 @@
 catch-up (``add_engine``) and engines that left."""
 from __future__ import annotations
 
-import json
 import warnings
 
 from ..errors import RendezvousRefused, SyncError
 from ..engines.clients import EngineCallError, EngineClient, make_client, served_version
-from ..protocol.messages import Keys, ServedVersion, Verdict
+from ..protocol import wire
+from ..protocol.messages import Keys, ServedVersion, UpdateSession, Verdict
 from .engine_calls import Background, stage_of
 
 
@@ -129,8 +129,9 @@ class Membership:
         its session, so the trainer calls it on the engine (the workers without an open session refuse, as
         ``_close_session`` expects). Receivers that write no such key (not the vLLM backend) have none."""
         store = self.sender.bridge.store
-        keys = [Keys.open_session(j) for j in range(len(self.receiver_engines))]
-        held = {self.receiver_engines[j] for j, k in enumerate(keys) if store.check([k]) and json.loads(store.get(k))}
+        said = [wire.read_if(store, Keys.open_session(j), UpdateSession, stage="rendezvous")
+                for j in range(len(self.receiver_engines))]
+        held = {self.receiver_engines[j] for j, s in enumerate(said) if s is not None and s.open}
         for c in self.clients:
             if c.name in held:
                 self._close_session(c)

@@ -6,14 +6,15 @@ plan, in a destination it can apply deltas to. Anything else (delta off, CUDA IP
 joined late, missed a push, restarted, or cannot keep a copy) gives a full push and says why. The senders still pick
 per bucket (a bucket whose cached base is missing, e.g. past ``delta_cache_mb``, travels FULL inside a delta push).
 
-A receiver's state is a small dict (``receiver_state``): ``{"digest", "version", "ok", "why"}``, published when it
-joins and with every acknowledgement.
+A receiver's state is a ``DeltaState`` message (protocol/delta.py: digest, version, ok, why, late), published when
+it joins and with every acknowledgement.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 
+from ..protocol.delta import DeltaState
 from .buckets import Bucket
 
 DELTA_MODES = ("auto", "off")
@@ -22,12 +23,6 @@ DELTA_MODES = ("auto", "off")
 def plan_digest(plan_json: str) -> str:
     """A short name of a plan (its JSON text): a delta's base is only valid for the same buckets."""
     return hashlib.sha1(plan_json.encode()).hexdigest()[:16]
-
-
-def receiver_state(digest: str | None, version: int | None, ok: bool, why: str = "") -> dict:
-    """What a receiver says it holds: version ``version`` of the plan ``digest`` (None: nothing), and whether it
-    can apply a delta to it (``ok``; else ``why`` not)."""
-    return {"digest": digest, "version": version, "ok": bool(ok), "why": why}
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,8 @@ class DeltaDecision:
         return cls(bool(d["on"]), int(d["base"]), d.get("reason"), bool(d.get("keep", True)))
 
 
-def delta_allowed(mode: str, ipc: bool, base: int, digest: str, receivers: list[dict | None]) -> DeltaDecision:
+def delta_allowed(mode: str, ipc: bool, base: int, digest: str, receivers: list[DeltaState | None]
+                  ) -> DeltaDecision:
     """Trainer rank 0, per push: deltas against version ``base`` (the trainer's last acknowledged push; 0: none yet)
     of plan ``digest``, or a full push and why. ``receivers[j]``: receiver j's last state (None: it said nothing,
     an old receiver). ``ipc``: some hop goes by CUDA IPC (same-GPU copies gain nothing from a delta)."""
@@ -58,20 +54,20 @@ def delta_allowed(mode: str, ipc: bool, base: int, digest: str, receivers: list[
     if ipc:
         return DeltaDecision(False, base, "CUDA IPC push (same-GPU copies always go full)", False)
     # Caching this push only pays if every receiver can take deltas at all (else it costs a copy per push for nothing)
-    keep = all(st and st.get("ok") for st in receivers)
+    keep = all(st is not None and st.ok for st in receivers)
     if base <= 0:
         return DeltaDecision(False, base, "first push (no base version yet)", keep)
     problems = []
     for j, st in enumerate(receivers):
-        if st and (not st.get("ok") or (st.get("version") is None and st.get("why"))):
+        if st is not None and (not st.ok or (st.version is None and st.why)):
             # its own reason first: "holds no version" would hide why (no mirror, no targets adopted yet, ...)
-            problems.append(f"receiver {j} cannot apply deltas ({st.get('why') or 'no reason given'})")
-        elif not st or st.get("version") is None:
+            problems.append(f"receiver {j} cannot apply deltas ({st.why or 'no reason given'})")
+        elif st is None or st.version is None:
             problems.append(f"receiver {j} holds no version (joined late or restarted)")
-        elif st["version"] != base:
-            problems.append(f"receiver {j} holds version {st['version']}, not the base version {base} "
+        elif st.version != base:
+            problems.append(f"receiver {j} holds version {st.version}, not the base version {base} "
                             f"(it missed a push)")
-        elif st.get("digest") != digest:
+        elif st.digest != digest:
             problems.append(f"receiver {j} holds version {base} of another plan (the tensors or buckets changed)")
     if problems:
         return DeltaDecision(False, base, "; ".join(problems), keep)

@@ -7,7 +7,10 @@
 * ``Ack``: a receiver's acknowledgement of a push: how long it took, or the ``ErrorInfo`` it failed with.
 * ``PassVerdict``: a receiver's verdict on a delta pass (refused, and why); ``CatchupOffer``: what a trainer rank
   offers a joining engine (its kept version and plan).
-* ``ServedVersion``: what an engine worker says it serves when it joins (the last push it applied).
+* ``ServedVersion``: what an engine worker says it serves when it joins (the last push it applied);
+  ``UpdateSession``: whether it holds an update session an earlier trainer left open.
+* ``WireFp8Decision``: trainer rank 0's choice (``wire_dtype="auto"``) to send block FP8, for the other ranks.
+* ``DeltaState`` / ``PushStats`` (protocol/delta.py): a receiver's delta state, a trainer rank's push stats.
 * ``LayoutAnnouncement``: trainer rank 0's choice of transports for an epoch (or why there is none).
 * ``ErrorInfo``: a failure as typed fields (kind, engine, parameter, receiver, stage, message), never parsed from
   text; ``ErrorKind`` names the kinds.
@@ -26,6 +29,7 @@ from typing import ClassVar
 
 from ..errors import Aborted, HandshakeMismatch, describe
 from . import wire
+from .delta import DeltaState
 from .lora import LoraOffer
 from .wire import PROTOCOL_VERSION
 
@@ -170,18 +174,19 @@ class PlanRefusal:
 
 @dataclass(frozen=True)
 class Ack:
-    """A receiver's acknowledgement of one push: its times, its delta state (plan/delta_policy.receiver_state),
+    """A receiver's acknowledgement of one push: its times, its delta state (protocol/delta.py ``DeltaState``),
     how a vLLM engine applied it; or ``error`` (and a short ``trace``) when it failed."""
 
     apply_s: float = 0.0
     transfer_s: float = 0.0
-    delta_state: dict | None = None
+    delta_state: DeltaState | None = None
     engine_apply: str = ""
     error: ErrorInfo | None = None
     trace: str = ""
     protocol_version: int = PROTOCOL_VERSION
 
-    WIRE_DECODE: ClassVar[dict] = {"error": lambda e: wire.from_wire(e, ErrorInfo)}
+    WIRE_DECODE: ClassVar[dict] = {"error": lambda e: wire.from_wire(e, ErrorInfo),
+                                   "delta_state": lambda d: wire.from_wire(d, DeltaState)}
 
     @property
     def failed(self) -> bool:
@@ -228,6 +233,24 @@ class ServedVersion:
 
 
 @dataclass(frozen=True)
+class UpdateSession:
+    """Whether an engine worker holds a vLLM update session that an earlier trainer left open (``open``), said when
+    it joins (``Keys.open_session``): the new trainer closes such sessions before its first push."""
+
+    open: bool = False
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class WireFp8Decision:
+    """Trainer rank 0's decision, with ``wire_dtype="auto"``, whether this epoch's pushes go block FP8 (``fp8``: the
+    receivers serve a block-FP8 model, plan/buckets.wants_block_fp8), read by every trainer rank (``Keys.WIRE_FP8``)."""
+
+    fp8: bool = False
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
 class LayoutAnnouncement:
     """Trainer rank 0's decision of an epoch's transports (transport/layout.py Layout JSON), or why there is none."""
 
@@ -268,7 +291,7 @@ class Keys:
     """Names of the keys in the bridging group's store (one epoch's PrefixStore). ``p`` is a push's prefix."""
 
     LAYOUT = "layout"  # transport/layout.py: who gets which buckets by CUDA IPC
-    WIRE_FP8 = "wire/fp8"  # wire_dtype "auto": rank 0's decision to send block FP8
+    WIRE_FP8 = "wire/fp8"  # wire_dtype "auto": rank 0's decision to send block FP8 (WireFp8Decision)
 
     @staticmethod
     def push(seq: int) -> str:
@@ -277,6 +300,7 @@ class Keys:
 
     @staticmethod
     def expected(receiver: int) -> str:
+        """What a receiver expects (``Expected``; an empty one when it checks nothing), written when it joins."""
         return f"expected/{receiver}"
 
     @staticmethod
@@ -297,8 +321,8 @@ class Keys:
 
     @staticmethod
     def open_session(receiver: int) -> str:
-        """Whether a receiver's engine worker holds an update session an earlier trainer left open (the vLLM backend
-        writes it when it joins; the trainer closes such sessions before its first push)."""
+        """Whether a receiver's engine worker holds an update session an earlier trainer left open (``UpdateSession``,
+        written by the vLLM backend when it joins; the trainer closes such sessions before its first push)."""
         return f"open-session/{receiver}"
 
     @staticmethod
@@ -308,17 +332,20 @@ class Keys:
 
     @staticmethod
     def shard_ranges(receiver: int) -> str:
-        """A TP worker's parts of each tensor (engines/vllm/shards.py), for its engine's other workers."""
+        """A TP worker's parts of each tensor (engines/vllm/shards.py), for its engine's other workers (plain JSON:
+        between the workers of one engine, one release, never between trainer and engine)."""
         return f"shards/ranges/{receiver}"
 
     @staticmethod
     def shard_sums(p: str, round_: int, receiver: int) -> str:
-        """A TP worker's checksum sums of its parts of one round's delta buckets (codec/delta/shards.py)."""
+        """A TP worker's checksum sums of its parts of one round's delta buckets (codec/delta/shards.py; plain JSON
+        like ``shard_ranges``: engine-internal)."""
         return f"{p}shards/sums/{round_}/{receiver}"
 
     @staticmethod
     def delta_state(receiver: int) -> str:
-        """What a receiver holds when it joins (delta_policy.receiver_state); later states come with its acks."""
+        """What a receiver holds when it joins (``DeltaState``), and again when a late state changes (``late``); later
+        states come with its acks."""
         return f"delta/state/{receiver}"
 
     @staticmethod
@@ -328,9 +355,10 @@ class Keys:
 
     @staticmethod
     def delta_stats(p: str, trainer: int) -> str:
-        """A trainer rank's bytes sent / full bytes / changed elements of a push."""
+        """A trainer rank's bytes sent / full bytes / changed elements of a push (``PushStats``)."""
         return f"{p}delta/stats/{trainer}"
 
     @staticmethod
     def ipc(p: str, trainer: int) -> str:
+        """A trainer rank's CUDA IPC manifest of a push (transport/ipc_send.py; plain JSON: transport-internal)."""
         return f"{p}ipc/{trainer}"

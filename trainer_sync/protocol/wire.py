@@ -7,8 +7,10 @@ not speak, a missing required field and a field it does not know: a trainer and 
 releases fail at the first message with a clear error instead of misreading each other.
 
 Fields holding other messages (an ``Ack``'s ``ErrorInfo``) or tuples (an ``Expected``'s shapes) are declared by
-their class in ``WIRE_DECODE`` (field name -> function of the JSON value). Only the standard library and errors.py:
-a vLLM worker imports this without the trainer side.
+their class in ``WIRE_DECODE`` (field name -> function of the JSON value). ``put`` / ``read`` / ``read_if`` write
+and read a message under a key of the bridging group's store (anything with torch.distributed.Store's ``set``,
+``get`` and ``check``): every value in that store that trainer and engines exchange goes through them or through
+``encode``/``decode``. Only the standard library and errors.py: a vLLM worker imports this without the trainer side.
 """
 from __future__ import annotations
 
@@ -101,3 +103,18 @@ def decode(text: str | bytes, *types: type, stage: str = "") -> Any:
         names = " or ".join(t.__name__ for t in types)
         raise ProtocolError(f"{_a(names)} message that is not JSON ({e})", names, stage=stage) from None
     return from_wire(obj, *types, stage=stage)
+
+
+def put(store: Any, key: str, msg: Any) -> None:
+    """Write message ``msg`` under ``key`` of ``store`` (a torch.distributed Store, or anything with its ``set``)."""
+    store.set(key, encode(msg))
+
+
+def read(store: Any, key: str, *types: type, stage: str = "") -> Any:
+    """The message under ``key`` of ``store``, which must be there, of one of ``types`` (see ``from_wire``)."""
+    return decode(store.get(key), *types, stage=stage)
+
+
+def read_if(store: Any, key: str, *types: type, stage: str = "") -> Any:
+    """The message under ``key`` of ``store``, or None when nobody wrote one (a check, then a get: no wait)."""
+    return read(store, key, *types, stage=stage) if store.check([key]) else None

@@ -9,7 +9,6 @@ receiver could take a delta against this push (its cache is then dropped: nothin
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from ..codec.base import Codec
 from ..codec.delta.cache import DeltaSendState
@@ -18,6 +17,8 @@ from ..codec.plain import PLAIN
 from ..errors import SyncError
 from ..plan.buckets import BucketPlan
 from ..plan.delta_policy import DeltaDecision, delta_allowed, plan_digest
+from ..protocol import wire
+from ..protocol.delta import DeltaState, PushStats
 from ..protocol.messages import Ack, Keys, PlanOffer, PlanRefusal
 from ..transport.group import wait_keys
 
@@ -28,7 +29,7 @@ class DeltaPushes:
 
     def __init__(self, mode: str, cap_bytes: int | None):
         self.state = DeltaSendState(mode, cap_bytes)
-        self.receivers: list[dict | None] | None = None
+        self.receivers: list[DeltaState | None] | None = None
 
     def connected(self) -> None:
         """A new bridging group: the receivers' states are read again from their join."""
@@ -36,8 +37,8 @@ class DeltaPushes:
 
     def decide(self, store, num_receivers: int, plan_json: str, ipc: bool, base: int) -> dict:
         if self.receivers is None:
-            keys = [Keys.delta_state(j) for j in range(num_receivers)]
-            self.receivers = [json.loads(store.get(k)) if store.check([k]) else None for k in keys]
+            self.receivers = [wire.read_if(store, Keys.delta_state(j), DeltaState, stage="handshake")
+                              for j in range(num_receivers)]
         else:
             self._reread_late(store)
         return delta_allowed(self.state.mode, ipc, base, plan_digest(plan_json), self.receivers).to_json()
@@ -47,8 +48,8 @@ class DeltaPushes:
         them after its acknowledgement; it said so (``late``) and keeps its newest state under its join key. Read
         that key again (it exists since the receiver joined: a check and a get, no wait)."""
         for j, st in enumerate(self.receivers):
-            if st and st.get("late") and store.check([Keys.delta_state(j)]):
-                self.receivers[j] = json.loads(store.get(Keys.delta_state(j)))
+            if st is not None and st.late and store.check([Keys.delta_state(j)]):
+                self.receivers[j] = wire.read(store, Keys.delta_state(j), DeltaState, stage="handshake")
 
     def annotate(self, msg: PlanOffer | PlanRefusal, store, num_receivers: int, layout, base: int
                  ) -> PlanOffer | PlanRefusal:
@@ -60,14 +61,13 @@ class DeltaPushes:
     def acknowledged(self, acks: list[Ack]) -> None:
         self.receivers = [a.delta_state for a in acks]
 
-    def codec_for(self, plan: BucketPlan, msg: PlanOffer, ipc: bool, rank: int) -> tuple[Codec, dict]:
-        """This push's codec and this rank's stats dict (filled in by the codec as the push goes)."""
+    def codec_for(self, plan: BucketPlan, msg: PlanOffer, ipc: bool, rank: int) -> tuple[Codec, PushStats]:
+        """This push's codec and this rank's stats (filled in by the codec as the push goes)."""
         decision = DeltaDecision.from_json(msg.delta)
         if not (self.state.enabled and not ipc and decision.keep):
             self.state.cache.clear()  # no receiver could take a delta against this push
             n = sum(b.nbytes for b in plan.buckets if b.src == rank)
-            return PLAIN, {"sent": n, "full": n, "changed": 0, "elements": 0, "kinds": {},
-                           "full_reason": decision.reason}
+            return PLAIN, PushStats(n, n, full_reason=decision.reason)
         self.state.begin(msg.plan, plan)
         codec = DeltaSend(self.state, decision, plan, rank)
         return codec, codec.stats
@@ -79,17 +79,17 @@ class DeltaPushes:
         self.state.abandon()
 
 
-def report_fields(store, p: str, world: int, rank: int, stats: dict, timeout_s: float) -> dict:
+def report_fields(store, p: str, world: int, rank: int, stats: PushStats, timeout_s: float) -> dict:
     """Every trainer rank's stats of push ``p`` summed (each rank published its own): the SyncReport's delta
     fields, the same on every rank."""
-    store.set(Keys.delta_stats(p, rank), json.dumps(stats))
+    wire.put(store, Keys.delta_stats(p, rank), stats)
     keys = [Keys.delta_stats(p, r) for r in range(world)]
     if wait_keys(store, keys, timeout_s):
         raise SyncError(f"trainer rank {rank}: the other trainer ranks' push stats did not arrive within "
                         f"{timeout_s:g}s", stage="apply")
-    every = [json.loads(store.get(k)) for k in keys]
-    elements = sum(s["elements"] for s in every)
-    reason = next((s["full_reason"] for s in every if s.get("full_reason")), None)
-    return {"bytes_sent": sum(s["sent"] for s in every), "bytes_full": sum(s["full"] for s in every),
-            "changed_fraction": sum(s["changed"] for s in every) / elements if elements else None,
+    every = [wire.read(store, k, PushStats, stage="apply") for k in keys]
+    elements = sum(s.elements for s in every)
+    reason = next((s.full_reason for s in every if s.full_reason), None)
+    return {"bytes_sent": sum(s.sent for s in every), "bytes_full": sum(s.full for s in every),
+            "changed_fraction": sum(s.changed for s in every) / elements if elements else None,
             "full_reason": reason}

@@ -44,8 +44,8 @@ class LoraPushes:
 
     @staticmethod
     def read_support(bridge, receiver: int) -> LoraSupport | None:
-        text = bridge.get_json(lora_key(receiver)) if bridge.store.check([lora_key(receiver)]) else None
-        return wire.from_wire(text, LoraSupport, stage="handshake") if text else None
+        """What receiver ``receiver`` said about LoRA when it joined (None: nothing, not a LoRA-aware engine)."""
+        return wire.read_if(bridge.store, lora_key(receiver), LoraSupport, stage="handshake")
 
     def choose(self, pieces: list[LocalPiece], expected: list[Expected], supports: list[LoraSupport | None]
                ) -> tuple[list[LocalPiece], LoraOffer | None, list[str], list[int]]:

@@ -22,6 +22,7 @@ from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import BucketPlan, PlanCache
 from ..plan.delta_policy import DeltaDecision
 from ..protocol import wire
+from ..protocol.delta import DeltaState
 from ..protocol.lora import LoraOffer, LoraSupport, lora_key
 from ..protocol.messages import Ack, ErrorInfo, Expected, JoinInfo, Keys, PlanOffer, PlanRefusal
 from ..transport import RecvTransport, cuda, open_recv
@@ -107,15 +108,17 @@ class Receiver:
         self.transport = open_recv(self.bridge, self.me, self.device, i.timeout_s)
         if self.delta is not None:
             self.delta.ipc = bool(self.transport.local_srcs)
-            self.delta.publish = lambda state, bridge=self.bridge: bridge.set_json(Keys.delta_state(i.receiver_rank),
-                                                                                 state)
-        self.bridge.set_json(Keys.delta_state(i.receiver_rank), self._delta_state())
+            self.delta.publish = lambda state, store=self.bridge.store: wire.put(
+                store, Keys.delta_state(i.receiver_rank), state)
+        store = self.bridge.store
+        wire.put(store, Keys.delta_state(i.receiver_rank), self._delta_state())
         if self.lora is not None:  # before the expectations: whoever read those can read this
-            self.bridge.set_json(lora_key(i.receiver_rank), wire.to_wire(self.lora))
-        self.bridge.set_json(Keys.expected(i.receiver_rank), self.expected.to_json() if self.expected else None)
+            wire.put(store, lora_key(i.receiver_rank), self.lora)
+        # An empty Expected when this receiver checks nothing (the trainer reads it the same as none).
+        wire.put(store, Keys.expected(i.receiver_rank), self.expected if self.expected is not None else Expected())
 
-    def _delta_state(self) -> dict:
-        """What this receiver tells the trainer about deltas (delta_policy.receiver_state)."""
+    def _delta_state(self) -> DeltaState:
+        """What this receiver tells the trainer about deltas (protocol/delta.py)."""
         return self.delta.told() if self.delta is not None else absent_state(self.info.delta,
                                                                             bool(self.transport.local_srcs))
 
@@ -190,7 +193,7 @@ class Receiver:
             self._give_up(p, e, traceback.format_exc(limit=3))
             raise
         state = self.delta.state() if self.delta else None
-        if state is not None and state.get("late"):
+        if state is not None and state.late:
             self.delta.publish(self.delta.told())  # first: the join key is never older than the acknowledgement
         store.set(Keys.done(p, self.me.rank), wire.encode(Ack(times.apply, times.transfer, state, **self.note)))
         self._open = False

@@ -23,7 +23,7 @@ from ..pipeline.verdict import VerdictRound
 from ..plan.buckets import LocalPiece, PlanCache, PlanError, check_model, check_plan, fit_budget, itemsize, \
     merge_pieces, model_facts, plan_buckets, resolve_wire_dtypes, wants_block_fp8
 from ..protocol import wire
-from ..protocol.messages import Ack, Expected, JoinInfo, Keys, Pieces, PlanOffer, PlanRefusal
+from ..protocol.messages import Ack, Expected, JoinInfo, Keys, Pieces, PlanOffer, PlanRefusal, WireFp8Decision
 from ..protocol.report import SyncReport
 from ..sources import Source, make_source
 from ..codec.fp8_source import Fp8Source
@@ -129,9 +129,9 @@ class Sender:
             self._wait([Keys.expected(j) for j in range(self.num_receivers)], "expectations",
                        lambda k: f"receiver {k.rsplit('/', 1)[1]}")
             self._expected = [self._expectation(j) for j in range(self.num_receivers)]
-            self.bridge.set_json(Keys.WIRE_FP8, wants_block_fp8(self._expected))
+            wire.put(self.bridge.store, Keys.WIRE_FP8, WireFp8Decision(wants_block_fp8(self._expected)))
         self._wait([Keys.WIRE_FP8], "the wire dtype", lambda k: "trainer rank 0")
-        fp8 = self.bridge.get_json(Keys.WIRE_FP8)
+        fp8 = wire.read(self.bridge.store, Keys.WIRE_FP8, WireFp8Decision, stage="handshake").fp8
         if fp8 and not isinstance(self.source, Fp8Source):
             self.source = Fp8Source(self.source, self.config.fp8_rules)
             self._auto_wrapped = True
@@ -153,8 +153,7 @@ class Sender:
 
     def _expectation(self, j: int) -> Expected:
         """What receiver ``j`` said it expects when it joined (nothing: it checks nothing)."""
-        text = self.bridge.get_json(Keys.expected(j))
-        return Expected.from_json(text) if text else Expected()
+        return wire.read(self.bridge.store, Keys.expected(j), Expected, stage="handshake")
 
     def _plan(self, p: str, version: int) -> PlanOffer | PlanRefusal:
         """Rank 0: merge every rank's pieces, plan, check against the receivers; publish the verdict."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import secrets
 import socket
 import threading
@@ -276,12 +275,6 @@ class BridgeGroup:
     def wired(self, r: int) -> tuple[int, ...]:
         """The receivers trainer rank r reaches through its group."""
         return self.layout.remote(r) if self.layout is not None else tuple(range(self.num_receivers))
-
-    def set_json(self, key: str, value) -> None:
-        self.store.set(key, json.dumps(value))
-
-    def get_json(self, key: str):
-        return json.loads(self.store.get(key))
 
     def close(self, in_background: bool = False) -> None:
         """Shut the groups down. ``in_background`` after a failed transfer only (see below); a normal close is

@@ -56,6 +56,7 @@ class IpcRecv(RecvTransport):
         if missing:
             raise SyncError(f"{self.me}: no IPC manifest from {', '.join(missing)} within {self.timeout_s:g}s",
                             stage="transfer", who="trainer")
+        # Plain JSON, not a protocol message: transport-internal (ipc_send.py's manifest, one release on one GPU).
         return {r: json.loads(self.store.get(k)) for r, k in zip(self.srcs, keys)}
 
     def begin(self, p: str, num_buffers: int) -> None:
@@ -75,6 +76,7 @@ class IpcRecv(RecvTransport):
                 self.reusable = False
                 if r not in self._free:
                     self._free[r] = [cuda.new_event(self.device) for _ in range(cuda.NUM_EVENTS)]
+                    # The event handles as plain JSON: transport-internal, like the manifest.
                     self.store.set(f"ipc/free{r}/{self.me.rank}", json.dumps([h for _, h in self._free[r]]))
                 if m["counters"] not in self._counters:
                     self._counters[m["counters"]] = Counters(m["counters"], 1 + self.num_receivers, create=False)

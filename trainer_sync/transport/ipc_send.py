@@ -181,6 +181,7 @@ class IpcSend(SendTransport):
                             start=self._announced)
         self._release(live)
         manifest.update(new={str(k): v for k, v in self._new.items()}, live=sorted(live))
+        # Plain JSON, not a protocol message: transport-internal (this module and ipc_recv.py, one release on one GPU).
         self.store.set(Keys.ipc(push, self.rank), json.dumps(manifest, separators=(",", ":")))
         self._new = {}
         self._direct, self._nb = direct is not None, num_buffers

@@ -25,6 +25,7 @@ import torch
 from ...errors import SyncError
 from ...plan.buckets import Bucket, BucketPlan, dtype_of
 from ...plan.delta_policy import DeltaDecision
+from ...protocol.delta import PushStats
 from ..base import Batch, Codec
 from .cache import DeltaSendState
 from .checksums import DeltaBaseMismatch, Sums, segments_sums, sums
@@ -41,18 +42,18 @@ def plan_bytes(plan: BucketPlan, rank: int) -> int:
 class DeltaSend(Codec):
     """One push of one trainer rank with delta state: as deltas against ``decision.base`` when ``decision.on``,
     else full bytes kept as the next push's base. ``stats``: bytes sent (headers included), full bytes, changed and
-    compared elements, the encodings chosen, and why the push went full (``full_reason``)."""
+    compared elements, the encodings chosen, and why the push went full (``full_reason``): protocol/delta.py's
+    ``PushStats``, which every trainer rank publishes after the push (rank/delta_push.report_fields)."""
 
     def __init__(self, state: DeltaSendState, decision: DeltaDecision, plan: BucketPlan, rank: int):
         self.state, self.decision, self.plan, self.rank = state, decision, plan, rank
         self.delta = self.verdict = decision.on
         self._last: tuple = (None, None)  # the bucket on the wire: (encoded buffer or None, its stats / target sums)
         if decision.on:
-            self.stats = {"sent": 0, "full": 0, "changed": 0, "elements": 0, "kinds": {}, "full_reason": None}
+            self.stats = PushStats()
         else:
             n = plan_bytes(plan, rank)
-            self.stats = {"sent": n, "full": n, "changed": 0, "elements": 0, "kinds": {},
-                          "full_reason": decision.reason}
+            self.stats = PushStats(n, n, full_reason=decision.reason)
 
     def encode(self, bucket: Bucket, data: torch.Tensor) -> list[torch.Tensor]:
         if not self.delta:
@@ -69,17 +70,17 @@ class DeltaSend(Codec):
             enc, es = encode(cached[0], data, word=word, base=cached[1], update_prev=True)
             header, body, kind = enc[:HEADER_BYTES], enc[HEADER_BYTES:], KIND_NAMES[es.kind]
             self._last = (enc, es)
-            stats["changed"] += es.changed
-            stats["elements"] += es.n
+            stats.changed += es.changed
+            stats.elements += es.n
         else:  # no base for this bucket (past the cache's cap, or dropped after a failed push)
             target, kind, n = sums(data), "uncached", bucket.nbytes // word
             h = Header(FULL, word, 0, n, n, 0, target.mixed, HEADER_BYTES + bucket.nbytes)
             header = torch.frombuffer(bytearray(h.pack()), dtype=torch.uint8).to(data.device)
             body = data
             self._last = (None, target)
-        stats["sent"] += HEADER_BYTES + body.numel()
-        stats["full"] += bucket.nbytes
-        stats["kinds"][kind] = stats["kinds"].get(kind, 0) + 1
+        stats.sent += HEADER_BYTES + body.numel()
+        stats.full += bucket.nbytes
+        stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
         return [header, body] if body.numel() else [header]  # an empty body: the header says its size
 
     def sent(self, bucket: Bucket, data: torch.Tensor) -> None:
@@ -96,8 +97,8 @@ class DeltaSend(Codec):
 
     def resend(self, refusals: list[str]) -> None:
         self.delta = self.verdict = False
-        self.stats["sent"] += plan_bytes(self.plan, self.rank)
-        self.stats["full_reason"] = "delta refused, resent full: " + "; ".join(refusals)
+        self.stats.sent += plan_bytes(self.plan, self.rank)
+        self.stats.full_reason = "delta refused, resent full: " + "; ".join(refusals)
 
     def decode(self, bucket, buf, asm) -> Batch:
         raise TypeError("DeltaSend is the trainer side of the delta codec")

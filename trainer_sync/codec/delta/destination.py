@@ -12,7 +12,7 @@ A receiver takes deltas into a *destination* that holds exactly the last version
   hands over ``Shards`` instead (shards.py): the parts of each tensor it serves.
 
 What the destination holds (``state``) is what the receiver tells trainer rank 0 when it joins and with every
-acknowledgement (plan/delta_policy.receiver_state); ``publish`` (set by the Receiver) writes a changed state to its
+acknowledgement (protocol/delta.py ``DeltaState``); ``publish`` (set by the Receiver) writes a changed state to its
 join key at once. The delta codec (codec.py) writes into ``dest`` during a push, full or delta.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 from ...plan.buckets import BucketPlan, dtype_of
-from ...plan.delta_policy import plan_digest, receiver_state
+from ...plan.delta_policy import plan_digest
+from ...protocol.delta import DeltaState
 from .checksums import DeltaError
 from .shards import Shards
 
@@ -45,9 +46,9 @@ class DeltaDestination:
         self.written: set[str] = set()
         self.tensors: set[str] = set()
         self.ipc: bool | None = None  # set by the Receiver at connect: CUDA IPC hops take full pushes only
-        self.publish: Callable[[dict], None] | None = None  # writes a changed state to the receiver's join key
+        self.publish: Callable[[DeltaState], None] | None = None  # writes a changed state to the receiver's join key
 
-    def told(self) -> dict:
+    def told(self) -> DeltaState:
         """The state this receiver tells trainer rank 0 (at its join, with its acknowledgements)."""
         return absent_state(self.mode, True) if self.ipc else self.state()
 
@@ -69,20 +70,16 @@ class DeltaDestination:
         if self.takes_adopted() and self.drop_targets(why, for_good) and self.publish is not None:
             self.publish(self.told())
 
-    def state(self) -> dict:
+    def state(self) -> DeltaState:
         """What this receiver holds, and whether it can take deltas at all (before its first push: it will have a
         destination; ``why`` says otherwise). A receiver that adopts targets says ``late``: its state can change
         after its acknowledgement (when the engine adopts or drops targets), so trainer rank 0 reads it again from
         the receiver's join key before deciding the next push."""
         if self.mode == "off":
-            return receiver_state(self.digest, self.version, False, "delta off")
+            return DeltaState(self.digest, self.version, False, "delta off")
         if self.adopts and self.targets is None:
-            st = receiver_state(self.digest, None, self.may_adopt, self.why)
-        else:
-            st = receiver_state(self.digest, self.version, not self.why, self.why)
-        if self.adopts:
-            st["late"] = True
-        return st
+            return DeltaState(self.digest, None, bool(self.may_adopt), self.why, late=True)
+        return DeltaState(self.digest, self.version, not self.why, self.why, late=bool(self.adopts))
 
     def prepare(self, plan: BucketPlan, plan_json: str) -> None:
         """Before a push of ``plan``: the destination for it (a new plan: nothing held yet)."""
@@ -188,7 +185,7 @@ def _check_targets(targets: dict | Shards | None) -> None:
         raise ValueError(f"trainer_sync: Receiver targets must be contiguous (written in place): {bad}")
 
 
-def absent_state(mode: str, ipc: bool) -> dict:
+def absent_state(mode: str, ipc: bool) -> DeltaState:
     """The delta state of a receiver without a destination (delta off, no mirror, or CUDA IPC: those go full)."""
-    return receiver_state(None, None, False, "CUDA IPC" if ipc else "delta off" if mode == "off"
-                          else "it keeps no delta mirror")
+    return DeltaState(None, None, False, "CUDA IPC" if ipc else "delta off" if mode == "off"
+                      else "it keeps no delta mirror")

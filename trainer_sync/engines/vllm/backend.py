@@ -39,8 +39,9 @@ from ...plan.buckets import dtype_of, model_facts
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
 from ...transport.group import Rendezvous
+from ...protocol import wire
 from ...protocol.error_frame import FramedError
-from ...protocol.messages import ErrorInfo, ErrorKind, Expected, JoinInfo, Keys, ServedVersion
+from ...protocol.messages import ErrorInfo, ErrorKind, Expected, JoinInfo, Keys, ServedVersion, UpdateSession
 from . import compat
 from ..checkpoint import expected_tensors, find_checkpoint_dir
 from .lora import AdapterInstaller
@@ -172,8 +173,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         # it, so this worker tells the new trainer, which calls it on the engine before its first push (the workers
         # without an open session refuse that call; the one that raised is the engine's last, whose reply vLLM
         # reads last, so the refusal leaves no reply queued).
-        receiver.bridge.set_json(Keys.open_session(rank), self.in_session)
-        receiver.bridge.store.set(Keys.served_version(rank), ServedVersion(self.served_version).to_json())
+        wire.put(receiver.bridge.store, Keys.open_session(rank), UpdateSession(bool(self.in_session)))
+        wire.put(receiver.bridge.store, Keys.served_version(rank), ServedVersion(self.served_version))
         if self.in_session:
             logger.warning("trainer_sync: an update session abandoned by an earlier trainer is open on this worker; "
                            "the new trainer closes it (the engine stays paused until a push completes)")

@@ -160,6 +160,7 @@ class EngineSums:
     def __call__(self, parts: list[Sums]) -> list[Sums]:
         keys = [Keys.shard_sums(self.p, self.round, self.first + i) for i in range(self.world)]
         self.round += 1
+        # Plain JSON, not a protocol message: only the workers of this one engine (one release) read it.
         self.store.set(keys[self.me], json.dumps([list(x) for x in parts]))
         missing = wait_keys(self.store, keys, self.timeout_s, abort_key=Keys.abort(self.p), stage="apply",
                             max_pause_s=1e-3)
@@ -178,6 +179,7 @@ def engine_shards(held: dict[str, list[Piece]], plan: BucketPlan, store, first: 
                   timeout_s: float) -> tuple[Shards | None, str]:
     """This worker's ``Shards`` once every worker of its engine told its parts (through the store), or None and why.
     Every tensor of the trainer's plan must be held whole by the workers together, or the engine takes full pushes."""
+    # Plain JSON, not a protocol message: only the workers of this one engine (one release) read it.
     store.set(Keys.shard_ranges(first + me), json.dumps(ranges_of(held)))
     keys = [Keys.shard_ranges(first + i) for i in range(world)]
     if not all(store.check([k]) for k in keys):
