@@ -133,6 +133,13 @@ def test_check_plan_lists_every_mismatch():
     assert errs == ["r1: wrong dtype for a: sent int64, expected float32"]
 
 
+def test_an_expected_with_model_facts_only_checks_no_names():
+    """An MoE engine on dummy weights (no safetensors checkpoint) states its routing but no tensors: the plan's
+    names and shapes go unchecked (as with no Expected), not every tensor "unexpected"."""
+    plan = plan_buckets(full("a", (2, 3)) + full("b", (4,)), 1, 1024)
+    assert check_plan(plan, Expected({}, model={"num_experts_per_tok": 8}), "receiver 0") == []
+
+
 def test_wire_dtype_resolution():
     meta, _ = merge_pieces(full("w", (2,), "float32") + full("i", (2,), "int64"))
     exp = [Expected({"w": ((2,), "bfloat16"), "i": ((2,), "int64")})]
