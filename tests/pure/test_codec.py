@@ -14,7 +14,9 @@ from trainer_sync.codec import (FP8_NAME, Fp8Arrival, Fp8Dequantizer, Fp8Rules, 
                                 quantize_with_scales, scale_name, scale_shape)
 from tests.helpers.fp8_roles import TinyLM
 from tests.helpers.tensors import bits
-from trainer_sync.plan.buckets import Expected, check_plan, plan_buckets
+from trainer_sync.plan.buckets import plan_buckets
+from trainer_sync.plan.handshake import check_plan
+from trainer_sync.protocol.messages import Expected
 from trainer_sync.sources import ModuleSource
 from trainer_sync.codec.fp8_source import Fp8Source
 

@@ -1,5 +1,5 @@
 """Fused experts presented under the checkpoint's per-expert names (sources/experts.py) and the MoE routing facts
-the handshake compares (plan/buckets.py model_facts / check_model): pure, no processes."""
+the handshake compares (plan/handshake.py model_facts / check_model): pure, no processes."""
 from __future__ import annotations
 
 import glob
@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.models import build_model, tiny_config
-from trainer_sync.plan.buckets import LocalPiece, check_model, model_facts
+from trainer_sync.plan.buckets import LocalPiece
+from trainer_sync.plan.handshake import check_model, model_facts
 from trainer_sync.protocol.messages import Expected
 from trainer_sync.sources import ExpertSplitSource, make_source
 from trainer_sync.sources.experts import expert_views, view_pieces

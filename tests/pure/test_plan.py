@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from trainer_sync.plan.buckets import ALIGN, BucketPlan, Expected, LocalPiece, PlanError, check_plan, fit_budget, \
-    plan_buckets, resolve_wire_dtypes, merge_pieces
+from trainer_sync.plan.buckets import ALIGN, BucketPlan, LocalPiece, PlanError, fit_budget, plan_buckets, merge_pieces
+from trainer_sync.plan.handshake import check_plan, resolve_wire_dtypes
+from trainer_sync.protocol.messages import Expected
 
 
 def full(name, shape, dtype="float32", ranks=(0,)):

@@ -86,7 +86,7 @@ class Expected:
     """What a receiver expects to get: tensor name -> (shape, dtype). A dtype of None accepts any dtype.
 
     ``model``: the served model's architecture facts that no tensor shape shows (how many experts a token is routed
-    to, say: plan/buckets.py ``model_facts``); the trainer refuses a push whose model disagrees on one."""
+    to, say: plan/handshake.py ``model_facts``); the trainer refuses a push whose model disagrees on one."""
 
     tensors: dict[str, tuple[tuple[int, ...], str | None]] = field(default_factory=dict)
     model: dict = field(default_factory=dict)
@@ -244,7 +244,8 @@ class UpdateSession:
 @dataclass(frozen=True)
 class WireFp8Decision:
     """Trainer rank 0's decision, with ``wire_dtype="auto"``, whether this epoch's pushes go block FP8 (``fp8``: the
-    receivers serve a block-FP8 model, plan/buckets.wants_block_fp8), read by every trainer rank (``Keys.WIRE_FP8``)."""
+    receivers serve a block-FP8 model, plan/handshake.wants_block_fp8), read by every trainer rank
+    (``Keys.WIRE_FP8``)."""
 
     fp8: bool = False
     protocol_version: int = PROTOCOL_VERSION

@@ -40,10 +40,11 @@ from ..codec.plain import PLAIN
 from ..errors import Deadline, HandshakeMismatch, SyncError
 from ..pipeline.loops import Batch, BufferPool, receive
 from ..pipeline.verdict import VerdictRound
-from ..plan.buckets import Bucket, BucketPlan, Expected, PlanCache, check_plan
+from ..plan.buckets import Bucket, BucketPlan, PlanCache
 from ..plan.delta_policy import plan_digest
+from ..plan.handshake import check_plan
 from ..protocol import wire
-from ..protocol.messages import CatchupOffer
+from ..protocol.messages import CatchupOffer, Expected
 from ..transport.group import Member, Rendezvous, wait_keys
 from ..transport.p2p import JOINER, TRAINER, PairRecv, pair_group, send_buckets
 

@@ -20,8 +20,8 @@ from ..config import SyncConfig
 from ..errors import Aborted, Deadline, HandshakeMismatch, SyncError
 from ..pipeline.loops import BufferPool, gc_paused, send
 from ..pipeline.verdict import VerdictRound
-from ..plan.buckets import LocalPiece, PlanCache, PlanError, check_model, check_plan, fit_budget, itemsize, \
-    merge_pieces, model_facts, plan_buckets, resolve_wire_dtypes, wants_block_fp8
+from ..plan.buckets import LocalPiece, PlanCache, PlanError, fit_budget, itemsize, merge_pieces, plan_buckets
+from ..plan.handshake import check_model, check_plan, model_facts, resolve_wire_dtypes, wants_block_fp8
 from ..protocol import wire
 from ..protocol.messages import Ack, Expected, JoinInfo, Keys, Pieces, PlanOffer, PlanRefusal, WireFp8Decision
 from ..protocol.report import SyncReport

@@ -35,7 +35,8 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferUpdateInfo
 
 from ...codec import scale_name
-from ...plan.buckets import dtype_of, model_facts
+from ...plan.buckets import dtype_of
+from ...plan.handshake import model_facts
 from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
 from ...transport.group import Rendezvous
@@ -402,7 +403,6 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
     def _catch_up(self, where: dict):
         """Pull the trainer's latest complete version from every trainer rank at once (a joining engine)."""
         from ...rank.catchup import pull_latest
-        from ...plan.buckets import Expected
         from ...rank.receiver import ReceiveResult
 
         if self.receiver is not None:  # the slices change outside the bridging group: no delta base any more
