@@ -23,6 +23,9 @@ session methods. The one thing only the worker can do is close vLLM's update ses
 ``finish_weight_update``), needed after a trainer died mid-update and left sessions open (``open_session`` below).
 That is done through the public route to the worker's own method: the next trainer calls ``finish_weight_update``
 on the engine (control/membership.py), told to by what this backend announces when it joins.
+
+A failed join or update is raised by one worker of the engine only, the last, naming every failed worker
+(failures.py says why vLLM's executors need that).
 """
 from __future__ import annotations
 
@@ -37,13 +40,12 @@ from vllm.distributed.weight_transfer.base import WeightTransferUpdateInfo
 from ...codec import scale_name
 from ...plan.buckets import dtype_of
 from ...plan.handshake import model_facts
-from ...errors import UNTOUCHED, EngineHeld, HandshakeMismatch, describe
+from ...errors import EngineHeld, HandshakeMismatch, describe
 from ...rank.receiver import Receiver
 from ...transport.group import Rendezvous
 from ...protocol import wire
-from ...protocol.error_frame import FramedError
-from ...protocol.messages import ErrorInfo, ErrorKind, Expected, JoinInfo, Keys, ServedVersion, UpdateSession
-from . import compat
+from ...protocol.messages import Expected, JoinInfo, Keys, ServedVersion, UpdateSession
+from . import compat, failures
 from ..checkpoint import expected_tensors, find_checkpoint_dir
 from .lora import AdapterInstaller
 from .quiet_logs import partial_push
@@ -223,59 +225,8 @@ class TrainerSyncWeightTransferEngine(compat.backend_base()):
         return None if block_fp8 else self.model_config.dtype
 
     def _report(self, error: BaseException | None, touched: bool | None = None) -> bool:
-        """Raise ``error`` (or a sibling worker's) from exactly one worker of this engine: the last one.
-
-        vLLM 0.32's multiprocess executor reads the workers' replies in rank order and stops at the first failure,
-        leaving the other workers' replies queued: every later RPC to that engine then gets the previous call's
-        reply. So the workers first agree (over vLLM's own CPU groups) on what failed, and only the last worker,
-        whose reply is read last, raises, naming every failed worker.
-
-        ``touched`` (an update): whether this worker applied any weight of it. The error raised is a FramedError:
-        its ``ErrorInfo`` travels through vLLM's RPC (which passes on text alone) to the trainer's engine client, and
-        its kind is ``untouched`` when no worker of the engine applied any weight, telling the trainer that the engine
-        still serves its old weights whole (the message then ends with ``UNTOUCHED`` for people). Returns whether
-        every worker succeeded (on the workers that do not raise).
-        """
-        pc = self.parallel_config
-        mine = None if error is None else ErrorInfo.of(error, f"{type(error).__name__}: {error}")
-        failures = {pc.rank: mine} if mine else {}
-        any_touched = bool(touched)
-        if pc.world_size > 1:
-            import torch.distributed as dist
-            from vllm.distributed.parallel_state import get_pp_group, get_tp_group
-
-            items = [(pc.rank, mine, bool(touched))]
-            for group in (get_tp_group(), get_pp_group()):  # TP x PP = every worker of this engine
-                if group.world_size > 1:
-                    gathered: list = [None] * group.world_size
-                    dist.all_gather_object(gathered, items, group=group.cpu_group)
-                    items = [item for part in gathered for item in part]
-            failures = {r: m for r, m, _ in items if m}
-            any_touched = any(t for _, _, t in items)
-        if not failures:
-            return True
-        refused = isinstance(error, HandshakeMismatch)
-        if pc.rank != pc.world_size - 1:
-            # a refusal: every worker refused the same plan, and the last one says it once
-            logger.log(logging.DEBUG if refused else logging.ERROR, "trainer_sync: worker %d failed (reported by "
-                       "the engine's last worker): %s", pc.rank, mine.message if mine else None)
-            return False
-        if refused and all(m == mine for m in failures.values()):
-            # one line per engine; vLLM's tracebacks of it are demoted to DEBUG (quiet_logs.py)
-            serving = "the weights it loaded" if self.served_version is None else f"version {self.served_version}"
-            logger.warning("trainer_sync: refused a push before any byte moved; still serving %s: %s", serving,
-                           "; ".join(line.strip() for line in error.mismatches))
-        untouched = touched is not None and not any_touched and not isinstance(error, HandshakeMismatch)
-        if error is not None and (len(failures) == 1 or all(m == mine for m in failures.values())):
-            # One failure, or the same everywhere (a refused handshake: every worker checks the same plan).
-            if untouched:
-                raise FramedError(dataclasses.replace(mine, kind=ErrorKind.UNTOUCHED,
-                                                      message=f"{mine.message} {UNTOUCHED}")) from error
-            raise FramedError(ErrorInfo.of(error, str(error))) from error
-        lines = "\n  ".join(f"worker {r}: {m.message}" for r, m in sorted(failures.items()))
-        raise FramedError(ErrorInfo(ErrorKind.UNTOUCHED if untouched else ErrorKind.FAILED,
-                                    f"trainer_sync: {len(failures)} of {pc.world_size} workers failed:\n  {lines}" +
-                                    (f"\n{UNTOUCHED}" if untouched else ""), stage="apply"))
+        """Raise ``error`` (or a sibling worker's) from exactly one worker of this engine (failures.py)."""
+        return failures.report(self.parallel_config, error, touched, self.served_version)
 
     # --- one update -------------------------------------------------------------------------------------------
     def start_weight_update(self) -> None:

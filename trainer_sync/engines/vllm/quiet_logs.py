@@ -18,7 +18,7 @@ there with ``VLLM_LOGGING_LEVEL=DEBUG``, never dropped, and every other line of 
 * a push refused at the handshake (a wrong model: nothing was sent, the engine serves on): vLLM logs the refusal
   as an exception with its traceback in every process it crosses (the worker, the engine core, ``vllm serve``'s
   exception handler and uvicorn), ~150 ERROR lines that bury the one reason, which the trainer raises anyway and
-  the engine's last worker logs as ONE warning (backend.py). Recognised by the error's typed frame (kind
+  the engine's last worker logs as ONE warning (failures.py). Recognised by the error's typed frame (kind
   ``refused``, protocol/error_frame.py), never by its wording; and right after such a refusal, the
   ``finish_weight_update called without a matching start_weight_update`` of the trainer closing the other
   workers' sessions (vLLM already closed the refusing worker's): expected then, misleading in the log.
