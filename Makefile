@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 # ruff with the rules in pyproject.toml, on everything that is Python in the checkout.
 lint: $(STAMP)
-	$(BIN)/ruff check trainer_sync tests benchmarks recipes
+	$(BIN)/ruff check trainer_sync tests benchmarks recipes examples
 
 # The package's layers import only downwards (ARCHITECTURE.md); tests/pure/test_layers.py checks every import.
 layers: $(STAMP)
