@@ -70,7 +70,7 @@ def joiner(j, n, port, tensors, mb, iters):
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__)
     port = free_port()
     common = (port, args.tensors, args.mb, args.iters)
     res = run_roles([("trainer", r, 2, trainer, common) for r in range(2)]

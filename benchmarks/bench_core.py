@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_sync import Receiver, Sender, SyncConfig
-from benchmarks.common import emit, timed
+from benchmarks.common import emit, parser, timed
 from trainer_sync.testing.local_cluster import free_port, run_roles
 from trainer_sync.pipeline.loops import broadcast_bucket
 from trainer_sync.protocol.messages import JoinInfo
@@ -99,10 +99,9 @@ def run(n: int, args) -> dict:
             "speedup_vs_one_by_one": round(obo / ours, 2)}
 
 
-def parse_args() -> argparse.Namespace:
-    """The model and repetitions of the CPU benchmarks (this one and bench_catchup.py)."""
-    ap = argparse.ArgumentParser(prog="trainer-sync bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(doc: str | None = None, prog: str | None = None) -> argparse.Namespace:
+    """The model and repetitions of the CPU benchmarks (this one and bench_catchup.py, which passes its own doc)."""
+    ap = parser(doc or __doc__, prog=prog)
     ap.add_argument("--tensors", type=int, default=1200, help="tensors in the model")
     ap.add_argument("--mb", type=float, default=300, help="the model's size in MiB (fp32)")
     ap.add_argument("--iters", type=int, default=3, help="timed runs per figure (the median is reported)")
@@ -114,7 +113,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(prog="trainer-sync bench")
     rows = [run(n, args) for n in (1, 2)]
     emit({"benchmark": "core_cpu_gloo", "trainer_ranks": 2, "tensors": args.tensors,
                       "bytes": int(args.mb * 2**20), "results": rows})

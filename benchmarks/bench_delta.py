@@ -13,7 +13,6 @@ encode / apply seconds per push (on CPU; with --device cuda also on the GPU). Pr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -21,6 +20,7 @@ import time
 import torch
 
 from trainer_sync.codec import delta as D
+from benchmarks.common import emit, parser
 
 ALIGN = 256
 
@@ -224,7 +224,7 @@ def wire_times(full_sizes: list[int], delta_sizes: list[int], iters: int) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lrs", default="1e-6,1e-5")
     ap.add_argument("--hidden", type=int, default=768)
@@ -252,11 +252,11 @@ def main() -> None:
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.batches)]
     t0 = time.perf_counter()
     results = [run_lr(args, float(lr), batches) for lr in args.lrs.split(",")]
-    print(json.dumps({"benchmark": "delta", "model": {"hidden": args.hidden, "inter": args.inter,
+    emit({"benchmark": "delta", "model": {"hidden": args.hidden, "inter": args.inter,
                                                       "layers": args.layers, "vocab": args.vocab},
                       "steps": args.steps, "bucket_mb": args.bucket_mb, "device": args.device,
                       "torch_threads": torch.get_num_threads(), "weight_decay": args.weight_decay,
-                      "results": results, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+                      "results": results, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ value. Prints one JSON object.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -23,6 +21,7 @@ import torch
 
 from trainer_sync.codec import delta as D
 from trainer_sync.codec.delta import native as delta_scan
+from benchmarks.common import emit, parser
 
 
 def _time(fn, device: str, repeat: int) -> float:
@@ -66,7 +65,7 @@ def measure(device: str, master: torch.Tensor, fraction: float, repeat: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--mb", type=float, default=64.0, help="bucket size in MB of bf16 wire values")
     ap.add_argument("--fractions", default="0.0117,0.0749")
     ap.add_argument("--repeat", type=int, default=10)
@@ -79,9 +78,9 @@ def main() -> None:
     rows = []
     for frac in (float(x) for x in args.fractions.split(",")):
         rows.append({"fraction": frac, **{dev: measure(dev, master, frac, args.repeat) for dev in devices}})
-    print(json.dumps({"benchmark": "delta_gpu", "bucket_mb": args.mb, "elements": n,
+    emit({"benchmark": "delta_gpu", "bucket_mb": args.mb, "elements": n,
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                      "cpu_threads": args.cpu_threads, "native_cpu_kernels": delta_scan.enabled(), "results": rows}))
+                      "cpu_threads": args.cpu_threads, "native_cpu_kernels": delta_scan.enabled(), "results": rows})
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ against the trainer's bf16 weights at the end. The measured byte ratios then go 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 
 import torch
+from benchmarks.common import parser
 
 BF16 = torch.bfloat16
 
@@ -186,7 +186,7 @@ def _native() -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lrs", default="1e-6,1e-5")
     ap.add_argument("--hidden", type=int, default=768)

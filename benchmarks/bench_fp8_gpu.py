@@ -12,13 +12,12 @@ of every distinct shape, and the GPU's torch ops with the CPU's on one tensor.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import emit, timed
+from benchmarks.common import emit, parser, timed
 from benchmarks.shapes import qwen3_shapes
 from trainer_sync.codec import Fp8Rules, quantize_fp8_blocks
 
@@ -44,7 +43,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="a tiny Qwen3-shaped model (logic check, e.g. on CPU)")
     ap.add_argument("--warmup", type=int, default=3)

@@ -24,7 +24,6 @@ Prints one JSON object (the last line of stdout); progress goes to stderr.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -35,7 +34,7 @@ from datetime import timedelta
 
 import torch
 
-from benchmarks.common import stats, sync, timed
+from benchmarks.common import emit, parser, stats, sync, timed
 from benchmarks.shapes import qwen3_shapes
 
 GB = 1e9
@@ -337,7 +336,7 @@ def receiver(rank, world, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--small", action="store_true", help="a tiny Qwen3-shaped model (logic check)")
     ap.add_argument("--layers", type=int, default=2, help="layers of the --small model (36: all 399 tensors)")
@@ -376,7 +375,7 @@ def main() -> None:
         summary["goal_40x_faster_than_ce_update"] = ce["update_s"]["median_s"] >= 40 * direct
     res["summary"] = summary
     res["wall_s"] = round(time.perf_counter() - t, 1)
-    print(json.dumps(res))
+    emit(res)
 
 
 if __name__ == "__main__":

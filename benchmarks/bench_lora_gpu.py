@@ -21,7 +21,6 @@ that the script works, not a measurement).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks.common import emit
+from benchmarks.common import emit, parser
 from benchmarks.bench_vllm_gpu import config_dir
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,7 +90,7 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--mem", type=float, default=0.45, help="gpu_memory_utilization of each engine (one at a time)")

@@ -32,7 +32,6 @@ needs pyzmq, loguru, pydantic, fastapi, uvicorn, httpx) and pip install it befor
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from trainer_sync import Receiver, Sender, SyncConfig
 from trainer_sync.protocol.messages import JoinInfo
 from trainer_sync.sources.fsdp import local_tensor
 from trainer_sync.testing.local_cluster import free_port, outcomes
+from benchmarks.common import emit, parser
 
 SHAPES = {
     "qwen3_8b": dict(layers=36, hidden=4096, heads=32, kv=8, head_dim=128, inter=12288, vocab=151936),
@@ -390,7 +390,7 @@ def have_checkpoint_engine() -> str | None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--small", action="store_true", help="a tiny Qwen3-shaped model (logic check)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the simulator's estimate only")
@@ -445,7 +445,7 @@ def main(argv=None) -> dict:
                         entry["ce"]["push_s"] / entry["plain"]["push_s"], 2)
         out["models"][model] = entry
         print(json.dumps({model: entry}), file=sys.stderr, flush=True)
-    print(json.dumps(out))
+    emit(out)
     return out
 
 

@@ -27,8 +27,6 @@ Prints one JSON object (the last line of stdout); progress goes to stderr.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -40,6 +38,7 @@ from benchmarks.bench_ipc_gpu import build_module, log, shapes_for, stats, timed
 from benchmarks.shapes import qwen3_moe_shapes
 from trainer_sync import SyncConfig, WeightSync
 from trainer_sync.engines.clients import LlmClient
+from benchmarks.common import emit, parser
 
 BACKEND = {"backend": "trainer_sync"}
 
@@ -222,7 +221,7 @@ def bench_checkpoint_engine(path: str, model, reps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--small", action="store_true", help="a tiny model of the same layout (the control path alone)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--moe", action="store_true", help="Qwen3-30B-A3B's widths (fused experts) instead of Qwen3-8B")
@@ -256,7 +255,7 @@ def main() -> None:
         llm.llm_engine.engine_core.shutdown()
         del llm
         torch.cuda.empty_cache()
-    print(json.dumps(res), flush=True)
+    emit(res)
     if not args.skip_vllm_ipc:
         log("starting vLLM's own ipc backend")
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # its update info carries pickled CUDA IPC handles
@@ -292,7 +291,7 @@ def main() -> None:
         ce = res["checkpoint_engine"]
         res["ratios"]["checkpoint_engine_update_over_trainer_sync"] = round(ce["update"]["median_s"] / ts, 2)
         res["ratios"]["checkpoint_engine_rl_step_over_trainer_sync"] = round(ce["rl_step"]["median_s"] / ts, 2)
-    print(json.dumps(res), flush=True)
+    emit(res)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ Runs anywhere (pure Python, no GPU).
 """
 from __future__ import annotations
 
-import argparse
-import json
 
 
+from benchmarks.common import emit, parser
 from benchmarks.simulate import (KIMI_K2_FP8, QWEN3_8B, QWEN3_32B, CeRates, Hardware, SyncRates, Workload,
-                                   compare, simulate_checkpoint_engine, simulate_trainer_sync)
+                                 compare, simulate_checkpoint_engine, simulate_trainer_sync)
 
 MODELS = {"qwen3_8b": QWEN3_8B, "qwen3_32b": QWEN3_32B, "kimi_k2_fp8": KIMI_K2_FP8}
 
@@ -60,7 +59,7 @@ def headline() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", choices=sorted(MODELS))
     ap.add_argument("--model-bytes", type=float, help="instead of --model: total bytes on the wire")
     ap.add_argument("--gpus", type=int, default=8, help="inference GPUs")
@@ -75,16 +74,16 @@ def main() -> None:
     ap.add_argument("--per-tensor-us", type=float, default=0.0)
     args = ap.parse_args()
     if args.model is None and args.model_bytes is None:
-        print(json.dumps(headline(), indent=1))
+        emit(headline(), indent=1)
         return
     spec = dict(MODELS[args.model]) if args.model else {"model_bytes": args.model_bytes}
     w = Workload(num_gpus=args.gpus, tp=args.tp, trainer_gpus=args.trainer_gpus,
                  bucket_bytes=args.bucket_mb * 2**20, **spec)
     hw = Hardware(gpus_per_node=args.gpus_per_node, nvlink_GBps=args.nvlink, nic_GBps=args.nic,
                   link_efficiency=args.efficiency, stream_cap_GBps=args.stream_cap)
-    print(json.dumps({"workload": w.__dict__, "hardware": hw.__dict__,
+    emit({"workload": w.__dict__, "hardware": hw.__dict__,
                       **compare(w, hw, SyncRates(per_tensor_s=args.per_tensor_us * 1e-6),
-                                CeRates(per_tensor_s=args.per_tensor_us * 1e-6))}, indent=1))
+                                CeRates(per_tensor_s=args.per_tensor_us * 1e-6))}, indent=1)
 
 
 if __name__ == "__main__":

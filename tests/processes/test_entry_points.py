@@ -16,20 +16,23 @@ def _run(cmd, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # the package of this checkout, as the editable install points at it
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+    return proc.stdout, proc.stderr
 
 
 @pytest.mark.slow
 def test_cli_bench_runs_the_benchmark_module(tmp_path):
-    out = _run([sys.executable, "-m", "trainer_sync.cli", "bench", "--tensors", "8", "--mb", "1", "--iters", "1"],
-               tmp_path)
+    out, err = _run([sys.executable, "-m", "trainer_sync.cli", "bench", "--tensors", "8", "--mb", "1", "--iters",
+                     "1"], tmp_path)
     res = json.loads(out.strip().splitlines()[-1])
     assert res["results"] and all(r["trainer_sync_s"] > 0 for r in res["results"]), res
+    # beside the JSON line, a short table for people on stderr, with the same figures
+    table = err[err.index("result:"):]
+    assert f"results[1].trainer_sync_s {res['results'][1]['trainer_sync_s']:.4g}" in " ".join(table.split()), table
 
 
 @pytest.mark.slow
 def test_core_demo_recipe_is_bit_exact(tmp_path):
-    out = _run([sys.executable, str(ROOT / "recipes" / "core_demo.py"), "--pushes", "2", "--mb", "1"], tmp_path)
+    out, _ = _run([sys.executable, str(ROOT / "recipes" / "core_demo.py"), "--pushes", "2", "--mb", "1"], tmp_path)
     assert "bit" in out.lower(), out
 
 
@@ -82,3 +85,25 @@ def test_cli_help_describes_every_command_with_defaults(tmp_path):
     assert "demo" in top.stdout and "bench" in top.stdout
     assert "--iters" in bench.stdout and "(default: 3)" in bench.stdout, bench.stdout
     assert "--steps" in demo.stdout and "(default: 40)" in demo.stdout, demo.stdout
+
+
+@pytest.mark.slow
+def test_every_benchmark_has_help_with_a_description_and_defaults(tmp_path):
+    """``python -m benchmarks.X --help`` for every benchmark: its docstring, and each option that takes a value
+    shows its default (issue 28)."""
+    import re
+
+    names = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
+                   if "__main__" in p.read_text() and p.stem != "__init__")
+    assert len(names) >= 10, names
+    for name in names:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=str(ROOT), env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        text = proc.stdout
+        first = ast.get_docstring(ast.parse((ROOT / "benchmarks" / f"{name}.py").read_text())).split("\n")[0]
+        assert " ".join(first.split()) in " ".join(text.split()), (name, first)
+        options = text[text.index("options:"):]
+        valued = re.findall(r"^  (?:-\w, )?(--[\w-]+) [A-Z_]+", options, re.M)
+        assert " ".join(options.split()).count("(default:") >= len(valued), (name, options)
