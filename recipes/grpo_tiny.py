@@ -80,6 +80,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-check", action="store_true", help="skip the final greedy-token check")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (one line per step stays)")
     ap.add_argument("--summary-json", default=None, help="rank 0 writes the run's summary here")
+    ap.add_argument("--changed-per-tensor", action="store_true", help="after every step, the fraction of each "
+                    "tensor's elements whose bits changed, by kind (each expert apart): the summary's changed_by_kind")
     args = ap.parse_args(argv)
     check_args(ap, args)
     return args
@@ -283,6 +285,34 @@ def full_weights(model) -> dict:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone() for n, p in params}
 
 
+def changed_by_kind(before: dict, after: dict) -> dict:
+    """Pure: the fraction of elements whose bits changed between two full weight sets, by kind of tensor (each
+    expert of a fused ``experts.gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` on its own: min / median / max
+    over experts, and how many did not change at all)."""
+    import statistics
+
+    import torch
+
+    kinds: dict[str, list[float]] = {}
+    experts: list[float] = []
+    for name, a in after.items():
+        b = before[name]
+        same_dtype = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        diff = a.view(same_dtype) != b.view(same_dtype)
+        if ".experts." in name and a.dim() == 3:  # fused: one fraction per expert (dim 0)
+            experts += diff.flatten(1).float().mean(1).tolist()
+            continue
+        kind = ("embeddings" if "embed" in name or "lm_head" in name else "norms" if "norm" in name else
+                "router" if name.endswith("mlp.gate.weight") else "attention" if "self_attn" in name else "mlp")
+        kinds.setdefault(kind, []).append(float(diff.float().mean()))
+    out = {k: round(statistics.mean(v), 6) for k, v in kinds.items()}
+    if experts:
+        out["experts"] = {"min": round(min(experts), 6), "median": round(statistics.median(experts), 6),
+                          "max": round(max(experts), 6), "unchanged": sum(x == 0 for x in experts),
+                          "count": len(experts)}
+    return out
+
+
 def hf_greedy(ref, weights: dict, prompts, n: int):
     """Greedy continuation with plain transformers on the given weights (the reference the engine must match).
 
@@ -425,6 +455,7 @@ def main(argv=None) -> int:
         # disable=None: a bar on a terminal, none in a log file (the per-step lines are there either way)
         bar = tqdm(total=args.steps, desc="GRPO", unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
     history = []
+    last_weights = full_weights(model) if args.changed_per_tensor else None  # collective
     t_train = time.perf_counter()
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
@@ -454,6 +485,10 @@ def main(argv=None) -> int:
                # what a delta push saved (SyncConfig.delta): bytes on the wire, a full push's, the changed fraction
                "bytes_sent": report.bytes_sent if report else None, "bytes_full": report.bytes_full if report else None,
                "changed_fraction": report.changed_fraction if report else None}
+        if last_weights is not None:
+            now = full_weights(model)  # collective
+            row["changed_by_kind"] = changed_by_kind(last_weights, now)
+            last_weights = now
         history.append(row)
         accelerator.log({"train/reward": reward, "train/loss": row["loss"], "train/step_s": row["step_s"],
                          "rollout/generate_s": t_gen}, step=step)
