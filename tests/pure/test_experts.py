@@ -64,3 +64,17 @@ def test_routing_facts_that_differ_are_named_with_both_values():
     assert check_model(trainer, Expected({}, model=dict(trainer)), "receiver 0") == []
     assert model_facts(tiny_config("qwen3")) == {}  # a dense model states none: nothing to compare
     assert Expected.from_json(engine.to_json()) == engine
+
+
+def test_recipe_changed_by_kind_counts_each_expert_apart():
+    """recipes/grpo_tiny.py --changed-per-tensor: the changed fraction per kind, each fused expert on its own."""
+    from recipes.grpo_tiny import changed_by_kind
+
+    before = {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 6, 8), "model.norm.weight": torch.ones(8),
+              "model.layers.0.mlp.gate.weight": torch.zeros(4, 8)}
+    after = {k: v.clone() for k, v in before.items()}
+    after["model.layers.0.mlp.experts.gate_up_proj"][1, 0, :4] = 1.0  # expert 1: 4 of its 48 elements
+    after["model.layers.0.mlp.gate.weight"][0, 0] = -0.0  # another bit pattern for the same value: changed
+    got = changed_by_kind(before, after)
+    assert got["experts"] == {"min": 0.0, "median": 0.0, "max": round(4 / 48, 6), "unchanged": 3, "count": 4}
+    assert got["router"] == round(1 / 32, 6) and got["norms"] == 0.0
