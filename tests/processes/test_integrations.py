@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.helpers.vllm_engines import served_version
+
 from trainer_sync import SyncError
 from trainer_sync.integrations import PushFailed, SyncWarning, attach
 from trainer_sync.integrations.accelerate import step_target
@@ -331,6 +333,29 @@ def test_zero3_recipe_pushes_from_the_deepspeed_engine(tmp_path):
     assert res["check"]["equal"] and list(res["check"]["versions"].values()) == ["4"], res["check"]
 
 
+def run_trl_recipe(tmp_path, args: list[str], accelerate_config: str | None = None):
+    """recipes/grpo_trl.py in a subprocess (under `accelerate launch` with recipes/accelerate/``accelerate_config``
+    when given, else plain python), run in ``tmp_path`` with the checkout importable; asserts it exited 0 and
+    returns (the finished process, its --summary-json). vLLM logs at WARNING, not TRL's default ERROR: so checks
+    that its harmless lines stay quiet mean something."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    summary = tmp_path / "summary.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", VLLM_LOGGING_LEVEL="WARNING",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    launch = [sys.executable] if accelerate_config is None else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(root / "recipes" / "accelerate" / accelerate_config)]
+    cmd = [*launch, str(root / "recipes" / "grpo_trl.py"), *args, "--summary-json", str(summary), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc, json.loads(summary.read_text())
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_trl_recipe_end_to_end(tmp_path):
@@ -341,22 +366,9 @@ def test_trl_recipe_end_to_end(tmp_path):
     both ranks, with TRL's and trainer_sync's TensorBoard scalars."""
     pytest.importorskip("vllm")
     pytest.importorskip("trl")
-    import json
-    import subprocess
-    import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    summary = tmp_path / "summary.json"
-    # WARNING, not TRL's default ERROR for vLLM: so the check below that the harmless lines are quiet means something
-    env = dict(os.environ, PYTHONWARNINGS="ignore", VLLM_LOGGING_LEVEL="WARNING",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "recipes" / "accelerate" / "cpu.yaml"), str(root / "recipes" / "grpo_trl.py"),
-           "--steps", "6", "--summary-json", str(summary), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    res = json.loads(summary.read_text())
+    proc, res = run_trl_recipe(tmp_path, ["--steps", "6"], accelerate_config="cpu.yaml")
     assert res["versions"] == [1, 2, 3, 4, 5, 6] and [r["version"] for r in res["history"]] == res["versions"]
     assert res["distributed_type"] == "MULTI_CPU" and res["source"] == "ModuleSource"
     rewards = [r["reward"] for r in res["history"]]
@@ -381,20 +393,7 @@ def test_trl_recipe_with_lora(tmp_path, lora):
     pytest.importorskip("vllm")
     pytest.importorskip("trl")
     pytest.importorskip("peft")
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    summary = tmp_path / "summary.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", VLLM_LOGGING_LEVEL="WARNING",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(root / "recipes" / "grpo_trl.py"), "--lora", lora, "--steps", "3",
-           "--summary-json", str(summary), "--no-progress", "--out", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    res = json.loads(summary.read_text())
+    _, res = run_trl_recipe(tmp_path, ["--lora", lora, "--steps", "3", "--out", str(tmp_path / "run")])
     assert res["versions"] == [1, 2, 3] and res["source"] == "LoraSource"
     assert res["lora"] == (["adapter"] * 3 if lora == "adapter" else ["merged", "merged-partial", "merged-partial"])
     assert res["check"]["equal"], res["check"]
@@ -474,7 +473,7 @@ def test_optimizer_hook_into_engine(engine):
             opt.step()
             opt.zero_grad()
         assert hook.versions == [2, 4] and hook.updates == 4
-        assert engine.get_weight_version() == "4"
+        assert served_version(engine) == "4"
         assert hook.last_report.bytes > 0 and hook.last_report.num_receivers == 1
         assert_engine_serves(engine, model)
 
@@ -491,7 +490,7 @@ def test_error_policy_with_engine_refusing_the_weights(engine):
     model = build_model(seed=0, vocab=320).train()  # the engine serves vocab 256
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     with WeightSync(model, [engine], SyncConfig(timeout_s=60)) as sync:
-        version = engine.get_weight_version()
+        version = served_version(engine)
         hook = sync.attach(opt, every=1)
         with pytest.raises(PushFailed) as info:
             opt.step()
@@ -503,7 +502,7 @@ def test_error_policy_with_engine_refusing_the_weights(engine):
             for _ in range(2):
                 opt.step()
         assert hook.updates == 2 and hook.pushes == 0 and len(hook.errors) == 2
-        assert engine.get_weight_version() == version  # untouched, still serving
+        assert served_version(engine) == version  # untouched, still serving
 
 
 def _trainer_dataset(vocab=256):
@@ -534,7 +533,7 @@ def test_trainer_callback_into_engine(engine, tmp_path, fresh_accelerate):
                                  learning_rate=3e-2, use_cpu=True, report_to=[], save_strategy="no",
                                  disable_tqdm=True, lr_scheduler_type="constant")
         Trainer(model=model, args=args, train_dataset=_trainer_dataset(), callbacks=[cb]).train()
-        assert cb.versions == [2, 4] and engine.get_weight_version() == "4"
+        assert cb.versions == [2, 4] and served_version(engine) == "4"
         assert any(not torch.equal(a, p) for a, p in zip(initial, model.parameters()))  # it did train
         assert_engine_serves(engine, model)
 
@@ -585,7 +584,7 @@ def test_trl_grpo_trainer_with_callback_into_engine(engine, tmp_path, fresh_acce
                               processing_class=_word_tokenizer(), callbacks=[cb])
         trainer.train()
         assert trainer.state.global_step == 4
-        assert cb.versions == [2, 4] and engine.get_weight_version() == "4"
+        assert cb.versions == [2, 4] and served_version(engine) == "4"
         assert any(not torch.equal(a, p) for a, p in zip(initial, model.parameters()))  # GRPO changed the policy
         # The trap this comparison avoids: TRL's bf16=True (its default, also with use_cpu) leaves the trained
         # model's forward wrapped in autocast, so comparing against model(...) compares bf16 logits.

@@ -9,7 +9,7 @@ pytest.importorskip("vllm")
 
 import torch
 from tests.helpers.models import build_model, perturb, prompts
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker, served_version
 
 from trainer_sync import WeightSync
 
@@ -38,5 +38,5 @@ def test_fp32_trainer_to_bf16_engine_sends_bf16(model_dir):  # an fp32 checkpoin
         out = served.model.layers[0].mlp.down_proj(x)[0].float()
         ref = x.float() @ params["model.layers.0.mlp.down_proj.weight"].detach().to(torch.bfloat16).float().T
         assert torch.allclose(out, ref, atol=2e-2, rtol=2e-2), (out - ref).abs().max()
-        assert llm.get_weight_version() == "1"
+        assert served_version(llm) == "1"
         assert llm_greedy(llm, ps, 8) != old

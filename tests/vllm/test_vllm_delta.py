@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 
 import torch
 from tests.helpers.models import adamw_step, build_model, hf_greedy, prompts, save_model
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker, served_version
 
 from trainer_sync import SyncConfig, WeightSync
 
@@ -40,7 +40,7 @@ def delta_pushes(llm, model, lr):
         assert r.full_reason is None, r
         assert 0 < r.bytes_sent < r.bytes_full == r.bytes and 0 < r.changed_fraction < 1, r
         assert r.engine_apply == "layerwise"
-    assert llm.get_weight_version() == str(PUSHES)
+    assert served_version(llm) == str(PUSHES)
     return reports
 
 

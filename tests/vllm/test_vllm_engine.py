@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts, train_step
-from tests.helpers.vllm_engines import llm_greedy, llm_worker
+from tests.helpers.vllm_engines import llm_greedy, llm_worker, served_version
 
 from trainer_sync import HandshakeMismatch, SyncConfig, SyncError, WeightSync
 
@@ -44,7 +44,7 @@ def test_push_serves_the_new_weights(llm):
     with WeightSync(model, [llm]) as sync:  # SyncConfig() defaults
         report = sync.push()
         assert report.version == 1 and report.num_receivers == 1 and report.bytes > 0
-        assert llm.get_weight_version() == "1"
+        assert served_version(llm) == "1"
         assert_serves(llm, model)  # short prompt, and the long one whose old KV blocks were cached
         assert sync.weight_versions() == {"engine 0 (in-process LLM)": "1"}
 
@@ -58,7 +58,7 @@ def test_three_pushes_with_training_in_between(llm):
             train_step(model, seed=step)
             report = sync.push(version=10 * (step + 1))
             assert report.num_buckets > 1
-            assert llm.get_weight_version() == str(10 * (step + 1))
+            assert served_version(llm) == str(10 * (step + 1))
             assert_serves(llm, model)
             seen.append(llm_greedy(llm, [prompts()["long"]], N))
         assert len({str(s) for s in seen}) > 1  # training changed what the engine says
@@ -92,14 +92,14 @@ def test_mismatched_trainer_fails_at_handshake_and_engine_keeps_serving(llm):
             assert line in err.value.mismatches, (what, err.value.mismatches)
         assert err.value.stage == "handshake" and err.value.who == "engine 0 (in-process LLM)"
         assert "refused by receiver 0 = engine 0 (in-process LLM) worker 0" in str(err.value)
-        assert llm.get_weight_version() == "5", what
+        assert served_version(llm) == "5", what
         assert llm_greedy(llm, ps, N) == served, what  # old weights, resumed, not half-loaded
 
     # And the engine still takes a good push afterwards.
     perturb(good, seed=8)
     with WeightSync(good, [llm]) as sync:
         sync.push(version=9)
-    assert llm.get_weight_version() == "9"
+    assert served_version(llm) == "9"
     assert_serves(llm, good)
 
 
@@ -125,11 +125,11 @@ def test_failure_mid_update_names_engine_keeps_it_paused_and_next_push_recovers(
         assert err.value.who == "engine 0 (in-process LLM)" or "engine 0 (in-process LLM)" in str(err.value)
         assert "injected apply failure" in str(err.value)
         assert core.is_scheduler_paused()  # not resumed on a half-applied model
-        assert llm.get_weight_version() != "20"
+        assert served_version(llm) != "20"
         report = sync.push(version=21)  # rebuilds the bridging group, then a whole push
         assert report.version == 21
     assert not core.is_scheduler_paused()
-    assert llm.get_weight_version() == "21"
+    assert served_version(llm) == "21"
     assert_serves(llm, model)
 
 

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.helpers.models import build_model, hf_reference, prompts, train_step
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker, served_version
 
 from trainer_sync import SyncConfig, SyncError, WeightSync
 
@@ -79,7 +79,7 @@ def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(mo
             assert any(dead_name in str(w.message) for w in caught), [str(w.message) for w in caught]
 
             # The survivor got version 2 whole and serves it.
-            assert llm.get_weight_version() == "2" and not core.is_scheduler_paused()
+            assert served_version(llm) == "2" and not core.is_scheduler_paused()
             want = hf_reference(model, N)
             assert llm_greedy(llm, ps, N) == want
             assert sync.membership()["engines"] == {"engine 0 (in-process LLM)": "2"}
@@ -88,5 +88,5 @@ def test_engine_killed_mid_transfer_is_named_and_the_survivor_serves_the_push(mo
             train_step(model, seed=302)
             report = sync.push()
             assert report.version == 3 and report.num_receivers == 1
-            assert llm.get_weight_version() == "3"
+            assert served_version(llm) == "3"
             assert llm_greedy(llm, ps, N) == hf_reference(model, N) != want

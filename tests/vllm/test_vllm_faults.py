@@ -25,7 +25,7 @@ pytest.importorskip("vllm")
 from tests.helpers import fault_roles
 from tests.helpers.models import build_model, hf_greedy, hf_reference, perturb, prompts
 from tests.helpers.cluster import free_port, outcomes, run_roles
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, served_version
 
 from trainer_sync import RendezvousRefused, SyncConfig, SyncError, WeightSync
 from trainer_sync.engines.clients import HttpClient
@@ -58,7 +58,7 @@ class WrongTokenClient(HttpClient):
 
 def test_engine_with_wrong_token_is_refused_before_joining_and_nothing_is_applied(server):
     ps = list(prompts().values())
-    served, version = server.greedy(ps, N), get(server, "/weight_info")["weight_version"]
+    served, version = server.greedy(ps, N), served_version(server)
     model = build_model(seed=0)
     perturb(model, seed=91)
     t = time.monotonic()
@@ -74,19 +74,19 @@ def test_engine_with_wrong_token_is_refused_before_joining_and_nothing_is_applie
     assert isinstance(e.__cause__, RendezvousRefused) and "receiver 0" in str(e.__cause__)  # the trainer's verdict
     # Refused at the rendezvous: no group was formed, no push began, the engine was never paused.
     assert get(server, "/is_paused")["is_paused"] is False
-    assert get(server, "/weight_info")["weight_version"] == version
+    assert served_version(server) == version
     assert server.greedy(ps, N) == served
 
 
 def test_wrong_token_beside_an_honest_engine_names_the_wrong_one(server, model_dir):
     ps = list(prompts().values())
-    served, version = server.greedy(ps, N), get(server, "/weight_info")["weight_version"]
+    served, version = server.greedy(ps, N), served_version(server)
     with in_process_llm(model_dir) as llm:
-        before, llm_version = llm_greedy(llm, ps, N), llm.get_weight_version()
+        before, llm_version = llm_greedy(llm, ps, N), served_version(llm)
         with pytest.raises(SyncError) as err:
             WeightSync(build_model(seed=1), [llm, WrongTokenClient(server.url, 30.0, 1)], SyncConfig(timeout_s=5))
-        assert llm_greedy(llm, ps, N) == before and llm.get_weight_version() == llm_version  # nothing applied
-        assert server.greedy(ps, N) == served and get(server, "/weight_info")["weight_version"] == version
+        assert llm_greedy(llm, ps, N) == before and served_version(llm) == llm_version  # nothing applied
+        assert server.greedy(ps, N) == served and served_version(server) == version
         assert isinstance(err.value.__cause__, RendezvousRefused) and "receiver 1" in str(err.value.__cause__)
         assert err.value.who == f"engine 1 ({server.url})", err.value.who
 
@@ -104,7 +104,7 @@ def test_trainer_killed_mid_push_engine_aborts_stays_paused_and_next_push_restor
 
     # The engine's update aborts within the trainer's timeout: until it does, the engine core is inside
     # update_weights and answers no other call.
-    assert get(server, "/weight_info")["weight_version"] == "1"
+    assert served_version(server) == "1"
     aborted_after = time.time() - killed_at
     print(f"engine answered {aborted_after:.2f}s after the trainer died")
     assert aborted_after < TIMEOUT_S + 5, aborted_after
@@ -125,7 +125,7 @@ def test_trainer_killed_mid_push_engine_aborts_stays_paused_and_next_push_restor
     waiting.join(60)
     assert not waiting.is_alive()
     assert held["tokens"] == hf_greedy(model, ps["short"], N)  # the held request ran on the new weights only
-    assert get(server, "/weight_info")["weight_version"] == "3"
+    assert served_version(server) == "3"
     assert get(server, "/is_paused")["is_paused"] is False
     assert server.greedy(list(ps.values()), N) == hf_reference(model, N)
 
@@ -169,7 +169,7 @@ def test_refused_joins_leave_the_owner_working_and_the_engine_serving(server):
             assert secret not in text  # neither token, nor where the owner's rendezvous is
 
         assert get(server, "/is_paused")["is_paused"] is False
-        assert get(server, "/weight_info")["weight_version"] == str(version)
+        assert served_version(server) == str(version)
         assert server.greedy(ps, N) == served
 
         epoch = owner.sender.epoch
@@ -194,7 +194,7 @@ def test_one_owner_at_a_time_and_versions_never_go_backwards(server):
         with pytest.raises(SyncError) as err:
             WeightSync(build_model(seed=1), [server.url], SyncConfig(timeout_s=30))
         assert "held by another trainer" in str(err.value), str(err.value)
-        assert get(server, "/weight_info")["weight_version"] == str(top)
+        assert served_version(server) == str(top)
         assert server.greedy(ps, N) == hf_reference(a_model, N)
 
     # The owner closed: a new trainer takes the engine, and its version continues (never goes backwards).
@@ -203,14 +203,14 @@ def test_one_owner_at_a_time_and_versions_never_go_backwards(server):
     with WeightSync(b_model, [server.url], SyncConfig(timeout_s=30)) as b:
         report = b.push()
         assert report.version == top + 1, (report.version, top)
-        assert get(server, "/weight_info")["weight_version"] == str(top + 1)
+        assert served_version(server) == str(top + 1)
         assert server.greedy(ps, N) == hf_reference(b_model, N)
 
     # Going back only when asked for: an explicit version (a new job restarting its step count), with a warning.
     with WeightSync(b_model, [server.url], SyncConfig(timeout_s=30)) as c:
         with pytest.warns(UserWarning, match="goes back"):
             c.push(version=1)
-        assert get(server, "/weight_info")["weight_version"] == "1"
+        assert served_version(server) == "1"
         assert c.push().version == 2
 
 
@@ -243,7 +243,7 @@ def test_an_update_that_touched_no_weight_resumes_the_engine(server):
     with WeightSync(model, [server.url], SyncConfig(timeout_s=10)) as sync:
         perturb(model, seed=81)
         sync.push()
-        served, version = server.greedy(ps, N), get(server, "/weight_info")["weight_version"]
+        served, version = server.greedy(ps, N), served_version(server)
         HttpClient(server.url).shutdown()
         perturb(model, seed=82)
         with pytest.raises(SyncError) as err:
@@ -251,8 +251,8 @@ def test_an_update_that_touched_no_weight_resumes_the_engine(server):
         assert "update_weights before init_weight_transfer_engine" in str(err.value), str(err.value)
         assert "the engine was resumed" in str(err.value)
         assert get(server, "/is_paused")["is_paused"] is False
-        assert get(server, "/weight_info")["weight_version"] == version
+        assert served_version(server) == version
         assert server.greedy(ps, N) == served
         report = sync.push()
-        assert get(server, "/weight_info")["weight_version"] == str(report.version)
+        assert served_version(server) == str(report.version)
         assert server.greedy(ps, N) == hf_reference(model, N)

@@ -19,7 +19,7 @@ import torch
 from tests.helpers.fp8_engines import auto_trainer, block_fp8_engine, checkpoint_receiver, fp8_roundtrip, save_block_fp8
 from tests.helpers.models import build_model, hf_greedy, perturb, prompts, save_model
 from tests.helpers.cluster import free_port, run_roles
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker, served_version
 
 from trainer_sync import SyncConfig, WeightSync
 from trainer_sync.codec import FP8_NAME, dequantize_fp8_blocks, fp8_eligible, quantize_fp8_blocks, scale_name
@@ -50,7 +50,7 @@ def test_fp8_push_into_fp32_engine_dequantizes_and_matches_hf(model_dir):
         with WeightSync(model, [llm], SyncConfig(wire_dtype="fp8", bucket_mb=0.1)) as sync:
             assert engine.receiver.fp8 is not None and engine.receiver.fp8.dtype == torch.float32  # opted in
             report = sync.push(version=7)
-        assert llm.get_weight_version() == "7"
+        assert served_version(llm) == "7"
         assert plain.wire_dtype == "float32"
         assert report.wire_dtype == "float32,float8_e4m3fn"  # scales are float32, weights fp8
         # 2-D linear weights at 1 byte (+ one float32 per 128x128 block); embedding and norms stay float32.
@@ -91,7 +91,7 @@ def test_fp8_push_into_bf16_engine_dequantizes_to_bf16(model_dir):
         out = linear_weight_out(served, name, x)
         assert torch.allclose(out, x.float() @ deq.T, atol=2e-2, rtol=2e-2)
         # a new WeightSync continues from the version the engine serves (issue 14: versions never go backwards)
-        assert bf16.version == 1 and report.version == 2 and llm.get_weight_version() == "2"
+        assert bf16.version == 1 and report.version == 2 and served_version(llm) == "2"
 
 
 def test_block_fp8_checkpoint_expectations_and_auto_picks_fp8(tmp_path):

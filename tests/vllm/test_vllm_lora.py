@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 
 from tests.helpers.lora import LORA_ENGINE, peft_model
 from tests.helpers.models import build_model, hf_reference, prompts, train_step
-from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker
+from tests.helpers.vllm_engines import in_process_llm, llm_greedy, llm_worker, served_version
 
 from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync
 
@@ -70,7 +70,7 @@ def test_bad_adapters_are_refused_before_any_byte_moves_and_the_engine_keeps_its
                 sync.push(version=51)
         assert any(m.startswith(line) for m in err.value.mismatches), (what, err.value.mismatches)
         assert err.value.stage == "handshake" and err.value.who == "engine 0 (in-process LLM)"
-        assert lora_llm.get_weight_version() == "50", what
+        assert served_version(lora_llm) == "50", what
         assert served(lora_llm, request) == before, what  # the installed version, whole, resumed
 
 
@@ -94,7 +94,7 @@ def test_three_adapter_pushes_serve_the_peft_model_and_equal_a_fresh_engine_from
             assert sync.lora_request() == request and sync.lora_request().lora_int_id == request.lora_int_id
         assert len({str(s) for s in seen}) > 1  # training changed what the adapter says
         assert not os.path.exists(request.lora_path)  # nothing was written for it
-        assert lora_llm.get_weight_version() == str(report.version)
+        assert served_version(lora_llm) == str(report.version)
     # Requests without the adapter still get the base model.
     assert served(lora_llm) == hf_reference(build_model(seed=0), N)
     # A fresh engine loading the same adapter from disk (vLLM's own loader) says the same. (Last in this module:

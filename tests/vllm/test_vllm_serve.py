@@ -8,9 +8,7 @@ decoding on the trainer's weights.
 """
 from __future__ import annotations
 
-import json
 import threading
-import urllib.request
 
 import pytest
 
@@ -18,7 +16,7 @@ pytest.importorskip("vllm")
 
 from tests.helpers.models import build_model, hf_reference, perturb, prompts, train_step
 from tests.helpers.cluster import run_roles
-from tests.helpers.vllm_engines import fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer
+from tests.helpers.vllm_engines import fsdp_trainer, in_process_llm, llm_greedy, mismatched_trainer, served_version
 
 from trainer_sync import HandshakeMismatch, SyncConfig, WeightSync
 
@@ -85,8 +83,7 @@ def test_push_during_generation_keeps_the_request(server):
 
 
 def test_fsdp2_two_ranks_to_one_server(server):
-    with urllib.request.urlopen(server.url + "/weight_info", timeout=60) as resp:
-        before = int(json.load(resp)["weight_version"])  # the new trainer continues from it
+    before = int(served_version(server) or 0)  # the new trainer continues from it
     roles = [("trainer", r, 2, fsdp_trainer, (server.url, 31)) for r in range(2)]
     out = run_roles(roles, timeout=240)
     rank0 = out[("trainer", 0)]
@@ -119,7 +116,7 @@ def test_one_trainer_two_engines_in_process_and_http(server, model_dir):
                 train_step(model, seed=200 + step)  # pause mode "wait" on both (the server drains, nothing runs)
                 report = sync.push()
                 assert report.num_receivers == 3  # the in-process engine's worker, then the server's two
-                assert llm.get_weight_version() == str(report.version)
+                assert served_version(llm) == str(report.version)
                 assert sync.weight_versions()[f"engine 1 ({server.url})"] == str(report.version)
                 want = hf_reference(model, N)
                 assert llm_greedy(llm, ps, N) == want
