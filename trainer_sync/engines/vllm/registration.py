@@ -31,6 +31,7 @@ def register() -> None:
 
     from .quiet_logs import install
     install()  # known-harmless vLLM warnings of every push / start-up become DEBUG (see quiet_logs.py)
+    follow_vllm_level()
     try:
         WeightTransferEngineFactory.register_engine(BACKEND, BACKEND_MODULE, BACKEND_CLASS)
     except ValueError:
@@ -38,3 +39,15 @@ def register() -> None:
         # or a test that called register() itself), so there is nothing left to do.
         logger.debug("trainer_sync: the weight-transfer backend %r was already registered", BACKEND)
     _registered = True
+
+
+def follow_vllm_level() -> None:
+    """In vLLM's processes, trainer_sync logs at vLLM's level (``VLLM_LOGGING_LEVEL``) unless someone set its own.
+
+    Without a level of its own, the ``trainer_sync`` logger takes the root logger's, which the host process may
+    have set anywhere: vLLM 0.26's API server imports ``model_hosting_container_standards``, which sets the root
+    logger to ERROR (its ``LOG_LEVEL`` default), and the worker processes it forks inherit that, so the backend's
+    one warning for a refused push was never printed."""
+    ours = logging.getLogger("trainer_sync")
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.getLogger("vllm").getEffectiveLevel())
