@@ -194,7 +194,7 @@ class Rendezvous:
         self.store.set(self.RELEASED_KEY, "1")
 
     def hold(self) -> None:
-        """Hold them again (a push landed, or a new group formed)."""
+        """Hold them again (a push of this trainer landed whole)."""
         self.store.delete_key(self.RELEASED_KEY)
 
     @classmethod
